@@ -1,0 +1,303 @@
+"""WebDataset-format latent shards: writer, manifest, and a resumable reader.
+
+A shard is a plain tar whose members are grouped by key (WebDataset layout):
+``<key>.latent.npy`` (fp16, the autoencoder's raw posterior mean, or pixels in
+[-1, 1] for ``autoencoder: none``), ``<key>.json`` (caption(s), class, original
+size, bucket, scores) and optional ``<key>.text.npy`` / ``<key>.mask.npy``.
+``manifest.json`` beside the shards records what produced them (autoencoder and
+its scaling, text encoder, token length, latent shape, per-shard counts); the
+trainer refuses shards whose manifest disagrees with its config.
+
+The reader is an ``IterableDataset`` yielding whole batches. Each (rank,
+dataloader worker) slot reads a disjoint part of the data: whole shards when
+there are at least as many shards as slots, else every n-th sample. Order is
+reshuffled per epoch (shard order and a shuffle buffer) from a seed, so the
+stream is a pure function of (seed, epoch, slot) and resuming after k batches is
+exact: each worker skips what it already produced.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = "flowdit-shards-v1"
+
+
+class ShardError(RuntimeError):
+    """Shards missing, malformed, or disagreeing with the config."""
+
+
+# ---------------------------------------------------------------- writing
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # byte-identical shards for identical inputs
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes fixed-size tar shards atomically (``.tar.tmp`` then rename) and the manifest.
+
+    with ShardWriter(out_dir, samples_per_shard=1000, manifest_fields={...}) as w:
+        w.write(key, latent_fp16, meta_dict)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 1000, manifest_fields: dict | None = None, prefix: str = "shard"):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.prefix = prefix
+        self.manifest_fields = dict(manifest_fields or {})
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._latent_shape: list[int] | None = None
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = self.out_dir / (name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w")
+        self._name, self._count = name, 0
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.out_dir / self._name)
+        self.shards.append({"name": self._name, "num_samples": self._count})
+        self._tar = None
+
+    def write(self, key: str, latent: np.ndarray, meta: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys at the first dot)")
+        if self._tar is None:
+            self._open()
+        latent = np.asarray(latent, dtype=np.float16)
+        if self._latent_shape is None:
+            self._latent_shape = list(latent.shape)
+        _add_member(self._tar, f"{key}.latent.npy", _npy_bytes(latent))
+        _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        for ext, arr in (arrays or {}).items():
+            _add_member(self._tar, f"{key}.{ext}.npy", _npy_bytes(np.asarray(arr)))
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._close_shard()
+
+    def close(self) -> dict:
+        if self._tar is not None:
+            self._close_shard()
+        manifest = {
+            "format": FORMAT,
+            "latent_shape": self._latent_shape,
+            **self.manifest_fields,
+            "num_samples": sum(s["num_samples"] for s in self.shards),
+            "shards": self.shards,
+        }
+        atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=2))
+        return manifest
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # never leave a half-written shard that looks finished
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- manifest
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(
+            f"data directory {str(data_dir)!r} does not exist. Point data.path at a folder of shards "
+            "made by data/prepare.py (or, for the demo, use data=shapes, which builds its own)."
+        )
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} is missing: {data_dir} is not a shard folder written by this project's ShardWriter")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [s["name"] for s in manifest["shards"] if not (data_dir / s["name"]).is_file()]
+    if missing:
+        raise ShardError(f"{data_dir}: the manifest lists shards that are not there: {missing[:5]}")
+    return manifest
+
+
+def check_manifest(manifest: dict, expected: dict[str, Any], where: str = "") -> None:
+    """Stop with every disagreement between the shards' manifest and the config at once."""
+    problems = [
+        f"  {k}: config expects {v!r}, shards have {manifest.get(k)!r}"
+        for k, v in expected.items()
+        if manifest.get(k) != v
+    ]
+    if problems:
+        raise ShardError(
+            f"the shards in {where or 'data.path'} do not match the training config:\n"
+            + "\n".join(problems)
+            + "\nRe-encode the data with matching settings, or fix the config (data group) to match the shards."
+        )
+
+
+# ---------------------------------------------------------------- reading
+def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar's members by key: yields (key, {ext: bytes})."""
+    key, group = None, {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            k, _, ext = base.partition(".")
+            if k != key and group:
+                yield key, group
+                group = {}
+            key = k
+            group[ext] = tar.extractfile(member).read()
+    if group:
+        yield key, group
+
+
+def decode_sample(key: str, group: dict[str, bytes]) -> dict[str, Any]:
+    sample = {"__key__": key, "latent": np.load(io.BytesIO(group["latent.npy"]), allow_pickle=False)}
+    sample["meta"] = json.loads(group["json"]) if "json" in group else {}
+    for ext, payload in group.items():
+        if ext.endswith(".npy") and ext != "latent.npy":
+            sample[ext[: -len(".npy")]] = np.load(io.BytesIO(payload), allow_pickle=False)
+    return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "latent": torch.from_numpy(np.stack([s["latent"] for s in samples])).float(),
+        "meta": [s["meta"] for s in samples],
+        "keys": [s["__key__"] for s in samples],
+    }
+    if all("label" in s["meta"] for s in samples):
+        batch["label"] = torch.tensor([int(s["meta"]["label"]) for s in samples])
+    return batch
+
+
+@dataclass
+class _Slot:
+    index: int
+    count: int
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Infinite, deterministic, resumable stream of batches from a shard folder.
+
+    Args:
+        data_dir: folder with ``manifest.json`` and the shards.
+        batch_size: samples per yielded batch (the per-rank micro-batch).
+        rank, world_size: this process's DDP position.
+        seed: base seed of the shuffles.
+        shuffle_buffer: samples held for shuffling (0 = read in order).
+        start_batch: batches this rank already consumed (resume position).
+    With a DataLoader of W workers, batch i of this rank comes from worker i % W.
+    """
+
+    def __init__(self, data_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, start_batch: int = 0):
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        self.shards = [(self.data_dir / s["name"], s["num_samples"]) for s in self.manifest["shards"]]
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle_buffer, self.start_batch = seed, shuffle_buffer, start_batch
+
+    def _slot(self) -> tuple[_Slot, int, int]:
+        """(this reader's slot among all ranks x workers, workers per rank, this reader's role).
+
+        A DataLoader hands out batch i from worker i % W and always starts at worker 0,
+        so after resuming at batch k, worker w plays the role of worker (w + k) % W.
+        """
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        role = (worker + self.start_batch) % workers
+        return _Slot(self.rank * workers + role, self.world_size * workers), workers, role
+    def _epoch_samples(self, epoch: int, slot: _Slot) -> Iterator[tuple[str, dict[str, bytes]]]:
+        rng = np.random.default_rng([self.seed, epoch, slot.index])
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        by_shard = len(self.shards) >= slot.count
+        mine = order[slot.index :: slot.count] if by_shard else order
+        buffer: list = []
+        i = -1
+        for s in mine:
+            for item in _iter_tar(self.shards[s][0]):
+                i += 1
+                if not by_shard and i % slot.count != slot.index:
+                    continue
+                if self.shuffle_buffer <= 1:
+                    yield item
+                    continue
+                buffer.append(item)
+                if len(buffer) >= self.shuffle_buffer:
+                    j = rng.integers(len(buffer))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _epoch_size(self, epoch: int, slot: _Slot) -> int:
+        """Samples ``slot`` reads in ``epoch``, from the manifest's counts alone."""
+        if len(self.shards) >= slot.count:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            return sum(self.shards[s][1] for s in order[slot.index :: slot.count])
+        return len(range(slot.index, sum(c for _, c in self.shards), slot.count))
+
+    def _samples(self, slot: _Slot, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """The slot's endless sample stream, minus its first ``skip`` samples."""
+        epoch = 0
+        while True:
+            per_epoch = self._epoch_size(epoch, slot)
+            if per_epoch == 0:
+                raise ShardError(f"{self.data_dir}: no samples for data slot {slot.index} of {slot.count}")
+            if skip >= per_epoch:  # skip whole epochs without reading them
+                skip -= per_epoch
+                epoch += 1
+                continue
+            for item in self._epoch_samples(epoch, slot):
+                if skip:
+                    skip -= 1
+                    continue
+                yield item
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, workers, role = self._slot()
+        done = max(0, math.ceil((self.start_batch - role) / workers))  # batches this role already produced
+        batch = []
+        for key, group in self._samples(slot, done * self.batch_size):
+            batch.append(decode_sample(key, group))
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []

@@ -1,0 +1,181 @@
+"""ccDiT: the class-conditional diffusion transformer of stage 1.
+
+DiT (Peebles & Xie) with adaLN-Zero blocks, a label embedder with a null class
+for classifier-free guidance, QK-norm, and a fixed 2-D sin-cos position
+embedding with PixArt-style base-size interpolation. Modulation and output
+layers start at zero, so a fresh model predicts exactly zero velocity.
+
+Read top to bottom: config -> block -> final layer -> model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from models.layers import MLP, Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate, sincos_2d
+from models.linear import make_linear
+
+
+@dataclass
+class CCDiTConfig:
+    """Architecture of a ccDiT. Every field is saved with each checkpoint.
+
+    input_size (`int`): latent height = width the model is built for.
+    patch_size (`int`): side of the square patches; must divide input_size.
+    in_channels (`int`): latent channels (3 in pixel space, 16 for the SD3 VAE).
+    hidden_size (`int`), depth (`int`), num_heads (`int`): transformer width, blocks, heads.
+    mlp_ratio (`float`): MLP hidden = mlp_ratio * hidden_size.
+    num_classes (`int`): real classes; id ``num_classes`` is the null class.
+    qk_norm (`bool`): RMSNorm on queries and keys.
+    base_size (`int` or None): grid size whose coordinate range the position
+        embedding spans (PixArt interpolation); None = this model's own grid.
+    interpolation_scale (`float`): PixArt's pos-embed interpolation scale.
+    linear_backend (`str`): the linear factory backend (``precision.linear``).
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    qk_norm: bool = True
+    base_size: int | None = None
+    interpolation_scale: float = 1.0
+    linear_backend: str = "torch"
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}: "
+                "choose a resolution that is a multiple of the patch size (times the VAE's downsampling)"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+
+class CCDiTBlock(nn.Module):
+    """adaLN-Zero block: x += gate * f(modulate(norm(x))) for f in (attention, MLP)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), make_linear(hidden_size, 6 * hidden_size, backend=linear_backend))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """(N, T, D) -> (N, T, p*p*C): adaLN then a linear projection, both zero-initialized."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(N, T, p*p*C) -> (N, C, H, W) with H = grid_h * p."""
+    n = x.shape[0]
+    p = patch_size
+    x = x.reshape(n, grid_h, grid_w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, grid_h * p, grid_w * p)
+
+
+class CCDiT(nn.Module):
+    """Class-conditional DiT predicting the flow velocity v = noise - x0.
+
+    forward(hidden_states (N, C, H, W), timestep (N,) in [0, 1], class_labels (N,)) -> (N, C, H, W)
+    """
+
+    family = "ccdit"
+    # Kept in high precision whatever precision.linear says (built with nn.Linear / Conv2d).
+    _keep_in_high_precision = ("x_embedder", "t_embedder", "y_embedder", "final_layer")
+
+    def __init__(self, config: CCDiTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.out_channels = c.in_channels
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size)
+        base = c.base_size if c.base_size is not None else c.grid_size
+        self.register_buffer(
+            "pos_embed", sincos_2d(c.hidden_size, c.grid_size, c.grid_size, base, c.interpolation_scale)[None], persistent=False
+        )
+        self.blocks = nn.ModuleList(
+            CCDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
+        )
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data  # init the patch conv like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """The adaLN conditioning vector c = t_emb + y_emb, (N, D)."""
+        return self.t_embedder(timestep) + self.y_embedder(class_labels)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = hidden_states.shape
+        p = self.config.patch_size
+        if h != self.config.input_size or w != self.config.input_size:
+            raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w}")
+        x = self.x_embedder(hidden_states) + self.pos_embed  # (N, T, D), T = H * W / p**2
+        c = self.condition(timestep, class_labels)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p * p * C)
+        return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
+
+    def export_config(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,163 @@
+"""Building blocks shared by ccDiT and mmDiT.
+
+Read top to bottom: ``modulate`` -> position embedding -> embedders (patch,
+timestep, label) -> attention -> MLP. Shapes: N batch, T tokens, D hidden.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.linear import make_linear
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x (N, T, D), shift/scale (N, D) or (N, 1, D)."""
+    if shift.dim() == 2:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------- position embedding
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim) as [sin, cos], the DiT / diffusers layout."""
+    assert dim % 2 == 0, "sin-cos embedding needs an even dimension"
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding with PixArt-style interpolation.
+
+    Coordinates are rescaled so a grid of any size spans the range of a
+    ``base_size`` grid (divided by ``interpolation_scale``): a model trained at
+    one resolution sees familiar positions at another. Token order is row-major
+    (h, w); the first half of the channels encodes the column, the second the
+    row, exactly as diffusers' ``get_2d_sincos_pos_embed``.
+
+    Returns (grid_h * grid_w, dim) in float32.
+    """
+    assert dim % 4 == 0, "2-D sin-cos embedding needs dim divisible by 4"
+    ys = torch.arange(grid_h, dtype=torch.float64) / (grid_h / base_size) / interpolation_scale
+    xs = torch.arange(grid_w, dtype=torch.float64) / (grid_w / base_size) / interpolation_scale
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+    emb = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1)
+    return emb.float()
+
+
+# ---------------------------------------------------------------- embedders
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p), non-overlapping patches."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) timesteps (already x1000) -> (N, dim) as [cos, sin] (diffusers flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> (N, D). The model sees t * 1000, as diffusers' schedulers feed it."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, time_scale: float = 1000.0):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.time_scale = time_scale
+        self.linear_1 = nn.Linear(frequency_size, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_sinusoid(t * self.time_scale, self.frequency_size)
+        freq = freq.to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(freq)))
+
+
+class LabelEmbedder(nn.Module):
+    """Class ids (N,) -> (N, D). Index ``num_classes`` is the null class used for CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+# ---------------------------------------------------------------- attention and MLP
+class Attention(nn.Module):
+    """Multi-head attention over ``scaled_dot_product_attention``, optional QK RMSNorm.
+
+    Self-attention when ``context`` is None, else cross-attention to it
+    (``context_dim`` may differ from ``dim``). ``mask`` is a boolean (N, S) key
+    mask, True = attend; pass None when nothing is padded (no mask is cheaper).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qk_norm: bool = True,
+        context_dim: int | None = None,
+        linear_backend: str = "torch",
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.is_cross = context_dim is not None
+        kv_dim = context_dim if context_dim is not None else dim
+        self.to_q = make_linear(dim, dim, backend=linear_backend)
+        self.to_k = make_linear(kv_dim, dim, backend=linear_backend)
+        self.to_v = make_linear(kv_dim, dim, backend=linear_backend)
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.to_out = make_linear(dim, dim, backend=linear_backend)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, d = x.shape
+        kv = x if context is None else context
+        h = self.num_heads
+        q = self.to_q(x).view(n, t, h, self.head_dim).transpose(1, 2)  # (N, h, T, hd)
+        k = self.to_k(kv).view(n, kv.shape[1], h, self.head_dim).transpose(1, 2)  # (N, h, S, hd)
+        v = self.to_v(kv).view(n, kv.shape[1], h, self.head_dim).transpose(1, 2)
+        q, k = self.norm_q(q), self.norm_k(k)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, h, T, hd)
+        return self.to_out(out.transpose(1, 2).reshape(n, t, d))
+
+
+class MLP(nn.Module):
+    """D -> ratio*D -> D with GELU (tanh approximation, as DiT and PixArt)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, linear_backend: str = "torch"):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = make_linear(dim, hidden, backend=linear_backend)
+        self.fc2 = make_linear(hidden, dim, backend=linear_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

@@ -1,0 +1,51 @@
+"""The model registry: the only legal model names.
+
+A preset fixes the transformer's shape (width, depth, heads, patch size); what
+depends on the data (input size, channels, number of classes, text width) comes
+from the data config and is passed to :func:`build_model`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from models.ccdit import CCDiT, CCDiTConfig
+
+_DIT = dict(mlp_ratio=4.0)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ccdit": {
+        "XL/2": dict(_DIT, depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+        "L/2": dict(_DIT, depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+        "B/2": dict(_DIT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
+        "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
+        # The CPU demo model (see README "Demo"): ~1.8M parameters, fast on 2 cores.
+        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=2),
+        # Unit tests: milliseconds per forward.
+        "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
+    },
+}
+
+MODEL_CLASSES = {"ccdit": (CCDiT, CCDiTConfig)}
+
+
+def model_config(family: str, preset: str, **fields: Any):
+    """Config dataclass for ``family`` / ``preset`` with data-dependent ``fields`` filled in."""
+    if family not in PRESETS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PRESETS)}")
+    if preset not in PRESETS[family]:
+        raise ValueError(f"unknown {family} preset {preset!r}; expected one of {sorted(PRESETS[family])}")
+    _, config_cls = MODEL_CLASSES[family]
+    return config_cls(**{**PRESETS[family][preset], **fields})
+
+
+def build_model(family: str, config: dict[str, Any] | Any) -> nn.Module:
+    """Instantiate ``family`` from a config dataclass or the dict saved in a checkpoint."""
+    model_cls, config_cls = MODEL_CLASSES[family]
+    if isinstance(config, dict):
+        config = config_cls(**config)
+    return model_cls(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,51 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small shapes shard folder shared by the tests (2,000 samples, 4 shards)."""
+    from data.shapes import build_shards
+
+    out = tmp_path_factory.mktemp("shapes") / "shapes_32"
+    build_shards(out, num_samples=2000, image_size=32, seed=0, samples_per_shard=500)
+    return out
+
+
+def compose(overrides=(), config_name="stage1"):
+    """The real Hydra config of a stage, with overrides, as the entry point would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def tiny_overrides(tmp_path, shapes_dir, **extra):
+    """Shrink the demo config to seconds: tiny model, few steps, small data."""
+    o = {
+        "experiment": "demo",
+        "run_dir": str(tmp_path / "run"),
+        "data.path": str(shapes_dir),
+        "data.num_samples": 2000,
+        "data.shuffle_buffer": 100,
+        "data.eval_samples": 24,
+        "model.preset": "tiny",
+        "train.global_batch_size": 16,
+        "train.max_steps": 6,
+        "train.warmup_steps": 2,
+        "train.log_every": 2,
+        "train.checkpoint_every": 3,
+        "train.sample_every": 0,
+        "train.sample.steps": 4,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]

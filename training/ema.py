@@ -1,0 +1,25 @@
+"""Exponential moving average of the model's weights (kept on every rank, in eval mode)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model; decay 0 copies the model."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m.detach(), 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up of the EMA decay (min(decay, (1 + s) / (10 + s))): early weights fade fast."""
+    return min(decay, (1 + step) / (10 + step))

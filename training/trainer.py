@@ -1,0 +1,330 @@
+"""The trainer shared by every stage: setup -> data -> model -> loop -> checkpoint.
+
+A stage differs from another only in its config (configs/stage/*.yaml). The
+loop is rectified flow (flow/rectified_flow.py): draw t, interpolate, predict
+the velocity, MSE; with condition dropout for classifier-free guidance, EMA,
+gradient accumulation and clipping, DDP across ranks, periodic sample grids
+scored by the evaluator, and atomic checkpoints from which a run continues
+exactly (same step, optimizer, EMA, data position and random stream).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.shards import ShardStream, check_manifest, read_manifest
+from flow.rectified_flow import flow_loss, interpolate, loss_by_bin, sample_timesteps
+from inference.images import make_grid, save_png, to_uint8
+from inference.pipeline import SampleSettings, generate
+from models.autoencoder import load_autoencoder
+from models.presets import build_model, count_parameters, model_config
+from training import checkpoint as ckpt
+from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, setup
+from training.ema import ema_decay_at, make_ema, update_ema
+from training.logger import RunLogger, log, setup_console
+from training.optim import lr_at, make_optimizer
+
+
+class ConfigError(ValueError):
+    """The config asks for something impossible; the message says what to change."""
+
+
+# ---------------------------------------------------------------- setup helpers
+def check_batch(cfg: DictConfig, world_size: int) -> int:
+    """Per-rank micro-batch from the global batch; refuses uneven splits."""
+    gbs, accum = cfg.train.global_batch_size, cfg.train.grad_accum
+    if gbs % (world_size * accum):
+        raise ConfigError(
+            f"train.global_batch_size={gbs} is not divisible by world_size ({world_size}) x train.grad_accum ({accum}). "
+            f"Pick a global batch that is a multiple of {world_size * accum}."
+        )
+    return gbs // (world_size * accum)
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The random stream of one training step on one rank: a pure function of (seed, rank, step),
+    so a resumed run draws exactly the noise, timesteps and dropout an uninterrupted one would."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+    return g
+
+
+def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> dict:
+    """Build the demo shards if asked and missing, then read and return the manifest."""
+    path = Path(cfg.data.path)
+    if cfg.data.generate and not (path / "manifest.json").exists():
+        if cfg.data.name != "shapes":
+            raise ConfigError(f"data.generate=true only builds the shapes demo data, not {cfg.data.name!r}")
+        if dist_info.is_main:
+            from data.shapes import build_shards
+
+            log.info("building %d shapes samples into %s (first use only)", cfg.data.num_samples, path)
+            build_shards(path, cfg.data.num_samples, cfg.data.image_size, seed=cfg.seed)
+        barrier(dist_info)
+    return read_manifest(path)
+
+
+def build_model_config(cfg: DictConfig, autoencoder: nn.Module):
+    size = cfg.data.image_size
+    if size % autoencoder.downsample:
+        raise ConfigError(f"data.image_size={size} is not divisible by the autoencoder's downsampling ({autoencoder.downsample})")
+    return model_config(
+        cfg.model.family,
+        cfg.model.preset,
+        input_size=size // autoencoder.downsample,
+        in_channels=autoencoder.latent_channels,
+        num_classes=cfg.data.num_classes,
+        qk_norm=cfg.model.qk_norm,
+        linear_backend=cfg.precision.linear,
+    )
+
+
+def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(ckpt_root)
+    if cfg.resume in (None, "none"):
+        if ckpt.list_checkpoints(ckpt_root):
+            raise ConfigError(
+                f"{ckpt_root} already has checkpoints and resume=none: use resume=auto to continue that run, "
+                "or a new run_dir to start another"
+            )
+        return None
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint directory")
+    return path
+
+
+# ---------------------------------------------------------------- evaluation
+def preview(
+    model: nn.Module, autoencoder: nn.Module, cfg: DictConfig, latent_shape, num_classes: int, n: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMA samples with CFG for classes 0, 1, ..., repeated to n: (images, labels)."""
+    labels = torch.arange(n, device=device) % num_classes
+    s = cfg.train.sample
+    settings = SampleSettings(s.steps, s.cfg_scale, s.solver, cfg.train.timestep.shift, s.seed)
+    images = generate(model, autoencoder, labels, torch.full_like(labels, num_classes), latent_shape, settings, device)
+    return images, labels
+
+
+def evaluate(model, autoencoder, cfg, latent_shape, num_classes, device, out_png: Path | None) -> dict:
+    """Sample grid (PNG) and, on the shapes data, the evaluator's class accuracy."""
+    n = max(cfg.data.eval_samples, 2 * num_classes) if cfg.data.name == "shapes" else 4 * min(num_classes, 8)
+    images, labels = preview(model, autoencoder, cfg, latent_shape, num_classes, n, device)
+    result: dict[str, Any] = {}
+    if cfg.data.name == "shapes":
+        from data.evaluator import class_accuracy
+
+        result["class_accuracy"] = class_accuracy(images, labels.tolist())
+    if out_png is not None:
+        k = min(num_classes, 16)  # one column per class, four rows of seeds
+        idx = [i for r in range(4) for i in range(r * num_classes, r * num_classes + k) if i < n]
+        save_png(make_grid(to_uint8(images[idx]), ncols=k, upscale=max(1, 96 // images.shape[-1])), out_png)
+        result["grid"] = str(out_png)
+    return result
+
+
+# ---------------------------------------------------------------- the run
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or continue) one stage. Returns a summary: step, loss, checkpoint, evaluation."""
+    # ---- setup: processes, run directory, logging
+    dist_info = setup()
+    try:
+        return _train(cfg, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
+    setup_console(dist_info.is_main)
+    device = dist_info.device
+    micro_batch = check_batch(cfg, dist_info.world_size)
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    # ---- model config first: impossible shapes fail before any data is touched
+    autoencoder = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder).to(device)
+    mcfg = build_model_config(cfg, autoencoder)
+    latent_shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
+
+    # ---- data: shards whose manifest matches this config
+    manifest = prepare_data(cfg, dist_info)
+    check_manifest(
+        manifest,
+        {
+            "autoencoder": cfg.data.autoencoder,
+            "latent_shape": list(latent_shape),
+            "scaling_factor": autoencoder.scaling_factor,
+            "shift_factor": autoencoder.shift_factor,
+            "num_classes": cfg.data.num_classes,
+        },
+        where=cfg.data.path,
+    )
+
+    # ---- model, EMA, optimizer (and resume)
+    model = build_model(cfg.model.family, mcfg).to(device)
+    ema = make_ema(model)
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    step, batches_done = 0, 0
+    resume_from = find_resume(cfg, ckpt_root)
+    if resume_from is not None:
+        meta = ckpt.read_meta(resume_from)
+        if meta["model_config"] != asdict(mcfg):
+            changed = {k: (meta["model_config"].get(k), v) for k, v in asdict(mcfg).items() if meta["model_config"].get(k) != v}
+            raise ConfigError(
+                f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
+                "Architecture keys must match to resume; start a new run_dir instead."
+            )
+        model.load_state_dict(ckpt.load_weights(resume_from))
+        ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
+        state = ckpt.load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        step, batches_done = int(state["step"]), int(state["batches_done"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    ddp_model = DDP(model) if dist_info.enabled else model
+
+    loader = torch.utils.data.DataLoader(
+        ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done),
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+    scale, shift = float(manifest["scaling_factor"]), float(manifest["shift_factor"])
+    null_class = mcfg.num_classes
+    use_autocast = device.type == "cuda" and cfg.precision.autocast == "bf16"
+
+    log.info(
+        "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
+        cfg.stage.name, cfg.model.family, cfg.model.preset, count_parameters(model) / 1e6, cfg.data.path,
+        manifest["num_samples"], cfg.train.global_batch_size, dist_info.world_size, micro_batch, cfg.train.grad_accum, device,
+    )
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if dist_info.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    meta = {
+        "stage": cfg.stage.name,
+        "stage_index": int(cfg.stage.index),
+        "family": cfg.model.family,
+        "preset": cfg.model.preset,
+        "model_config": asdict(mcfg),
+        "code_revision": ckpt.code_revision(),
+        "autoencoder": {"name": cfg.data.autoencoder, "subfolder": cfg.data.autoencoder_subfolder,
+                        "scaling_factor": scale, "shift_factor": shift},
+        "conditioning": {"type": "class", "num_classes": null_class, "class_names": manifest.get("class_names")},
+        "sampling": {"shift": float(cfg.train.timestep.shift), **OmegaConf.to_container(cfg.train.sample)},
+        "data": {"path": cfg.data.path, "name": cfg.data.name},
+    }
+    logger = RunLogger(run_dir, dist_info.is_main, cfg.train.max_steps, step, cfg.train.wandb,
+                       OmegaConf.to_container(cfg, resolve=True))
+
+    def save(at_step: int) -> Path | None:
+        path = None
+        if dist_info.is_main:
+            state = {"optimizer": optimizer.state_dict(), "step": at_step, "batches_done": batches_done}
+            path = ckpt.save_checkpoint(ckpt_root, at_step, model, ema, state, config_yaml, meta)
+            ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last, cfg.train.keep_every)
+            logger.write(f"saved checkpoint {path}")
+        barrier(dist_info)  # nobody races ahead of (or reads) a half-finished save
+        return path
+
+    def run_eval(at_step: int) -> dict:
+        result = {}
+        if dist_info.is_main:
+            result = evaluate(ema, autoencoder, cfg, latent_shape, null_class, device, run_dir / "samples" / f"step_{at_step:07d}.png")
+            logger.write(f"step {at_step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+            logger.log(at_step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        barrier(dist_info)
+        return result
+
+    # ---- the loop
+    tcfg = cfg.train
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    t_last, steps_since = time.time(), 0
+    start_step, t_start = step, time.time()
+    last_ckpt, last_loss = None, None
+    while step < tcfg.max_steps:
+        lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        gen = step_generator(cfg.seed, dist_info.rank, step, device)
+        for micro in range(tcfg.grad_accum):
+            batch = next(batches)
+            batches_done += 1
+            x0 = (batch["latent"].to(device, non_blocking=True) - shift) * scale  # (N, C, H, W) normalized latents
+            y = batch["label"].to(device)
+            drop = torch.rand(y.shape[0], generator=gen, device=device) < tcfg.cond_dropout
+            y = torch.where(drop, torch.full_like(y, null_class), y)  # CFG: condition -> null class
+            t = sample_timesteps(y.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            sync = contextlib.nullcontext() if (micro == tcfg.grad_accum - 1 or not dist_info.enabled) else ddp_model.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                pred = ddp_model(interpolate(x0, noise, t), t, y)  # (N, C, H, W) velocity
+                per_sample = flow_loss(pred, x0, noise)  # (N,)
+                loss = per_sample.mean() / tcfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach() * tcfg.grad_accum
+            loss_n += 1
+            s, c = loss_by_bin(per_sample, t)
+            bin_sums += s
+            bin_counts += c
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
+        step += 1
+        steps_since += 1
+
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            mean_loss = all_reduce_mean(loss_sum / max(loss_n, 1), dist_info).item()
+            bins = (all_reduce_mean(bin_sums, dist_info) / all_reduce_mean(bin_counts, dist_info).clamp(min=1e-9)).tolist()
+            dt = time.time() - t_last
+            it_s = steps_since / max(dt, 1e-9)
+            metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s,
+                       "img_s": it_s * tcfg.global_batch_size, **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
+            logger.log(step, metrics)
+            logger.step(step, steps_since, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
+            loss_sum.zero_(), bin_sums.zero_(), bin_counts.zero_()
+            loss_n, steps_since, t_last = 0, 0, time.time()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at step {step}; last checkpoint: {last_ckpt}")
+            last_loss = mean_loss
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+            last_ckpt = save(step)
+        if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
+            run_eval(step)
+
+    # ---- the end: final checkpoint (unless resumed at the end already) and evaluation
+    logger.close()
+    if step > start_step:
+        last_ckpt = save(step)
+    else:  # resumed a run that had already finished: nothing to train
+        last_ckpt = ckpt.latest_checkpoint(ckpt_root)
+    result = run_eval(step) if tcfg.sample_every else {}
+    summary = {
+        "stage": cfg.stage.name,
+        "step": step,
+        "steps_this_run": step - start_step,
+        "seconds": round(time.time() - t_start, 1),
+        "final_loss": last_loss,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        **{f"eval_{k}": v for k, v in result.items()},
+    }
+    if dist_info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("done: %s", json.dumps(summary))
+    return summary
