@@ -57,3 +57,27 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(value)
         value /= info.world_size
     return value
+
+
+@torch.no_grad()
+def replica_divergence(model: torch.nn.Module, info: DistInfo) -> float:
+    """Largest difference of any parameter across ranks (0.0 when replicas are identical)."""
+    if not info.enabled:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return (hi - lo).max().item()
+
+
+def shared_items(items: list[str], info: DistInfo) -> int:
+    """How many of this rank's items another rank also has (sample keys: must be 0)."""
+    if not info.enabled:
+        return 0
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, list(items))
+    others = {x for r, keys in enumerate(gathered) if r != info.rank for x in keys}
+    overlap = torch.tensor(float(len(set(items) & others)))
+    dist.all_reduce(overlap)
+    return int(overlap.item())

@@ -29,7 +29,7 @@ from inference.pipeline import SampleSettings, generate
 from models.autoencoder import load_autoencoder
 from models.presets import build_model, count_parameters, model_config
 from training import checkpoint as ckpt
-from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, setup
+from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, replica_divergence, setup, shared_items
 from training.ema import ema_decay_at, make_ema, update_ema
 from training.logger import RunLogger, log, setup_console
 from training.optim import lr_at, make_optimizer
@@ -231,7 +231,14 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     logger = RunLogger(run_dir, dist_info.is_main, cfg.train.max_steps, step, cfg.train.wandb,
                        OmegaConf.to_container(cfg, resolve=True))
 
+    def check_replicas(at_step: int) -> float:
+        divergence = replica_divergence(model, dist_info)
+        if divergence > 1e-6:
+            raise RuntimeError(f"DDP replicas diverged at step {at_step} (max parameter difference {divergence:.3g})")
+        return divergence
+
     def save(at_step: int) -> Path | None:
+        check_replicas(at_step)
         path = None
         if dist_info.is_main:
             state = {"optimizer": optimizer.state_dict(), "step": at_step, "batches_done": batches_done}
@@ -256,7 +263,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t_last, steps_since = time.time(), 0
     start_step, t_start = step, time.time()
-    last_ckpt, last_loss = None, None
+    last_ckpt, last_loss, first_batch_overlap = None, None, None
     while step < tcfg.max_steps:
         lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -265,6 +272,10 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         for micro in range(tcfg.grad_accum):
             batch = next(batches)
             batches_done += 1
+            if first_batch_overlap is None:
+                first_batch_overlap = shared_items(batch["keys"], dist_info)  # ranks must read different samples
+                if first_batch_overlap:
+                    raise RuntimeError(f"DDP ranks read {first_batch_overlap} identical samples in their first batch")
             x0 = (batch["latent"].to(device, non_blocking=True) - shift) * scale  # (N, C, H, W) normalized latents
             y = batch["label"].to(device)
             drop = torch.rand(y.shape[0], generator=gen, device=device) < tcfg.cond_dropout
@@ -321,6 +332,9 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         "steps_this_run": step - start_step,
         "seconds": round(time.time() - t_start, 1),
         "final_loss": last_loss,
+        "world_size": dist_info.world_size,
+        "replica_divergence": check_replicas(step),
+        "first_batch_overlap": first_batch_overlap,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         **{f"eval_{k}": v for k, v in result.items()},
     }

@@ -1,0 +1,83 @@
+"""Wrong input stops before training with a message that says what to change."""
+import json
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from conftest import ROOT, compose, tiny_overrides
+from data.shards import ShardError
+from training.trainer import ConfigError, train
+
+STAGE_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("stage[0-9].yaml"))
+
+
+def test_stage_configs_compose():
+    assert "stage1" in STAGE_CONFIGS
+    for name in STAGE_CONFIGS:
+        cfg = compose(config_name=name)
+        assert cfg.stage.name == name
+        cfg = compose(["experiment=demo"], config_name=name)
+        assert cfg.model.preset == "demo"
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="train.lerning_rate"):
+        compose(["train.lerning_rate=1"])
+
+
+def test_resolution_not_divisible_by_patch(tmp_path, shapes_dir):
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"data.image_size": 31}))
+    with pytest.raises(ValueError, match="input_size=31 is not divisible by patch_size=2"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_hidden_not_divisible_by_heads(tmp_path, shapes_dir):
+    from models.presets import PRESETS
+
+    PRESETS["ccdit"]["bad"] = dict(PRESETS["ccdit"]["tiny"], num_heads=3)
+    try:
+        cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"model.preset": "bad"}))
+        with pytest.raises(ValueError, match="hidden_size=32 is not divisible by num_heads=3"):
+            train(cfg)
+    finally:
+        del PRESETS["ccdit"]["bad"]
+
+
+def test_global_batch_not_divisible_by_world_size(tmp_path, shapes_dir, monkeypatch):
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"train.global_batch_size": 15, "train.grad_accum": 2}))
+    with pytest.raises(ConfigError, match="global_batch_size=15 is not divisible by world_size \\(1\\) x train.grad_accum \\(2\\)"):
+        train(cfg)
+
+
+def test_manifest_disagreeing_with_config(tmp_path, shapes_dir):
+    bad = tmp_path / "bad_shards"
+    bad.mkdir()
+    manifest = json.loads((shapes_dir / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        (bad / s["name"]).symlink_to(shapes_dir / s["name"])
+    manifest["num_classes"] = 10
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"data.path": str(bad), "data.generate": False}))
+    with pytest.raises(ShardError, match="num_classes: config expects 12, shards have 10"):
+        train(cfg)
+
+
+def test_missing_data_directory(tmp_path, shapes_dir):
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"data.path": str(tmp_path / "nope"), "data.generate": False}))
+    with pytest.raises(ShardError, match="does not exist. Point data.path at a folder of shards"):
+        train(cfg)
+
+
+def test_resume_none_refuses_an_existing_run(tmp_path, shapes_dir):
+    train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 2})))
+    with pytest.raises(ConfigError, match="already has checkpoints and resume=none"):
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 2, "resume": "none"})))
+
+
+def test_resume_with_changed_model_is_refused(tmp_path, shapes_dir):
+    train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 2})))
+    with pytest.raises(ConfigError, match="the model config changed"):
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 4, "model.qk_norm": False})))
