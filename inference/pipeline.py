@@ -68,3 +68,23 @@ def generate(
         z, traj = out
         return autoencoder.decode(z), [autoencoder.decode(x) for x in traj]
     return autoencoder.decode(out)
+
+
+def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu"):
+    """A checkpoint directory -> (model in eval mode, autoencoder, meta). Nothing else is needed:
+    the checkpoint's meta.json names the model family, its full config and the autoencoder."""
+    from models.autoencoder import load_autoencoder
+    from models.presets import build_model
+    from training.checkpoint import load_weights, read_meta
+
+    meta = read_meta(ckpt_dir)
+    model = build_model(meta["family"], meta["model_config"])
+    model.load_state_dict(load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
+    ae = meta["autoencoder"]
+    autoencoder = load_autoencoder(ae["name"], ae.get("subfolder"))
+    if (autoencoder.scaling_factor, autoencoder.shift_factor) != (ae["scaling_factor"], ae["shift_factor"]):
+        raise ValueError(
+            f"the autoencoder {ae['name']} now has scaling {autoencoder.scaling_factor} / shift {autoencoder.shift_factor}, "
+            f"but the model was trained with {ae['scaling_factor']} / {ae['shift_factor']}"
+        )
+    return model.to(device).eval(), autoencoder.to(device), meta

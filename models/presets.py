@@ -20,7 +20,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "B/2": dict(_DIT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
         "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
         # The CPU demo model (see README "Demo"): ~1.8M parameters, fast on 2 cores.
-        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=2),
+        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=4),
         # Unit tests: milliseconds per forward.
         "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
     },

@@ -72,6 +72,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(_state_dict(model), tmp / "model.safetensors")
+    _fault_injection_pause()
     if ema is not None:
         save_file(_state_dict(ema), tmp / "ema.safetensors")
     torch.save(train_state, tmp / "train_state.pt")
@@ -89,6 +90,24 @@ def save_checkpoint(
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / "latest")
     return final
+
+
+def _fault_injection_pause() -> None:
+    """Fault-injection hook for tests/reliability: stall mid-save so a kill lands inside a write."""
+    pause = float(os.environ.get("FLOWDIT_FAULT_SAVE_PAUSE", "0") or 0)
+    if pause > 0:
+        import time
+
+        time.sleep(pause)
+
+
+def remove_partial_saves(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Delete temporary directories left by saves that were killed before their rename."""
+    root = Path(ckpt_root)
+    stale = [p for p in root.glob(".tmp-step_*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,7 @@ from models.presets import build_model, count_parameters, model_config
 from training import checkpoint as ckpt
 from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, replica_divergence, setup, shared_items
 from training.ema import ema_decay_at, make_ema, update_ema
+from training.guards import PREEMPTED_EXIT_CODE, NonFiniteGuard, SpikeDetector, StopRequest
 from training.logger import RunLogger, log, setup_console
 from training.optim import lr_at, make_optimizer
 
@@ -89,6 +91,48 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module):
     )
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory must be writable before any work is done."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir={str(run_dir)!r} is not writable ({e.strerror}); set run_dir to a folder you can write to") from e
+
+
+def check_free_space(run_dir: Path, model: nn.Module) -> None:
+    """Room for two checkpoints (weights, EMA, Adam moments: 16 bytes a parameter each) plus 10%."""
+    need = int(2 * 16 * sum(p.numel() for p in model.parameters()) * 1.1)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(
+            f"{run_dir} has {free / 2**30:.2f} GiB free but a checkpoint of this model needs about {need / 2**31:.2f} GiB "
+            "(two are kept while a new one is written); free space or set run_dir elsewhere"
+        )
+
+
+def log_config_changes(run_dir: Path, config_yaml: str) -> None:
+    """Resuming with changed settings is allowed (model changes are refused elsewhere); say what changed."""
+    old_path = run_dir / "config.yaml"
+    if not old_path.is_file():
+        return
+    flat = lambda c: {k: v for k, v in _flatten(OmegaConf.to_container(OmegaConf.create(c)))}  # noqa: E731
+    old, new = flat(old_path.read_text()), flat(config_yaml)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            log.info("config change since the last run: %s: %r -> %r", key, old.get(key), new.get(key))
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "auto":
         return ckpt.latest_checkpoint(ckpt_root)
@@ -123,9 +167,12 @@ def evaluate(model, autoencoder, cfg, latent_shape, num_classes, device, out_png
     images, labels = preview(model, autoencoder, cfg, latent_shape, num_classes, n, device)
     result: dict[str, Any] = {}
     if cfg.data.name == "shapes":
-        from data.evaluator import class_accuracy
+        from data.evaluator import attribute_accuracy
+        from data.shapes import CLASSES
 
-        result["class_accuracy"] = class_accuracy(images, labels.tolist())
+        wanted = [dict(zip(("shape", "colour"), CLASSES[y])) for y in labels.tolist()]
+        acc = attribute_accuracy(images, wanted)
+        result.update(class_accuracy=acc["all"], shape_accuracy=acc["shape"], colour_accuracy=acc["colour"])
     if out_png is not None:
         k = min(num_classes, 16)  # one column per class, four rows of seeds
         idx = [i for r in range(4) for i in range(r * num_classes, r * num_classes + k) if i < n]
@@ -152,7 +199,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(run_dir)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     # ---- model config first: impossible shapes fail before any data is touched
@@ -179,6 +226,9 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     ema = make_ema(model)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     step, batches_done = 0, 0
+    if dist_info.is_main:
+        for stale in ckpt.remove_partial_saves(ckpt_root):
+            log.info("removed %s, left by a save that was interrupted", stale)
     resume_from = find_resume(cfg, ckpt_root)
     if resume_from is not None:
         meta = ckpt.read_meta(resume_from)
@@ -194,6 +244,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         step, batches_done = int(state["step"]), int(state["batches_done"])
         log.info("resumed from %s at step %d", resume_from, step)
+    if dist_info.is_main:
+        check_free_space(run_dir, model)
     ddp_model = DDP(model) if dist_info.enabled else model
 
     loader = torch.utils.data.DataLoader(
@@ -214,6 +266,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     )
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist_info.is_main:
+        log_config_changes(run_dir, config_yaml)
         (run_dir / "config.yaml").write_text(config_yaml)
     meta = {
         "stage": cfg.stage.name,
@@ -259,11 +312,13 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     # ---- the loop
     tcfg = cfg.train
-    loss_sum, loss_n = torch.zeros((), device=device), 0
+    loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
     bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t_last, steps_since = time.time(), 0
     start_step, t_start = step, time.time()
-    last_ckpt, last_loss, first_batch_overlap = None, None, None
+    last_ckpt, last_loss, first_batch_overlap = resume_from, None, None
+    stop = StopRequest().install()
+    guard, spikes = NonFiniteGuard(tcfg.max_nonfinite_steps), SpikeDetector(tcfg.spike_factor)
     while step < tcfg.max_steps:
         lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -288,36 +343,49 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 per_sample = flow_loss(pred, x0, noise)  # (N,)
                 loss = per_sample.mean() / tcfg.grad_accum
             loss.backward()
-            loss_sum += loss.detach() * tcfg.grad_accum
-            loss_n += 1
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach() * tcfg.grad_accum, 0.0)
+            loss_n += finite
             s, c = loss_by_bin(per_sample, t)
             bin_sums += s
             bin_counts += c
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # of the all-reduced gradient
+        if guard.check(float(grad_norm), step, last_ckpt):
+            optimizer.step()
+            update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
+        else:
+            logger.write(f"step {step}: non-finite loss or gradient, update skipped ({guard.skipped_total} so far)")
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
         step += 1
         steps_since += 1
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            mean_loss = all_reduce_mean(loss_sum / max(loss_n, 1), dist_info).item()
+            mean_loss = all_reduce_mean(loss_sum / loss_n, dist_info).item()  # NaN if every step was non-finite
             bins = (all_reduce_mean(bin_sums, dist_info) / all_reduce_mean(bin_counts, dist_info).clamp(min=1e-9)).tolist()
             dt = time.time() - t_last
             it_s = steps_since / max(dt, 1e-9)
-            metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s,
+            metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s, "skipped_steps": guard.skipped_total,
                        "img_s": it_s * tcfg.global_batch_size, **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
             logger.log(step, metrics)
             logger.step(step, steps_since, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
-            loss_sum.zero_(), bin_sums.zero_(), bin_counts.zero_()
-            loss_n, steps_since, t_last = 0, 0, time.time()
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss} at step {step}; last checkpoint: {last_ckpt}")
+            if spikes.update(mean_loss):
+                logger.write(f"step {step}: loss spike {mean_loss:.4f} (running average {spikes.avg:.4f})")
+            loss_sum.zero_(), loss_n.zero_(), bin_sums.zero_(), bin_counts.zero_()
+            steps_since, t_last = 0, time.time()
             last_loss = mean_loss
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+        healthy = guard.consecutive == 0  # never checkpoint in the middle of a non-finite streak
+        if healthy and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
             last_ckpt = save(step)
         if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
             run_eval(step)
+        if stop.requested(dist_info.enabled) and step < tcfg.max_steps:
+            logger.close()
+            if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:07d}"):
+                save(step)
+            log.warning("stop signal: checkpoint of step %d saved; exiting with code %d (run again to resume)", step, PREEMPTED_EXIT_CODE)
+            stop.uninstall()
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+    stop.uninstall()
 
     # ---- the end: final checkpoint (unless resumed at the end already) and evaluation
     logger.close()
@@ -332,6 +400,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         "steps_this_run": step - start_step,
         "seconds": round(time.time() - t_start, 1),
         "final_loss": last_loss,
+        "skipped_steps": guard.skipped_total,
         "world_size": dist_info.world_size,
         "replica_divergence": check_replicas(step),
         "first_batch_overlap": first_batch_overlap,

@@ -1,0 +1,84 @@
+"""Pre-emption signals, non-finite guards and start-up checks."""
+import os
+import signal
+import stat
+
+import pytest
+import torch
+
+from conftest import compose, tiny_overrides
+from tests.reliability.conftest import start, train_cmd, wait_for_line
+from training import trainer as trainer_mod
+from training.checkpoint import CheckpointError, latest_checkpoint, load_train_state, load_weights
+from training.guards import PREEMPTED_EXIT_CODE
+from training.trainer import ConfigError, train
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, shapes_dir):
+    cmd = train_cmd(tmp_path, shapes_dir, **{"train.max_steps": 100000, "train.log_every": 5, "train.checkpoint_every": 0})
+    proc = start(cmd, tmp_path)
+    wait_for_line(proc, "step 10/100000")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    step = load_train_state(ckpt)["step"]
+    assert ckpt.name == f"step_{step:07d}" and step >= 10
+    assert f"checkpoint of step {step} saved; exiting with code 75" in out
+    # the same command continues from that step
+    summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": step + 4, "train.checkpoint_every": 0})))
+    assert summary["step"] == step + 4 and summary["steps_this_run"] == 4
+
+
+def _nan_loss_at(monkeypatch, calls_to_poison):
+    real = trainer_mod.flow_loss
+    count = {"n": 0}
+
+    def poisoned(pred, x0, noise):
+        out = real(pred, x0, noise)
+        count["n"] += 1
+        return out * float("nan") if calls_to_poison(count["n"]) else out
+
+    monkeypatch.setattr(trainer_mod, "flow_loss", poisoned)
+
+
+def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, shapes_dir, monkeypatch):
+    _nan_loss_at(monkeypatch, lambda n: n == 3)
+    summary = train(compose(tiny_overrides(tmp_path, shapes_dir)))
+    assert summary["step"] == 6 and summary["skipped_steps"] == 1
+    weights = load_weights(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nan_every_step_stops_with_the_last_good_checkpoint_intact(tmp_path, shapes_dir, monkeypatch):
+    _nan_loss_at(monkeypatch, lambda n: n > 3)  # steps 1-3 fine, checkpoint at 3, then NaN forever
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 50, "train.max_nonfinite_steps": 4}))
+    with pytest.raises(FloatingPointError, match=r"4 consecutive steps .* last good checkpoint is .*step_0000003"):
+        train(cfg)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert ckpt.name == "step_0000003"
+    assert all(torch.isfinite(v).all() for v in load_weights(ckpt).values())
+
+
+def test_read_only_run_dir_fails_before_training(tmp_path, shapes_dir):
+    if os.geteuid() == 0:
+        # root ignores permission bits: make the run dir's parent a file instead, which nobody can write into
+        ro = tmp_path / "file"
+        ro.write_text("x")
+        run_dir = ro / "run"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        run_dir = ro / "run"
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, run_dir=str(run_dir)))
+    with pytest.raises(ConfigError, match="is not writable .* set run_dir to a folder you can write to"):
+        train(cfg)
+
+
+def test_truncated_checkpoint_fails_before_training(tmp_path, shapes_dir):
+    train(compose(tiny_overrides(tmp_path, shapes_dir)))
+    weights = latest_checkpoint(tmp_path / "run" / "checkpoints") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt. Resume from an older checkpoint"):
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 8})))
