@@ -3,8 +3,9 @@
 It estimates the background from the border, segments pixels far from it, and
 reads the attributes off the foreground:
 - colour: the palette colour nearest to the foreground's median colour;
-- shape: fill ratio of the foreground inside its bounding box
-  (square ~1.0, circle ~pi/4 = 0.785, triangle ~0.5);
+- shape: fill ratio of the foreground inside its bounding box (square ~1.0,
+  circle ~pi/4 = 0.785) and how bottom-heavy it is (an apex-up triangle has ~3x
+  more area in its lower half; circles and squares are symmetric);
 - size: bounding-box side relative to the canvas (small 0.42, large 0.72);
 - background: the nearest background colour to the border's median.
 A blurry, noisy or empty sample fails (no plain border, too little foreground,
@@ -19,7 +20,8 @@ from data.shapes import BACKGROUNDS, CLASSES, COLOURS, SIZES
 
 _FG_DISTANCE = 60.0  # RGB distance (0..255 scale) from the background that counts as foreground
 _MIN_AREA = 0.03  # fraction of the canvas a shape must cover
-_SQUARE_FILL, _CIRCLE_FILL = 0.89, 0.64  # fill-ratio thresholds between the three shapes
+_SQUARE_FILL, _CIRCLE_FILL = 0.89, 0.64  # fill ratio in the bounding box: square ~1, circle ~0.785
+_TRIANGLE_SKEW = 1.8  # lower-half / upper-half area: triangle (apex up) ~3, circle and square 1
 _SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
 _BORDER_CLEAN = 0.9  # fraction of border pixels that must match the background (a plain backdrop)
 _COLOUR_RADIUS, _COLOUR_COHERENT = 100.0, 0.6  # most of the shape must be near one palette colour
@@ -66,7 +68,14 @@ def evaluate_image(image) -> dict[str, str | None]:
     if max(bh, bw) > 1.35 * min(bh, bw):  # every demo shape has a square bounding box
         return out
     fill = area / float(bh * bw)
-    out["shape"] = "square" if fill > _SQUARE_FILL else "circle" if fill > _CIRCLE_FILL else "triangle"
+    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    top, bottom = box[: bh // 2].sum(), box[bh - bh // 2 :].sum()
+    if fill > _SQUARE_FILL:
+        out["shape"] = "square"
+    elif bottom > _TRIANGLE_SKEW * max(top, 1):  # apex up: most of a triangle's area is in its lower half
+        out["shape"] = "triangle"
+    elif fill > _CIRCLE_FILL:
+        out["shape"] = "circle"
     out["size"] = "large" if (bh + bw) / 2 / min(h, w) > _SIZE_SPLIT else "small"
     return out
 

@@ -1,0 +1,149 @@
+"""Weight interop between mmDiT's PixArt-α preset and diffusers' ``PixArtTransformer2DModel``.
+
+Both directions are exact renames: no tensor changes shape or value. Requirements
+(checked, with a message): the PixArt block, QK-norm off, MLP ratio 4, and the
+position embedding tied to the model's own grid (diffusers has no base-size knob).
+Our model takes t in [0, 1]; diffusers takes the timestep t * 1000: the same numbers.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from models.mmdit import MMDiTConfig
+
+# ours -> diffusers, per parameter name (regex, replacement)
+_RULES = [
+    (r"^x_embedder\.proj\.", "pos_embed.proj."),
+    (r"^t_embedder\.linear_(\d)\.", r"adaln_single.emb.timestep_embedder.linear_\1."),
+    (r"^t_block\.1\.", "adaln_single.linear."),
+    (r"^y_embedder\.linear_(\d)\.", r"caption_projection.linear_\1."),
+    (r"^blocks\.(\d+)\.attn\.to_out\.", r"transformer_blocks.\1.attn1.to_out.0."),
+    (r"^blocks\.(\d+)\.attn\.to_([qkv])\.", r"transformer_blocks.\1.attn1.to_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.to_out\.", r"transformer_blocks.\1.attn2.to_out.0."),
+    (r"^blocks\.(\d+)\.cross_attn\.to_([qkv])\.", r"transformer_blocks.\1.attn2.to_\2."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"transformer_blocks.\1.scale_shift_table"),
+    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
+    (r"^final_layer\.linear\.", "proj_out."),
+]
+_INVERSE = [
+    (r"^pos_embed\.proj\.", "x_embedder.proj."),
+    (r"^adaln_single\.emb\.timestep_embedder\.linear_(\d)\.", r"t_embedder.linear_\1."),
+    (r"^adaln_single\.linear\.", "t_block.1."),
+    (r"^caption_projection\.linear_(\d)\.", r"y_embedder.linear_\1."),
+    (r"^transformer_blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.attn.to_out."),
+    (r"^transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.attn.to_\2."),
+    (r"^transformer_blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.to_out."),
+    (r"^transformer_blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.to_\2."),
+    (r"^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"blocks.\1.mlp.fc1."),
+    (r"^transformer_blocks\.(\d+)\.ff\.net\.2\.", r"blocks.\1.mlp.fc2."),
+    (r"^transformer_blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.scale_shift_table"),
+    (r"^scale_shift_table$", "final_layer.scale_shift_table"),
+    (r"^proj_out\.", "final_layer.linear."),
+]
+
+
+class IncompatibleModel(ValueError):
+    """The model cannot be expressed exactly in the other library."""
+
+
+def _rename(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, name)
+            if n:
+                out[new] = tensor
+                break
+        else:
+            raise IncompatibleModel(f"parameter {name!r} has no counterpart in the other model")
+    return out
+
+
+def check_exportable(config: MMDiTConfig) -> None:
+    problems = []
+    if config.qk_norm:
+        problems.append("qk_norm=True (diffusers' PixArt has no QK-norm; train with model.qk_norm=false)")
+    if config.mlp_ratio != 4.0:
+        problems.append(f"mlp_ratio={config.mlp_ratio} (diffusers' PixArt uses 4)")
+    if config.base_size not in (None, config.grid_size):
+        problems.append(f"base_size={config.base_size} differs from the grid ({config.grid_size}); diffusers ties them")
+    if problems:
+        raise IncompatibleModel("this mmDiT is not the PixArt-α preset diffusers can load: " + "; ".join(problems))
+
+
+def diffusers_config(config: MMDiTConfig) -> dict:
+    """Constructor kwargs of ``PixArtTransformer2DModel`` for the same architecture."""
+    check_exportable(config)
+    return dict(
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.hidden_size // config.num_heads,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels or config.in_channels,
+        num_layers=config.depth,
+        cross_attention_dim=config.hidden_size,
+        caption_channels=config.caption_channels,
+        sample_size=config.input_size,
+        patch_size=config.patch_size,
+        interpolation_scale=config.interpolation_scale,
+        use_additional_conditions=False,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        num_embeds_ada_norm=1000,
+    )
+
+
+def mmdit_config_from_diffusers(cfg) -> MMDiTConfig:
+    """Our config for a diffusers PixArt config (a dict or its FrozenDict)."""
+    cfg = dict(cfg)
+    if cfg.get("use_additional_conditions") or (cfg.get("use_additional_conditions") is None and cfg.get("sample_size") == 128):
+        raise IncompatibleModel("PixArt models with size/aspect micro-conditions are not importable yet")
+    if cfg.get("norm_type", "ada_norm_single") != "ada_norm_single" or cfg.get("activation_fn") != "gelu-approximate":
+        raise IncompatibleModel("only the PixArt-α block (ada_norm_single, gelu-approximate) maps onto mmDiT")
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    interp = cfg.get("interpolation_scale") or max(cfg["sample_size"] // 64, 1)
+    return MMDiTConfig(
+        input_size=cfg["sample_size"],
+        patch_size=cfg["patch_size"],
+        in_channels=cfg["in_channels"],
+        out_channels=cfg.get("out_channels") or cfg["in_channels"],
+        hidden_size=heads * head_dim,
+        depth=cfg["num_layers"],
+        num_heads=heads,
+        caption_channels=cfg["caption_channels"],
+        qk_norm=False,
+        interpolation_scale=float(interp),
+    )
+
+
+def to_diffusers(model) -> "torch.nn.Module":
+    """An mmDiT (PixArt-α preset) -> a ``PixArtTransformer2DModel`` with the same weights."""
+    from diffusers import PixArtTransformer2DModel
+
+    target = PixArtTransformer2DModel(**diffusers_config(model.config))
+    state = _rename(model.state_dict(), _RULES)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "pos_embed.pos_embed"]  # a buffer diffusers computes itself
+    if missing or unexpected:
+        raise IncompatibleModel(f"export left parameters unmapped: missing {missing}, unexpected {unexpected}")
+    return target
+
+
+def from_diffusers(pixart) -> "torch.nn.Module":
+    """A ``PixArtTransformer2DModel`` (instance, or a folder / hub id to load) -> our mmDiT."""
+    from models.mmdit import MMDiT
+
+    if isinstance(pixart, str):
+        from diffusers import PixArtTransformer2DModel
+
+        pixart = PixArtTransformer2DModel.from_pretrained(pixart)
+    model = MMDiT(mmdit_config_from_diffusers(pixart.config))
+    state = {k: v for k, v in pixart.state_dict().items() if k != "pos_embed.pos_embed"}
+    model.load_state_dict(_rename(state, _INVERSE), strict=True)
+    return model

@@ -1,0 +1,194 @@
+"""mmDiT: the text-conditioned diffusion transformer of stages 2-5.
+
+The default block is PixArt-α's: adaLN-single (one shared timestep MLP producing
+6·D, plus a learned per-block table), self-attention -> cross-attention to the
+text tokens -> MLP. With QK-norm off and GELU-tanh MLPs the parameters map
+one-to-one onto diffusers' ``PixArtTransformer2DModel`` (models/diffusers_pixart.py).
+
+Read top to bottom: config -> block -> final layer -> model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.ccdit import unpatchify
+from models.layers import MLP, Attention, PatchEmbed, TimestepEmbedder, modulate, sincos_2d
+from models.linear import make_linear
+
+
+@dataclass
+class MMDiTConfig:
+    """Architecture of an mmDiT. Every field is saved with each checkpoint.
+
+    input_size (`int`): latent height = width the position embedding is built for.
+    patch_size (`int`): square patch side; must divide input_size.
+    in_channels (`int`): latent channels; out_channels (`int` or None): defaults to in_channels.
+    hidden_size (`int`), depth (`int`), num_heads (`int`), mlp_ratio (`float`): transformer shape.
+    caption_channels (`int`): width of the text encoder's hidden states.
+    qk_norm (`bool`): RMSNorm on queries and keys (off for diffusers compatibility).
+    base_size (`int` or None): grid size the position embedding's range is tied to (PixArt
+        interpolation); None = this model's own grid.
+    interpolation_scale (`float`): PixArt's pos-embed interpolation scale.
+    linear_backend (`str`): the linear factory backend (``precision.linear``).
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    out_channels: int | None = None
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    qk_norm: bool = True
+    base_size: int | None = None
+    interpolation_scale: float = 1.0
+    linear_backend: str = "torch"
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+
+class PixArtBlock(nn.Module):
+    """adaLN-single block: modulation = shared t-MLP output + this block's table (6, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        self.cross_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, context_dim=hidden_size, linear_backend=linear_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        n = x.shape[0]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t6.reshape(n, 6, -1)
+        ).chunk(6, dim=1)  # each (N, 1, D)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + self.cross_attn(x, context, mask)  # PixArt: cross-attention on the un-normalized stream
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class PixArtFinalLayer(nn.Module):
+    """(N, T, D) -> (N, T, p*p*C): shift/scale = table (2, D) + the timestep embedding."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (N, 1, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class CaptionProjection(nn.Module):
+    """Text encoder width -> D: Linear, GELU-tanh, Linear (PixArt's caption projection)."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class MMDiT(nn.Module):
+    """Text-conditioned DiT predicting the flow velocity v = noise - x0.
+
+    forward(hidden_states (N, C, H, W), timestep (N,) in [0, 1],
+            encoder_hidden_states (N, L, caption_channels), encoder_attention_mask (N, L) bool or None)
+        -> (N, C_out, H, W)
+    """
+
+    family = "mmdit"
+    _keep_in_high_precision = ("x_embedder", "t_embedder", "t_block", "y_embedder", "final_layer")
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        self.config = c = config
+        self.out_channels = c.out_channels or c.in_channels
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))  # adaLN-single
+        self.y_embedder = CaptionProjection(c.caption_channels, c.hidden_size)
+        self.blocks = nn.ModuleList(
+            PixArtBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
+        )
+        self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def base_size(self) -> int:
+        return self.config.base_size if self.config.base_size is not None else self.config.grid_size
+
+    def pos_embed(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size."""
+        return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale).to(device)[None]
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.linear_2.weight, std=0.02)
+        for block in self.blocks:  # text enters through a closed gate: a fresh block ignores it
+            nn.init.zeros_(block.cross_attn.to_out.weight)
+            nn.init.zeros_(block.cross_attn.to_out.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n, _, h, w = hidden_states.shape
+        p = self.config.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+        x = self.x_embedder(hidden_states) + self.pos_embed(h // p, w // p, hidden_states.device)  # (N, T, D)
+        t_emb = self.t_embedder(timestep)  # (N, D)
+        t6 = self.t_block(t_emb)  # (N, 6D), shared by every block
+        context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
+        mask = None
+        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+            mask = encoder_attention_mask.bool()  # only pay for masking when something is padded
+        for block in self.blocks:
+            x = block(x, t6, context, mask)  # (N, T, D)
+        x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
+        return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
+
+    def export_config(self) -> dict:
+        return asdict(self.config)
