@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from models.ccdit import CCDiT, CCDiTConfig
+from models.mmdit import MMDiT, MMDiTConfig
 
 _DIT = dict(mlp_ratio=4.0)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -24,9 +25,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # Unit tests: milliseconds per forward.
         "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
     },
+    "mmdit": {
+        # PixArt-alpha XL/2 (diffusers-compatible: QK-norm off, GELU-tanh MLP ratio 4)
+        "PixArt-alpha-XL/2": dict(_DIT, depth=28, hidden_size=1152, num_heads=16, patch_size=2, qk_norm=False),
+        "XL/2": dict(_DIT, depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+        "B/2": dict(_DIT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
+        "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
+        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=4),
+        "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
+    },
 }
 
-MODEL_CLASSES = {"ccdit": (CCDiT, CCDiTConfig)}
+MODEL_CLASSES = {"ccdit": (CCDiT, CCDiTConfig), "mmdit": (MMDiT, MMDiTConfig)}
 
 
 def model_config(family: str, preset: str, **fields: Any):
