@@ -23,7 +23,7 @@ COLOURS = {
     "blue": (50, 90, 230),
     "yellow": (230, 210, 40),
 }
-SIZES = {"small": 0.42, "large": 0.72}  # shape side (bounding box) / canvas side
+SIZES = {"small": 0.5, "large": 0.8}  # shape side (bounding box) / canvas side
 BACKGROUNDS = {"black": (12, 12, 12), "gray": (110, 110, 110), "white": (240, 240, 240)}
 CLASSES = tuple(itertools.product(SHAPES, COLOURS))  # class id -> (shape, colour)
 CLASS_NAMES = tuple(f"{c} {s}" for s, c in CLASSES)

@@ -14,7 +14,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from models.layers import MLP, Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate, sincos_2d
+from models.layers import (
+    MLP,
+    Attention,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    basic_init,
+    check_transformer_shape,
+    modulate,
+    sincos_2d,
+)
 from models.linear import make_linear
 
 
@@ -49,17 +59,7 @@ class CCDiTConfig:
     linear_backend: str = "torch"
 
     def __post_init__(self):
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}: "
-                "choose a resolution that is a multiple of the patch size (times the VAE's downsampling)"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+        check_transformer_shape(self.input_size, self.patch_size, self.hidden_size, self.num_heads)
 
     @property
     def grid_size(self) -> int:
@@ -140,16 +140,7 @@ class CCDiT(nn.Module):
         return self.config.num_classes
 
     def initialize_weights(self) -> None:
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data  # init the patch conv like a linear layer
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        basic_init(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)

@@ -13,37 +13,37 @@ import torch
 
 from models.mmdit import MMDiTConfig
 
-# ours -> diffusers, per parameter name (regex, replacement)
-_RULES = [
-    (r"^x_embedder\.proj\.", "pos_embed.proj."),
-    (r"^t_embedder\.linear_(\d)\.", r"adaln_single.emb.timestep_embedder.linear_\1."),
-    (r"^t_block\.1\.", "adaln_single.linear."),
-    (r"^y_embedder\.linear_(\d)\.", r"caption_projection.linear_\1."),
-    (r"^blocks\.(\d+)\.attn\.to_out\.", r"transformer_blocks.\1.attn1.to_out.0."),
-    (r"^blocks\.(\d+)\.attn\.to_([qkv])\.", r"transformer_blocks.\1.attn1.to_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.to_out\.", r"transformer_blocks.\1.attn2.to_out.0."),
-    (r"^blocks\.(\d+)\.cross_attn\.to_([qkv])\.", r"transformer_blocks.\1.attn2.to_\2."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"transformer_blocks.\1.scale_shift_table"),
-    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
-    (r"^final_layer\.linear\.", "proj_out."),
+# One table, both directions: our parameter-name prefix <-> diffusers'. {i} is a block index,
+# {x} one of q, k, v; a row matches a name's start, and the rest of the name is kept.
+_NAMES = [
+    ("x_embedder.proj.", "pos_embed.proj."),
+    ("t_embedder.linear_1.", "adaln_single.emb.timestep_embedder.linear_1."),
+    ("t_embedder.linear_2.", "adaln_single.emb.timestep_embedder.linear_2."),
+    ("t_block.1.", "adaln_single.linear."),
+    ("y_embedder.linear_1.", "caption_projection.linear_1."),
+    ("y_embedder.linear_2.", "caption_projection.linear_2."),
+    ("blocks.{i}.attn.to_{x}.", "transformer_blocks.{i}.attn1.to_{x}."),
+    ("blocks.{i}.attn.to_out.", "transformer_blocks.{i}.attn1.to_out.0."),
+    ("blocks.{i}.cross_attn.to_{x}.", "transformer_blocks.{i}.attn2.to_{x}."),
+    ("blocks.{i}.cross_attn.to_out.", "transformer_blocks.{i}.attn2.to_out.0."),
+    ("blocks.{i}.mlp.fc1.", "transformer_blocks.{i}.ff.net.0.proj."),
+    ("blocks.{i}.mlp.fc2.", "transformer_blocks.{i}.ff.net.2."),
+    ("blocks.{i}.scale_shift_table", "transformer_blocks.{i}.scale_shift_table"),
+    ("final_layer.scale_shift_table", "scale_shift_table"),
+    ("final_layer.linear.", "proj_out."),
 ]
-_INVERSE = [
-    (r"^pos_embed\.proj\.", "x_embedder.proj."),
-    (r"^adaln_single\.emb\.timestep_embedder\.linear_(\d)\.", r"t_embedder.linear_\1."),
-    (r"^adaln_single\.linear\.", "t_block.1."),
-    (r"^caption_projection\.linear_(\d)\.", r"y_embedder.linear_\1."),
-    (r"^transformer_blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.attn.to_out."),
-    (r"^transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.attn.to_\2."),
-    (r"^transformer_blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.to_out."),
-    (r"^transformer_blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.to_\2."),
-    (r"^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"blocks.\1.mlp.fc1."),
-    (r"^transformer_blocks\.(\d+)\.ff\.net\.2\.", r"blocks.\1.mlp.fc2."),
-    (r"^transformer_blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.scale_shift_table"),
-    (r"^scale_shift_table$", "final_layer.scale_shift_table"),
-    (r"^proj_out\.", "final_layer.linear."),
-]
+_FIELDS = {"{i}": r"(?P<i>\d+)", "{x}": r"(?P<x>[qkv])"}
+
+
+def _rule(source: str, target: str) -> tuple[re.Pattern, str]:
+    pattern = re.escape(source)
+    for field, group in _FIELDS.items():
+        pattern = pattern.replace(re.escape(field), group)
+    return re.compile("^" + pattern + ("$" if not source.endswith(".") else "")), target
+
+
+_RULES = [_rule(ours, theirs) for ours, theirs in _NAMES]  # ours -> diffusers
+_INVERSE = [_rule(theirs, ours) for ours, theirs in _NAMES]  # diffusers -> ours
 
 
 class IncompatibleModel(ValueError):
@@ -53,10 +53,10 @@ class IncompatibleModel(ValueError):
 def _rename(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, name)
-            if n:
-                out[new] = tensor
+        for pattern, target in rules:
+            m = pattern.match(name)
+            if m:
+                out[target.format(**m.groupdict()) + name[m.end():]] = tensor
                 break
         else:
             raise IncompatibleModel(f"parameter {name!r} has no counterpart in the other model")

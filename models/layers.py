@@ -21,6 +21,32 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def check_transformer_shape(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
+    """The shape rules every DiT here obeys, with messages that say what to change."""
+    if input_size % patch_size:
+        raise ValueError(
+            f"input_size={input_size} is not divisible by patch_size={patch_size}: "
+            "choose a resolution that is a multiple of the patch size (times the VAE's downsampling)"
+        )
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+
+
+def basic_init(model: nn.Module) -> None:
+    """DiT's base initialization: Xavier-uniform linears with zero bias, the patch conv like a linear."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbed):
+            w = module.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(module.proj.bias)
+
+
 # ---------------------------------------------------------------- position embedding
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """(M,) positions -> (M, dim) as [sin, cos], the DiT / diffusers layout."""

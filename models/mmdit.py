@@ -16,7 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.ccdit import unpatchify
-from models.layers import MLP, Attention, PatchEmbed, TimestepEmbedder, modulate, sincos_2d
+from models.layers import (
+    MLP,
+    Attention,
+    PatchEmbed,
+    TimestepEmbedder,
+    basic_init,
+    check_transformer_shape,
+    modulate,
+    sincos_2d,
+)
 from models.linear import make_linear
 
 
@@ -51,12 +60,7 @@ class MMDiTConfig:
     linear_backend: str = "torch"
 
     def __post_init__(self):
-        if self.input_size % self.patch_size:
-            raise ValueError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+        check_transformer_shape(self.input_size, self.patch_size, self.hidden_size, self.num_heads)
 
     @property
     def grid_size(self) -> int:
@@ -146,16 +150,7 @@ class MMDiT(nn.Module):
         return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale).to(device)[None]
 
     def initialize_weights(self) -> None:
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        basic_init(self)
         nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
         nn.init.normal_(self.t_block[1].weight, std=0.02)

@@ -20,8 +20,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "L/2": dict(_DIT, depth=24, hidden_size=1024, num_heads=16, patch_size=2),
         "B/2": dict(_DIT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
         "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
-        # The CPU demo model (see README "Demo"): ~1.8M parameters, fast on 2 cores.
-        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=4),
+        # The CPU demo model (see README "The demo"): 1.8M parameters, 64 tokens on 16x16 pixels.
+        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=2),
         # Unit tests: milliseconds per forward.
         "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
     },
@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "XL/2": dict(_DIT, depth=28, hidden_size=1152, num_heads=16, patch_size=2),
         "B/2": dict(_DIT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
         "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
-        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=4),
+        "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=2),
         "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
     },
 }

@@ -12,11 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-    """A small shapes shard folder shared by the tests (2,000 samples, 4 shards)."""
+    """A small shapes shard folder shared by the tests (2,000 samples of 16x16, 4 shards)."""
     from data.shapes import build_shards
 
-    out = tmp_path_factory.mktemp("shapes") / "shapes_32"
-    build_shards(out, num_samples=2000, image_size=32, seed=0, samples_per_shard=500)
+    out = tmp_path_factory.mktemp("shapes") / "shapes_16"
+    build_shards(out, num_samples=2000, image_size=16, seed=0, samples_per_shard=500)
     return out
 
 

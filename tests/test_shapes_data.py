@@ -22,9 +22,10 @@ def test_dataset_covers_every_attribute():
     assert all(m["caption"].split()[1:4] == [m["attributes"]["size"], m["attributes"]["colour"], m["attributes"]["shape"]] for m in metas)
 
 
-def test_evaluator_reads_every_rendered_sample():
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_evaluator_reads_every_rendered_sample(size):
     rng = np.random.default_rng(1)
-    images, attrs = zip(*[(img, meta["attributes"]) for img, meta in (make_sample(rng) for _ in range(1000))])
+    images, attrs = zip(*[(img, meta["attributes"]) for img, meta in (make_sample(rng, size, size) for _ in range(1000))])
     acc = attribute_accuracy(list(images), list(attrs))
     assert acc["all"] == 1.0
     # also from the [-1, 1] float tensors the sampler produces
@@ -65,7 +66,7 @@ def test_shard_roundtrip_and_manifest(tmp_path):
 
 def test_manifest_mismatch_and_missing_dir_are_clear(tmp_path, shapes_dir):
     m = read_manifest(shapes_dir)
-    with pytest.raises(ShardError, match=r"latent_shape: config expects \[16, 32, 32\], shards have \[3, 32, 32\]"):
+    with pytest.raises(ShardError, match=r"latent_shape: config expects \[16, 32, 32\], shards have \[3, 16, 16\]"):
         check_manifest(m, {"latent_shape": [16, 32, 32], "autoencoder": "none"})
     with pytest.raises(ShardError, match="does not exist"):
         read_manifest(tmp_path / "nowhere")

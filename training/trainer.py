@@ -109,7 +109,8 @@ def check_free_space(run_dir: Path, model: nn.Module) -> None:
     if free < need:
         raise ConfigError(
             f"{run_dir} has {free / 2**30:.2f} GiB free but a checkpoint of this model needs about {need / 2**31:.2f} GiB "
-            "(two are kept while a new one is written); free space or set run_dir elsewhere"
+            f"and {need / 2**30:.2f} GiB must be free (an old one stays until a new one is complete); "
+            "free space or set run_dir elsewhere"
         )
 
 
@@ -232,6 +233,11 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     resume_from = find_resume(cfg, ckpt_root)
     if resume_from is not None:
         meta = ckpt.read_meta(resume_from)
+        if meta["stage"] != cfg.stage.name:
+            raise ConfigError(
+                f"cannot resume {resume_from}: it is a {meta['stage']} checkpoint and this is {cfg.stage.name}. "
+                "To start a stage from the previous one, reparameterize it and use stage.init_from."
+            )
         if meta["model_config"] != asdict(mcfg):
             changed = {k: (meta["model_config"].get(k), v) for k, v in asdict(mcfg).items() if meta["model_config"].get(k) != v}
             raise ConfigError(

@@ -2,6 +2,7 @@
 import os
 import signal
 import stat
+import time
 
 import pytest
 import torch
@@ -28,6 +29,39 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, shapes_dir)
     # the same command continues from that step
     summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": step + 4, "train.checkpoint_every": 0})))
     assert summary["step"] == step + 4 and summary["steps_this_run"] == 4
+
+
+def test_a_second_signal_exits_at_once(tmp_path, shapes_dir):
+    # a save that stalls for 30 s: the first SIGTERM starts it, the second must not wait for it
+    cmd = train_cmd(tmp_path, shapes_dir, **{"train.max_steps": 100000, "train.log_every": 5, "train.checkpoint_every": 0})
+    proc = start(cmd, tmp_path, FLOWDIT_FAULT_SAVE_PAUSE="30")
+    wait_for_line(proc, "step 5/100000")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(2.0)  # now inside the stalled save
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None  # nothing half-written under a real name
+
+
+def test_loss_spikes_are_flagged():
+    from training.guards import SpikeDetector
+
+    d = SpikeDetector(factor=3.0)
+    assert [d.update(x) for x in [1.0, 1.1, 0.9, 1.0]] == [False] * 4
+    assert d.update(5.0) is True
+    assert d.update(float("nan")) is False
+
+
+def test_too_little_disk_space_fails_before_training(tmp_path, shapes_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ConfigError, match="free but a checkpoint of this model needs about"):
+        train(compose(tiny_overrides(tmp_path, shapes_dir)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _nan_loss_at(monkeypatch, calls_to_poison):
