@@ -121,6 +121,50 @@ def _te_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     return transformer_engine().Linear(in_features, out_features, bias=bias)
 
 
+TE_RECIPES = ("auto", "mxfp8", "current", "delayed")
+
+
+def te_recipe(name: str = "auto"):
+    """The TE recipe for this GPU: MXFP8 block scaling on Blackwell (sm_100+), FP8 current
+    scaling on Hopper (sm_90); ``name`` forces one. Stops with a message where FP8 can't run."""
+    import torch
+
+    from transformer_engine.common import recipe as te_recipes  # noqa: F401  (TE is importable: checked by caller)
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("precision.linear=te needs a CUDA GPU (Hopper or Blackwell); use mxfp8_emulated on CPU")
+    major, minor = torch.cuda.get_device_capability()
+    if name == "auto":
+        if major < 9:
+            raise RuntimeError(
+                f"FP8 needs a Hopper (sm_90) or Blackwell (sm_100) GPU; this one is sm_{major}{minor}. "
+                "Use precision.linear=torch (bf16) here."
+            )
+        name = "mxfp8" if major >= 10 else "current"
+    if name == "mxfp8" and major < 10:
+        raise RuntimeError(f"MXFP8 block scaling needs a Blackwell GPU (sm_100+); this one is sm_{major}{minor}. Use precision.te_recipe=current")
+    if name == "mxfp8":
+        return te_recipes.MXFP8BlockScaling()
+    if name == "current":
+        return te_recipes.Float8CurrentScaling()
+    if name == "delayed":
+        return te_recipes.DelayedScaling(fp8_format=te_recipes.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    raise ValueError(f"unknown precision.te_recipe {name!r}; expected one of {TE_RECIPES}")
+
+
+def fp8_context(backend: str, recipe_name: str = "auto"):
+    """The context the forward pass runs in: TE's FP8 autocast for ``te``, nothing otherwise."""
+    import contextlib
+
+    if backend != "te":
+        return contextlib.nullcontext()
+    te = transformer_engine()
+    recipe = te_recipe(recipe_name)
+    if hasattr(te, "autocast"):  # TE >= 2.8 names it autocast(recipe=...)
+        return te.autocast(enabled=True, recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+
+
 def make_linear(in_features: int, out_features: int, bias: bool = True, backend: str = "torch") -> nn.Module:
     """Build a linear layer ``(..., in_features) -> (..., out_features)`` for ``backend``."""
     if backend == "torch":
@@ -132,4 +176,4 @@ def make_linear(in_features: int, out_features: int, bias: bool = True, backend:
     raise ValueError(f"unknown linear backend {backend!r}; expected one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "make_linear", "mx_quantize", "mx_scales", "MXFP8EmulatedLinear", "transformer_engine"]
+__all__ = ["BACKENDS", "make_linear", "fp8_context", "mx_quantize", "mx_scales", "MXFP8EmulatedLinear", "transformer_engine"]

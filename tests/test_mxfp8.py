@@ -88,3 +88,22 @@ def test_shape_constraints_and_missing_transformer_engine_are_clear():
         make_linear(64, 64, backend="te")
     with pytest.raises(RuntimeError, match="Transformer Engine"):
         transformer_engine()
+
+
+def test_trainer_runs_with_the_emulated_backend_and_refuses_te(tmp_path, shapes_dir):
+    from conftest import compose, tiny_overrides
+    from training.trainer import train
+
+    summary = train(compose(tiny_overrides(tmp_path / "mx", shapes_dir, precision="mxfp8_emulated")))
+    assert summary["step"] == 6 and summary["final_loss"] < 10
+    from training.checkpoint import read_meta
+
+    assert read_meta(summary["checkpoint"])["model_config"]["linear_backend"] == "mxfp8_emulated"
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+        return
+    except (ImportError, RuntimeError):
+        pass
+    with pytest.raises(RuntimeError, match="precision.linear=te needs NVIDIA Transformer Engine"):
+        train(compose(tiny_overrides(tmp_path / "te", shapes_dir, precision="te")))
+    assert not (tmp_path / "te" / "run" / "checkpoints").exists()

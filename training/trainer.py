@@ -28,6 +28,7 @@ from flow.rectified_flow import flow_loss, interpolate, loss_by_bin, sample_time
 from inference.images import make_grid, save_png, to_uint8
 from inference.pipeline import SampleSettings, generate
 from models.autoencoder import load_autoencoder
+from models.linear import fp8_context
 from models.presets import build_model, count_parameters, model_config
 from training import checkpoint as ckpt
 from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, replica_divergence, setup, shared_items
@@ -264,6 +265,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     scale, shift = float(manifest["scaling_factor"]), float(manifest["shift_factor"])
     null_class = mcfg.num_classes
     use_autocast = device.type == "cuda" and cfg.precision.autocast == "bf16"
+    precision_ctx = lambda: fp8_context(cfg.precision.linear, cfg.precision.te_recipe)  # noqa: E731
+    precision_ctx()  # an FP8 recipe this GPU can't run stops here, before training
 
     log.info(
         "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
@@ -344,7 +347,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             t = sample_timesteps(y.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
             noise = torch.randn(x0.shape, generator=gen, device=device)
             sync = contextlib.nullcontext() if (micro == tcfg.grad_accum - 1 or not dist_info.enabled) else ddp_model.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), precision_ctx():
                 pred = ddp_model(interpolate(x0, noise, t), t, y)  # (N, C, H, W) velocity
                 per_sample = flow_loss(pred, x0, noise)  # (N,)
                 loss = per_sample.mean() / tcfg.grad_accum
