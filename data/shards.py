@@ -244,7 +244,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         role = (worker + self.start_batch) % workers
         return _Slot(self.rank * workers + role, self.world_size * workers), workers, role
+
     def _epoch_samples(self, epoch: int, slot: _Slot) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """One epoch of the slot's samples: its shards in this epoch's order, through the shuffle buffer.
+        With fewer shards than slots, every slot reads all shards and keeps every n-th sample."""
         rng = np.random.default_rng([self.seed, epoch, slot.index])
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         by_shard = len(self.shards) >= slot.count

@@ -26,7 +26,6 @@ from models.layers import (
     modulate,
     sincos_2d,
 )
-from models.linear import make_linear
 
 
 @dataclass

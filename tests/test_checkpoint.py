@@ -1,4 +1,3 @@
-import torch
 import torch.nn as nn
 
 from training.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, read_meta, save_checkpoint

@@ -1,10 +1,8 @@
 """Wrong input stops before training with a message that says what to change."""
 import json
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError
 
 from conftest import ROOT, compose, tiny_overrides
 from data.shards import ShardError

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, compose, tiny_overrides
+from conftest import compose, tiny_overrides
 from models.presets import build_model, model_config
 from training.optim import lr_at, param_groups
 
@@ -33,7 +33,6 @@ def test_lr_schedule():
 def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir):
     from app.sample import main as sample_main
     from inference.images import to_uint8
-    from training.trainer import evaluate
 
     from training.trainer import train
 

@@ -1,5 +1,4 @@
 """The text-encoder loader, on a tiny T5 with a SentencePiece model trained here (no hub)."""
-import io
 
 import pytest
 import torch

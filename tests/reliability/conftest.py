@@ -1,11 +1,8 @@
-import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 from conftest import ROOT, tiny_overrides
 
