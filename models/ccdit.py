@@ -22,6 +22,7 @@ from models.layers import (
     TimestepEmbedder,
     basic_init,
     check_transformer_shape,
+    run_block,
     modulate,
     sincos_2d,
 )
@@ -133,6 +134,7 @@ class CCDiT(nn.Module):
             CCDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
         )
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels)
+        self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.initialize_weights()
 
     @property
@@ -164,7 +166,7 @@ class CCDiT(nn.Module):
         x = self.x_embedder(hidden_states) + self.pos_embed  # (N, T, D), T = H * W / p**2
         c = self.condition(timestep, class_labels)  # (N, D)
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+            x = run_block(block, self.gradient_checkpointing, x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 

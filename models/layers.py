@@ -21,6 +21,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def run_block(block: nn.Module, checkpointing: bool, *args) -> torch.Tensor:
+    """Call a transformer block, recomputing its activations in backward when ``checkpointing``
+    (activation checkpointing: less memory for one extra forward per block)."""
+    if checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def check_transformer_shape(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
     """The shape rules every DiT here obeys, with messages that say what to change."""
     if input_size % patch_size:

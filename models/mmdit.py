@@ -23,6 +23,7 @@ from models.layers import (
     TimestepEmbedder,
     basic_init,
     check_transformer_shape,
+    run_block,
     modulate,
     sincos_2d,
 )
@@ -138,6 +139,7 @@ class MMDiT(nn.Module):
             PixArtBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
         )
         self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, self.out_channels)
+        self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.initialize_weights()
 
     @property
@@ -180,7 +182,7 @@ class MMDiT(nn.Module):
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
             mask = encoder_attention_mask.bool()  # only pay for masking when something is padded
         for block in self.blocks:
-            x = block(x, t6, context, mask)  # (N, T, D)
+            x = run_block(block, self.gradient_checkpointing, x, t6, context, mask)  # (N, T, D)
         x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 

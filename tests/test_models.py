@@ -107,3 +107,26 @@ def test_wrong_input_size_is_an_error():
     model = tiny()
     with pytest.raises(ValueError, match="built for 8x8"):
         model(torch.randn(1, 3, 16, 16), torch.rand(1), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("family", ["ccdit", "mmdit"])
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    torch.manual_seed(0)
+    extra = {"num_classes": 5} if family == "ccdit" else {"caption_channels": 8}
+    model = build_model(family, model_config(family, "tiny", input_size=8, in_channels=3, **extra))
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    cond = (torch.tensor([1, 5]),) if family == "ccdit" else (torch.randn(2, 4, 8), None)
+
+    def grads(checkpointing):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        out = model(x, t, *cond)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (o1, g1), (o2, g2) = grads(False), grads(True)
+    torch.testing.assert_close(o1, o2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -79,3 +79,11 @@ def test_short_demo_learns(tmp_path, shapes_dir):
     first, last = lines[0]["loss"], np.mean([x["loss"] for x in lines[-3:]])
     assert last < 0.6 * first, (first, last)
     assert summary["eval_class_accuracy"] >= 0.25, summary  # chance is 0.083
+
+
+def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, shapes_dir):
+    train(compose(tiny_overrides(tmp_path / "a", shapes_dir)))
+    train(compose(tiny_overrides(tmp_path / "b", shapes_dir, **{"train.activation_checkpointing": True})))
+    (ma, _, _), (mb, _, _) = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=1e-6)

@@ -253,7 +253,10 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_from, step)
     if dist_info.is_main:
         check_free_space(run_dir, model)
+    model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
     ddp_model = DDP(model) if dist_info.enabled else model
+    if cfg.train.compile:
+        ddp_model = torch.compile(ddp_model)  # the raw module stays `model`: checkpoints and EMA read it
 
     loader = torch.utils.data.DataLoader(
         ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done),
