@@ -331,73 +331,74 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     last_ckpt, last_loss, first_batch_overlap = resume_from, None, None
     stop = StopRequest().install()
     guard, spikes = NonFiniteGuard(tcfg.max_nonfinite_steps), SpikeDetector(tcfg.spike_factor)
-    while step < tcfg.max_steps:
-        lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        gen = step_generator(cfg.seed, dist_info.rank, step, device)
-        for micro in range(tcfg.grad_accum):
-            batch = next(batches)
-            batches_done += 1
-            if first_batch_overlap is None:
-                first_batch_overlap = shared_items(batch["keys"], dist_info)  # ranks must read different samples
-                if first_batch_overlap:
-                    raise RuntimeError(f"DDP ranks read {first_batch_overlap} identical samples in their first batch")
-            x0 = (batch["latent"].to(device, non_blocking=True) - shift) * scale  # (N, C, H, W) normalized latents
-            y = batch["label"].to(device)
-            drop = torch.rand(y.shape[0], generator=gen, device=device) < tcfg.cond_dropout
-            y = torch.where(drop, torch.full_like(y, null_class), y)  # CFG: condition -> null class
-            t = sample_timesteps(y.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            sync = contextlib.nullcontext() if (micro == tcfg.grad_accum - 1 or not dist_info.enabled) else ddp_model.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), precision_ctx():
-                pred = ddp_model(interpolate(x0, noise, t), t, y)  # (N, C, H, W) velocity
-                per_sample = flow_loss(pred, x0, noise)  # (N,)
-                loss = per_sample.mean() / tcfg.grad_accum
-            loss.backward()
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach() * tcfg.grad_accum, 0.0)
-            loss_n += finite
-            s, c = loss_by_bin(per_sample, t)
-            bin_sums += s
-            bin_counts += c
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # of the all-reduced gradient
-        if guard.check(float(grad_norm), step, last_ckpt):
-            optimizer.step()
-            update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
-        else:
-            logger.write(f"step {step}: non-finite loss or gradient, update skipped ({guard.skipped_total} so far)")
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_since += 1
+    try:
+        while step < tcfg.max_steps:
+            lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            gen = step_generator(cfg.seed, dist_info.rank, step, device)
+            for micro in range(tcfg.grad_accum):
+                batch = next(batches)
+                batches_done += 1
+                if first_batch_overlap is None:
+                    first_batch_overlap = shared_items(batch["keys"], dist_info)  # ranks must read different samples
+                    if first_batch_overlap:
+                        raise RuntimeError(f"DDP ranks read {first_batch_overlap} identical samples in their first batch")
+                x0 = (batch["latent"].to(device, non_blocking=True) - shift) * scale  # (N, C, H, W) normalized latents
+                y = batch["label"].to(device)
+                drop = torch.rand(y.shape[0], generator=gen, device=device) < tcfg.cond_dropout
+                y = torch.where(drop, torch.full_like(y, null_class), y)  # CFG: condition -> null class
+                t = sample_timesteps(y.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
+                noise = torch.randn(x0.shape, generator=gen, device=device)
+                sync = contextlib.nullcontext() if (micro == tcfg.grad_accum - 1 or not dist_info.enabled) else ddp_model.no_sync()
+                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), precision_ctx():
+                    pred = ddp_model(interpolate(x0, noise, t), t, y)  # (N, C, H, W) velocity
+                    per_sample = flow_loss(pred, x0, noise)  # (N,)
+                    loss = per_sample.mean() / tcfg.grad_accum
+                loss.backward()
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach() * tcfg.grad_accum, 0.0)
+                loss_n += finite
+                s, c = loss_by_bin(per_sample, t)
+                bin_sums += s
+                bin_counts += c
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # of the all-reduced gradient
+            if guard.check(float(grad_norm), step, last_ckpt):
+                optimizer.step()
+                update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
+            else:
+                logger.write(f"step {step}: non-finite loss or gradient, update skipped ({guard.skipped_total} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since += 1
 
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            mean_loss = all_reduce_mean(loss_sum / loss_n, dist_info).item()  # NaN if every step was non-finite
-            bins = (all_reduce_mean(bin_sums, dist_info) / all_reduce_mean(bin_counts, dist_info).clamp(min=1e-9)).tolist()
-            dt = time.time() - t_last
-            it_s = steps_since / max(dt, 1e-9)
-            metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s, "skipped_steps": guard.skipped_total,
-                       "img_s": it_s * tcfg.global_batch_size, **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
-            logger.log(step, metrics)
-            logger.step(step, steps_since, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
-            if spikes.update(mean_loss):
-                logger.write(f"step {step}: loss spike {mean_loss:.4f} (running average {spikes.avg:.4f})")
-            loss_sum.zero_(), loss_n.zero_(), bin_sums.zero_(), bin_counts.zero_()
-            steps_since, t_last = 0, time.time()
-            last_loss = mean_loss
-        healthy = guard.consecutive == 0  # never checkpoint in the middle of a non-finite streak
-        if healthy and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
-            last_ckpt = save(step)
-        if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
-            run_eval(step)
-        if stop.requested(dist_info.enabled) and step < tcfg.max_steps:
-            logger.close()
-            if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:07d}"):
-                save(step)
-            log.warning("stop signal: checkpoint of step %d saved; exiting with code %d (run again to resume)", step, PREEMPTED_EXIT_CODE)
-            stop.uninstall()
-            raise SystemExit(PREEMPTED_EXIT_CODE)
-    stop.uninstall()
+            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                mean_loss = all_reduce_mean(loss_sum / loss_n, dist_info).item()  # NaN if every step was non-finite
+                bins = (all_reduce_mean(bin_sums, dist_info) / all_reduce_mean(bin_counts, dist_info).clamp(min=1e-9)).tolist()
+                dt = time.time() - t_last
+                it_s = steps_since / max(dt, 1e-9)
+                metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s, "skipped_steps": guard.skipped_total,
+                           "img_s": it_s * tcfg.global_batch_size, **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
+                logger.log(step, metrics)
+                logger.step(step, steps_since, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
+                if spikes.update(mean_loss):
+                    logger.write(f"step {step}: loss spike {mean_loss:.4f} (running average {spikes.avg:.4f})")
+                loss_sum.zero_(), loss_n.zero_(), bin_sums.zero_(), bin_counts.zero_()
+                steps_since, t_last = 0, time.time()
+                last_loss = mean_loss
+            healthy = guard.consecutive == 0  # never checkpoint in the middle of a non-finite streak
+            if healthy and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+                last_ckpt = save(step)
+            if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
+                run_eval(step)
+            if stop.requested(dist_info.enabled) and step < tcfg.max_steps:
+                logger.close()
+                if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:07d}"):
+                    save(step)
+                log.warning("stop signal: checkpoint of step %d saved; exiting with code %d (run again to resume)", step, PREEMPTED_EXIT_CODE)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+    finally:
+        stop.uninstall()
 
     # ---- the end: final checkpoint (unless resumed at the end already) and evaluation
     logger.close()
