@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     import torch
 
     from inference.images import make_grid, save_png, to_uint8
-    from inference.pipeline import SampleSettings, generate, load_model
+    from inference.pipeline import SampleSettings, generate, latent_shape, load_model
 
     model, ae, meta = load_model(args.checkpoint, use_ema=not args.raw)
     cond = meta["conditioning"]
@@ -72,8 +72,7 @@ def main(argv=None) -> dict:
         seed=args.seed,
     )
     labels = torch.tensor([c for _ in range(args.per_class) for c in classes])
-    mc = meta["model_config"]
-    images = generate(model, ae, labels, torch.full_like(labels, k), (mc["in_channels"], mc["input_size"], mc["input_size"]), settings)
+    images = generate(model, ae, labels, torch.full_like(labels, k), latent_shape(meta), settings)
     out = Path(args.out)
     save_png(make_grid(to_uint8(images), ncols=len(classes), upscale=max(1, 96 // images.shape[-1])), out)
     record = {

@@ -89,9 +89,13 @@ def classify(image) -> int | None:
 
 def class_accuracy(images, labels) -> float:
     """Fraction of images whose evaluated (shape, colour) class equals the label."""
-    labels = [int(x) for x in labels]
-    hits = sum(classify(img) == y for img, y in zip(images, labels))
-    return hits / max(len(labels), 1)
+    return class_attribute_accuracy(images, labels)["all"]
+
+
+def class_attribute_accuracy(images, labels) -> dict[str, float]:
+    """For stage-1 class labels: accuracy of the shape, of the colour, and of both ('all')."""
+    wanted = [dict(zip(("shape", "colour"), CLASSES[int(y)])) for y in labels]
+    return attribute_accuracy(images, wanted)
 
 
 def attribute_accuracy(images, attributes: list[dict[str, str]]) -> dict[str, float]:

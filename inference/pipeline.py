@@ -70,6 +70,12 @@ def generate(
     return autoencoder.decode(out)
 
 
+def latent_shape(meta: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the latents a checkpoint's model was built for."""
+    mc = meta["model_config"]
+    return (mc["in_channels"], mc["input_size"], mc["input_size"])
+
+
 def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu"):
     """A checkpoint directory -> (model in eval mode, autoencoder, meta). Nothing else is needed:
     the checkpoint's meta.json names the model family, its full config and the autoencoder."""

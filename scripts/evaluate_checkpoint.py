@@ -31,22 +31,20 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from data.evaluator import attribute_accuracy
-    from data.shapes import CLASSES
+    from data.evaluator import class_attribute_accuracy
     from inference.images import make_grid, save_png, to_uint8
-    from inference.pipeline import SampleSettings, generate, load_model
+    from inference.pipeline import SampleSettings, generate, latent_shape, load_model
 
     model, ae, meta = load_model(args.checkpoint, use_ema=not args.raw)
     k = meta["conditioning"]["num_classes"]
     labels = torch.arange(args.n) % k
-    shape = (meta["model_config"]["in_channels"], meta["model_config"]["input_size"], meta["model_config"]["input_size"])
     shift = args.shift if args.shift is not None else meta["sampling"]["shift"]
     rows = []
     print("| cfg | steps | class acc | shape acc | colour acc |\n|---|---|---|---|---|")
     for cfg_scale, steps in itertools.product(args.cfg, args.steps):
         s = SampleSettings(steps=steps, cfg_scale=cfg_scale, solver=args.solver, shift=shift, seed=args.seed)
-        images = generate(model, ae, labels, torch.full_like(labels, k), shape, s)
-        acc = attribute_accuracy(images, [dict(zip(("shape", "colour"), CLASSES[y])) for y in labels.tolist()])
+        images = generate(model, ae, labels, torch.full_like(labels, k), latent_shape(meta), s)
+        acc = class_attribute_accuracy(images, labels.tolist())
         rows.append({"cfg_scale": cfg_scale, "steps": steps, **{f"{a}_accuracy": v for a, v in acc.items()}})
         print(f"| {cfg_scale} | {steps} | {acc['all']:.3f} | {acc['shape']:.3f} | {acc['colour']:.3f} |", flush=True)
         png = Path(args.checkpoint) / f"eval_cfg{cfg_scale}_steps{steps}.png"

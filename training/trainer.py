@@ -169,11 +169,9 @@ def evaluate(model, autoencoder, cfg, latent_shape, num_classes, device, out_png
     images, labels = preview(model, autoencoder, cfg, latent_shape, num_classes, n, device)
     result: dict[str, Any] = {}
     if cfg.data.name == "shapes":
-        from data.evaluator import attribute_accuracy
-        from data.shapes import CLASSES
+        from data.evaluator import class_attribute_accuracy
 
-        wanted = [dict(zip(("shape", "colour"), CLASSES[y])) for y in labels.tolist()]
-        acc = attribute_accuracy(images, wanted)
+        acc = class_attribute_accuracy(images, labels.tolist())
         result.update(class_accuracy=acc["all"], shape_accuracy=acc["shape"], colour_accuracy=acc["colour"])
     if out_png is not None:
         k = min(num_classes, 16)  # one column per class, four rows of seeds
