@@ -40,7 +40,7 @@ def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir):
     summary = train(cfg)
     ckpt = summary["checkpoint"]
     rec = sample_main([ckpt, "--classes", "0", "red_square", "--per-class", "2", "--seed", "3", "--out", str(tmp_path / "s.png")])
-    assert rec["classes"] == [0, 4] and rec["steps"] == 4 and rec["cfg_scale"] == 4.0 and rec["weights"] == "ema"
+    assert rec["classes"] == [0, 4] and rec["steps"] == 4 and rec["cfg_scale"] == 3.0 and rec["weights"] == "ema"
     assert json.loads((tmp_path / "s.json").read_text()) == rec
     grid = np.asarray(Image.open(tmp_path / "s.png"))
     assert grid.shape == (2 * (96 + 2) + 2, 2 * (96 + 2) + 2, 3)
@@ -49,7 +49,7 @@ def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir):
 
     model, ae, meta = load_model(ckpt)
     labels = torch.tensor([0, 4, 0, 4])
-    s = SampleSettings(steps=4, cfg_scale=4.0, solver="euler", shift=1.0, seed=3)
+    s = SampleSettings(steps=4, cfg_scale=3.0, solver="euler", shift=1.0, seed=3)
     images = to_uint8(generate(model, ae, labels, torch.full_like(labels, 12), (3, 16, 16), s))
     assert np.array_equal(grid[2:98:6, 2:98:6], images[0])  # top-left cell, upscaled 6x
     assert np.array_equal(grid[2:98:6, 100:196:6], images[1])
