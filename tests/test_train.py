@@ -100,3 +100,13 @@ def test_make_demo_runner_writes_the_evaluation_table(tmp_path, shapes_dir):
     table = (tmp_path / "demo" / "eval_table.md").read_text()
     assert "| stage1 | 6 |" in table and "chance: class 1/12" in table
     assert (tmp_path / "demo" / "stage1" / "samples" / "step_0000006.png").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, shapes_dir):
+    """train.compile=true (about a minute to compile on 2 cores): same run, same weights to fp tolerance."""
+    train(compose(tiny_overrides(tmp_path / "eager", shapes_dir)))
+    train(compose(tiny_overrides(tmp_path / "compiled", shapes_dir, **{"train.compile": True})))
+    (ma, _, _), (mb, _, _) = _weights(tmp_path / "eager" / "run"), _weights(tmp_path / "compiled" / "run")
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-5)
