@@ -17,54 +17,26 @@ import torch.nn as nn
 from models.layers import (
     MLP,
     Attention,
+    DiTShape,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
     basic_init,
-    check_transformer_shape,
-    run_block,
     modulate,
+    run_block,
     sincos_2d,
 )
 from models.linear import make_linear
 
 
 @dataclass
-class CCDiTConfig:
-    """Architecture of a ccDiT. Every field is saved with each checkpoint.
+class CCDiTConfig(DiTShape):
+    """A ccDiT: the shared DiT shape (models/layers.py ``DiTShape``) plus
 
-    input_size (`int`): latent height = width the model is built for.
-    patch_size (`int`): side of the square patches; must divide input_size.
-    in_channels (`int`): latent channels (3 in pixel space, 16 for the SD3 VAE).
-    hidden_size (`int`), depth (`int`), num_heads (`int`): transformer width, blocks, heads.
-    mlp_ratio (`float`): MLP hidden = mlp_ratio * hidden_size.
     num_classes (`int`): real classes; id ``num_classes`` is the null class.
-    qk_norm (`bool`): RMSNorm on queries and keys.
-    base_size (`int` or None): grid size whose coordinate range the position
-        embedding spans (PixArt interpolation); None = this model's own grid.
-    interpolation_scale (`float`): PixArt's pos-embed interpolation scale.
-    linear_backend (`str`): the linear factory backend (``precision.linear``).
     """
 
-    input_size: int = 32
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
     num_classes: int = 1000
-    qk_norm: bool = True
-    base_size: int | None = None
-    interpolation_scale: float = 1.0
-    linear_backend: str = "torch"
-
-    def __post_init__(self):
-        check_transformer_shape(self.input_size, self.patch_size, self.hidden_size, self.num_heads)
-
-    @property
-    def grid_size(self) -> int:
-        return self.input_size // self.patch_size
 
 
 class CCDiTBlock(nn.Module):

@@ -6,6 +6,7 @@ timestep, label) -> attention -> MLP. Shapes: N batch, T tokens, D hidden.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,43 @@ def run_block(block: nn.Module, checkpointing: bool, *args) -> torch.Tensor:
 
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
+
+
+@dataclass
+class DiTShape:
+    """What every DiT here shares; the model families' configs extend it. All fields are saved with
+    each checkpoint.
+
+    input_size (`int`): latent height = width the model (and its position embedding) is built for.
+    patch_size (`int`): side of the square patches; must divide input_size.
+    in_channels (`int`): latent channels (3 in pixel space, 16 for the SD3 VAE).
+    hidden_size (`int`), depth (`int`), num_heads (`int`): transformer width, blocks, heads.
+    mlp_ratio (`float`): MLP hidden = mlp_ratio * hidden_size.
+    qk_norm (`bool`): RMSNorm on queries and keys.
+    base_size (`int` or None): grid size whose coordinate range the position embedding
+        spans (PixArt interpolation); None = this model's own grid.
+    interpolation_scale (`float`): PixArt's pos-embed interpolation scale.
+    linear_backend (`str`): the linear factory backend (``precision.linear``).
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    base_size: int | None = None
+    interpolation_scale: float = 1.0
+    linear_backend: str = "torch"
+
+    def __post_init__(self):
+        check_transformer_shape(self.input_size, self.patch_size, self.hidden_size, self.num_heads)
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
 
 
 def check_transformer_shape(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:

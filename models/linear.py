@@ -128,7 +128,6 @@ def te_recipe(name: str = "auto"):
     """The TE recipe for this GPU: MXFP8 block scaling on Blackwell (sm_100+), FP8 current
     scaling on Hopper (sm_90); ``name`` forces one. Stops with a message where FP8 can't run."""
     import torch
-
     from transformer_engine.common import recipe as te_recipes  # noqa: F401  (TE is importable: checked by caller)
 
     if not torch.cuda.is_available():

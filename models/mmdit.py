@@ -19,52 +19,30 @@ from models.ccdit import unpatchify
 from models.layers import (
     MLP,
     Attention,
+    DiTShape,
     PatchEmbed,
     TimestepEmbedder,
     basic_init,
-    check_transformer_shape,
-    run_block,
     modulate,
+    run_block,
     sincos_2d,
 )
 
 
 @dataclass
-class MMDiTConfig:
-    """Architecture of an mmDiT. Every field is saved with each checkpoint.
+class MMDiTConfig(DiTShape):
+    """An mmDiT: the shared DiT shape (models/layers.py ``DiTShape``; QK-norm off for diffusers
+    compatibility) plus
 
-    input_size (`int`): latent height = width the position embedding is built for.
-    patch_size (`int`): square patch side; must divide input_size.
-    in_channels (`int`): latent channels; out_channels (`int` or None): defaults to in_channels.
-    hidden_size (`int`), depth (`int`), num_heads (`int`), mlp_ratio (`float`): transformer shape.
+    out_channels (`int` or None): predicted channels; None = in_channels.
     caption_channels (`int`): width of the text encoder's hidden states.
-    qk_norm (`bool`): RMSNorm on queries and keys (off for diffusers compatibility).
-    base_size (`int` or None): grid size the position embedding's range is tied to (PixArt
-        interpolation); None = this model's own grid.
-    interpolation_scale (`float`): PixArt's pos-embed interpolation scale.
-    linear_backend (`str`): the linear factory backend (``precision.linear``).
     """
 
-    input_size: int = 32
-    patch_size: int = 2
-    in_channels: int = 4
-    out_channels: int | None = None
     hidden_size: int = 1152
     depth: int = 28
     num_heads: int = 16
-    mlp_ratio: float = 4.0
+    out_channels: int | None = None
     caption_channels: int = 4096
-    qk_norm: bool = True
-    base_size: int | None = None
-    interpolation_scale: float = 1.0
-    linear_backend: str = "torch"
-
-    def __post_init__(self):
-        check_transformer_shape(self.input_size, self.patch_size, self.hidden_size, self.num_heads)
-
-    @property
-    def grid_size(self) -> int:
-        return self.input_size // self.patch_size
 
 
 class PixArtBlock(nn.Module):

@@ -25,7 +25,11 @@ class TextEncoder(nn.Module):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, only when text is used
+        from transformers import (  # slow import, only when text is used
+            AutoConfig,
+            AutoModel,
+            AutoTokenizer,
+        )
 
         kw = {"trust_remote_code": trust_remote_code}
         self.name = name_or_path
