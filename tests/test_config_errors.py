@@ -79,3 +79,12 @@ def test_resume_with_changed_model_is_refused(tmp_path, shapes_dir):
     train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 2})))
     with pytest.raises(ConfigError, match="the model config changed"):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 4, "model.qk_norm": False})))
+
+
+def test_wandb_without_the_package_says_how_to_install_it(tmp_path, shapes_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(RuntimeError, match=r"needs wandb: pip install -e '.\[wandb\]'"):
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.wandb.mode": "offline"})))

@@ -30,7 +30,12 @@ class RunLogger:
             return
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             os.environ.setdefault("WANDB_DIR", str(run_dir))
-            import wandb  # optional dependency: pip install -e .[wandb]
+            try:
+                import wandb  # optional dependency
+            except ImportError as e:
+                raise RuntimeError(
+                    f"train.wandb.mode={wandb_cfg.mode} needs wandb: pip install -e '.[wandb]' (or train.wandb.mode=disabled)"
+                ) from e
 
             self.wandb = wandb.init(project=wandb_cfg.project, mode=wandb_cfg.mode, config=config, dir=str(run_dir), resume="allow")
         self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
