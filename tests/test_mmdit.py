@@ -90,3 +90,31 @@ def test_non_pixart_presets_are_refused():
         to_diffusers(tiny(qk_norm=True))
     with pytest.raises(IncompatibleModel, match="mlp_ratio=2.0"):
         to_diffusers(tiny(mlp_ratio=2.0))
+
+
+def test_export_script_from_a_reparameterized_checkpoint(tmp_path, shapes_dir):
+    from diffusers import PixArtTransformer2DModel
+
+    from conftest import compose, tiny_overrides
+    from inference.pipeline import load_model
+    from reparameterize import main as reparam_main
+    from scripts.export_diffusers import main as export_main
+    from training.trainer import train
+
+    stage1 = train(compose(tiny_overrides(tmp_path / "noqk", shapes_dir, **{"model.qk_norm": False})))["checkpoint"]
+    reparam_main([stage1, str(tmp_path / "init"), "--caption-channels", "24"])
+    export_main([str(tmp_path / "init"), str(tmp_path / "exported")])
+    theirs = PixArtTransformer2DModel.from_pretrained(tmp_path / "exported").eval()  # what diffusers users load
+    ours, _, _ = load_model(tmp_path / "init")
+    x, t, enc, mask = _inputs()
+    x = x[:, :3, :16, :16].contiguous()
+    with torch.no_grad():
+        a = ours(x, t, enc, mask)
+        b = theirs(x, timestep=t * 1000, encoder_hidden_states=enc, encoder_attention_mask=mask.long()).sample
+    assert _rel(a, b) <= 1e-5
+    with pytest.raises(SystemExit, match="only mmDiT"):
+        export_main([stage1, str(tmp_path / "x")])
+    qk = train(compose(tiny_overrides(tmp_path / "qk", shapes_dir)))["checkpoint"]
+    reparam_main([qk, str(tmp_path / "init_qk"), "--caption-channels", "24"])
+    with pytest.raises(SystemExit, match="qk_norm=True"):
+        export_main([str(tmp_path / "init_qk"), str(tmp_path / "y")])
