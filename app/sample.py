@@ -1,6 +1,6 @@
 """Sample a checkpoint from the command line: class ids -> PNG grid + JSON of every setting.
 
-    python app/sample.py runs/demo/stage1/checkpoints/step_0004000 --classes 0 1 2 --per-class 4
+    python app/sample.py runs/demo/stage1/checkpoints/step_0003500 --classes 0 1 2 --per-class 4
     python app/sample.py CKPT --classes all --cfg 4 --steps 20 --solver euler --seed 7 --out samples.png
 
 The JSON written beside the PNG records the checkpoint, its step and every

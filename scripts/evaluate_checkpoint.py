@@ -1,6 +1,6 @@
 """Score a shapes-demo checkpoint with the evaluator at given sampling settings.
 
-    python scripts/evaluate_checkpoint.py runs/demo/stage1/checkpoints/step_0004000 --cfg 4 --steps 20
+    python scripts/evaluate_checkpoint.py runs/demo/stage1/checkpoints/step_0003500 --cfg 4 --steps 20
     python scripts/evaluate_checkpoint.py CKPT --cfg 2 4 6 --steps 10 20 40     # a sweep
 
 Prints a table (class / shape / colour accuracy, EMA weights unless --raw) and writes a grid PNG.
