@@ -116,3 +116,14 @@ def test_truncated_checkpoint_fails_before_training(tmp_path, shapes_dir):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt. Resume from an older checkpoint"):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 8})))
+
+
+def test_changed_lr_and_steps_are_allowed_on_resume_and_logged(tmp_path, shapes_dir, capsys):
+    train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 4})))
+    capsys.readouterr()
+    summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 6, "train.lr": 0.002})))
+    assert summary["step"] == 6 and summary["steps_this_run"] == 2
+    text = capsys.readouterr().out
+    assert "config change since the last run: train.lr: 0.001 -> 0.002" in text
+    assert "config change since the last run: train.max_steps: 4 -> 6" in text
+    assert "resumed from" in text and "step_0000004 at step 4" in text
