@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import (
-    MLP,
-    Attention,
+    DiTBlockLayers,
     DiTShape,
     LabelEmbedder,
     PatchEmbed,
@@ -39,15 +38,11 @@ class CCDiTConfig(DiTShape):
     num_classes: int = 1000
 
 
-class CCDiTBlock(nn.Module):
+class CCDiTBlock(DiTBlockLayers):
     """adaLN-Zero block: x += gate * f(modulate(norm(x))) for f in (attention, MLP)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, linear_backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), make_linear(hidden_size, 6 * hidden_size, backend=linear_backend))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -235,3 +235,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlockLayers(nn.Module):
+    """The sub-layers every DiT block here has, under the names both families share
+    (``norm1``, ``attn``, ``norm2``, ``mlp``): the 1->2 reparameterization copies them by name.
+    Each family's block adds its own conditioning and writes its own forward."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)

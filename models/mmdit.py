@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from models.ccdit import unpatchify
 from models.layers import (
-    MLP,
     Attention,
+    DiTBlockLayers,
     DiTShape,
     PatchEmbed,
     TimestepEmbedder,
@@ -45,16 +45,12 @@ class MMDiTConfig(DiTShape):
     caption_channels: int = 4096
 
 
-class PixArtBlock(nn.Module):
+class PixArtBlock(DiTBlockLayers):
     """adaLN-single block: modulation = shared t-MLP output + this block's table (6, D)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, linear_backend)
         self.cross_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, context_dim=hidden_size, linear_backend=linear_backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
     def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
