@@ -110,3 +110,17 @@ def test_compiled_training_matches_eager(tmp_path, shapes_dir):
     (ma, _, _), (mb, _, _) = _weights(tmp_path / "eager" / "run"), _weights(tmp_path / "compiled" / "run")
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_starts_a_fresh_run_from_another_checkpoint(tmp_path, shapes_dir):
+    from training.trainer import ConfigError
+
+    source = train(compose(tiny_overrides(tmp_path / "src", shapes_dir)))["checkpoint"]
+    src_ema = load_file(f"{source}/ema.safetensors")
+    train(compose(tiny_overrides(tmp_path / "ft", shapes_dir, **{"stage.init_from": source, "train.max_steps": 1})))
+    (model, _, ckpt) = _weights(tmp_path / "ft" / "run")
+    assert ckpt.name == "step_0000001"  # a fresh run: its own step count, not the source's
+    moved = [k for k in src_ema if not torch.equal(model[k], src_ema[k])]
+    assert moved and all((model[k] - src_ema[k]).abs().max() < 0.01 for k in src_ema)  # one small step away from the source
+    with pytest.raises(ConfigError, match="holds a different model"):
+        train(compose(tiny_overrides(tmp_path / "bad", shapes_dir, **{"stage.init_from": source, "model.qk_norm": False})))

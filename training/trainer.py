@@ -135,6 +135,22 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
+def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: dict) -> None:
+    """Start a fresh run from another checkpoint's weights (its EMA if it has one): the
+    previous stage after reparameterize.py, or a run of the same stage to fine-tune."""
+    meta = ckpt.read_meta(source)
+    if meta["model_config"] != model_config:
+        changed = {k: (meta["model_config"].get(k), v) for k, v in model_config.items() if meta["model_config"].get(k) != v}
+        raise ConfigError(
+            f"stage.init_from={source} holds a different model (checkpoint, this run): {changed}. "
+            "Reparameterize it for this stage first (reparameterize.py) or fix the model config."
+        )
+    weights = ckpt.load_weights(source, ema=meta.get("has_ema", False))
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
+    log.info("initialized from %s (%s, step %d)", source, meta["stage"], meta["step"])
+
+
 def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "auto":
         return ckpt.latest_checkpoint(ckpt_root)
@@ -249,6 +265,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         step, batches_done = int(state["step"]), int(state["batches_done"])
         log.info("resumed from %s at step %d", resume_from, step)
+    elif cfg.stage.init_from:
+        init_weights(model, ema, cfg.stage.init_from, asdict(mcfg))
     if dist_info.is_main:
         check_free_space(run_dir, model)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
