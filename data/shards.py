@@ -196,7 +196,9 @@ def decode_sample(key: str, group: dict[str, bytes]) -> dict[str, Any]:
     return sample
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> dict[str, Any]:
+    """Stack a list of decoded samples. Stored caption embeddings ``text_<name>`` become
+    ``batch["text"][name] = (hidden (N, text_length, D), mask (N, text_length))``."""
     batch: dict[str, Any] = {
         "latent": torch.from_numpy(np.stack([s["latent"] for s in samples])).float(),
         "meta": [s["meta"] for s in samples],
@@ -204,6 +206,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if all("label" in s["meta"] for s in samples):
         batch["label"] = torch.tensor([int(s["meta"]["label"]) for s in samples])
+    names = [k[len("text_") :] for k in samples[0] if k.startswith("text_")]
+    if names:
+        from data.text_embeddings import pad
+
+        length = text_length or max(s[f"text_{n}"].shape[0] for s in samples for n in names)
+        batch["text"] = {}
+        for n in names:
+            missing = [s["__key__"] for s in samples if f"text_{n}" not in s]
+            if missing:
+                raise ShardError(f"samples {missing[:3]} have no text_{n} embedding while others do")
+            batch["text"][n] = pad([s[f"text_{n}"] for s in samples], length)
     return batch
 
 
@@ -233,6 +246,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards = [(self.data_dir / s["name"], s["num_samples"]) for s in self.manifest["shards"]]
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle_buffer, self.start_batch = seed, shuffle_buffer, start_batch
+        self.text_length = (self.manifest.get("text_encoder") or {}).get("max_length")  # pad stored embeddings to this
 
     def _slot(self) -> tuple[_Slot, int, int]:
         """(this reader's slot among all ranks x workers, workers per rank, this reader's role).
@@ -302,5 +316,5 @@ class ShardStream(torch.utils.data.IterableDataset):
         for key, group in self._samples(slot, done * self.batch_size):
             batch.append(decode_sample(key, group))
             if len(batch) == self.batch_size:
-                yield collate(batch)
+                yield collate(batch, self.text_length)
                 batch = []

@@ -30,6 +30,11 @@ class SampleSettings:
         return asdict(self)
 
 
+def call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    """model(x, t, labels) for class conditions, model(x, t, **cond) for text (hidden states + mask)."""
+    return model(x, t, **cond) if isinstance(cond, dict) else model(x, t, cond)
+
+
 def initial_noise(n: int, latent_shape: tuple[int, ...], seed: int, device, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, *latent_shape), generator=g).to(device=device, dtype=dtype)
@@ -49,12 +54,13 @@ def generate(
     """Sample images (N, 3, H, W) in [-1, 1] for a batch of conditions.
 
     ``cond`` / ``uncond`` are what the model takes as its condition: class ids
-    (N,) for ccDiT. ``uncond`` (the null condition) is used when cfg_scale != 1.
+    (N,) for ccDiT; {encoder_hidden_states (N, L, D), encoder_attention_mask (N, L)}
+    for mmDiT. ``uncond`` (the null condition) is used when cfg_scale != 1.
     """
     n = cond.shape[0] if torch.is_tensor(cond) else len(next(iter(cond.values())))
     noise = initial_noise(n, latent_shape, settings.seed, device)
     out = sample(
-        lambda x, t, c: model(x, t, c).float(),
+        lambda x, t, c: call_model(model, x, t, c).float(),
         noise,
         cond,
         uncond,

@@ -65,6 +65,8 @@ def _rename(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
 
 def check_exportable(config: MMDiTConfig) -> None:
     problems = []
+    if getattr(config, "block", "pixart") != "pixart":
+        problems.append(f"block={config.block!r} (diffusers' PixArt is the cross-attention block; use model.block=pixart)")
     if config.qk_norm:
         problems.append("qk_norm=True (diffusers' PixArt has no QK-norm; train with model.qk_norm=false)")
     if config.mlp_ratio != 4.0:

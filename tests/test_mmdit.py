@@ -118,3 +118,22 @@ def test_export_script_from_a_reparameterized_checkpoint(tmp_path, shapes_dir):
     reparam_main([qk, str(tmp_path / "init_qk"), "--caption-channels", "24"])
     with pytest.raises(SystemExit, match="qk_norm=True"):
         export_main([str(tmp_path / "init_qk"), str(tmp_path / "y")])
+
+
+def test_joint_attention_block_masks_padding_and_trains_every_parameter():
+    torch.manual_seed(0)
+    fresh = tiny(block="joint", qk_norm=True)
+    x, t, enc, mask = _inputs()
+    assert torch.equal(fresh(x, t, enc, mask), torch.zeros_like(x))  # adaLN-Zero + zero final layer
+    model = _randomize(tiny(block="joint", qk_norm=True))
+    out = model(x, t, enc, mask)
+    garbage = enc.clone()
+    garbage[1, 3:] = 1e3  # padded tokens of caption 1
+    torch.testing.assert_close(model(x, t, garbage, mask), out, rtol=0, atol=1e-5)
+    assert _rel(model(x, t, enc.flip(0), mask.flip(0)), out) > 1e-3  # the text does matter (0.9% here)
+    out.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []  # DDP needs every parameter used (the last block's text stream is pre-only)
+    assert not hasattr(model.blocks[-1], "context_mlp") and hasattr(model.blocks[0], "context_mlp")
+    with pytest.raises(IncompatibleModel, match="block='joint'"):
+        to_diffusers(model)

@@ -141,7 +141,24 @@ def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int, keep_every: 
         shutil.rmtree(p, ignore_errors=True)
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from what a user is likely to pass: the directory itself,
+    a ``checkpoints/latest`` pointer, a ``checkpoints`` folder or a run directory (newest inside)."""
+    p = Path(path)
+    if p.is_file() and p.name == "latest":
+        p = p.parent
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / "latest").is_file() or list(root.glob("step_*")):
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    return p  # read_meta says what is wrong with it
+
+
 def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    ckpt_dir = resolve(ckpt_dir)
     path = Path(ckpt_dir) / "meta.json"
     if not path.is_file():
         raise CheckpointError(
@@ -157,7 +174,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 def load_weights(ckpt_dir: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
     """Weights from safetensors (never pickle)."""
     name = "ema.safetensors" if ema else "model.safetensors"
-    path = Path(ckpt_dir) / name
+    path = resolve(ckpt_dir) / name
     if not path.is_file():
         raise CheckpointError(f"{path} is missing" + (" (this checkpoint was saved without EMA)" if ema else ""))
     try:

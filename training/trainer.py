@@ -26,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.shards import ShardStream, check_manifest, read_manifest
 from flow.rectified_flow import flow_loss, interpolate, loss_by_bin, sample_timesteps
 from inference.images import make_grid, save_png, to_uint8
-from inference.pipeline import SampleSettings, generate
+from inference.pipeline import SampleSettings, call_model, generate
 from models.autoencoder import load_autoencoder
 from models.linear import fp8_context
 from models.presets import build_model, count_parameters, model_config
 from training import checkpoint as ckpt
+from training.conditioning import ConditioningError, make_conditioning
 from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, replica_divergence, setup, shared_items
 from training.ema import ema_decay_at, make_ema, update_ema
 from training.guards import PREEMPTED_EXIT_CODE, NonFiniteGuard, SpikeDetector, StopRequest
@@ -72,24 +73,36 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> dict:
             from data.shapes import build_shards
 
             log.info("building %d shapes samples into %s (first use only)", cfg.data.num_samples, path)
-            build_shards(path, cfg.data.num_samples, cfg.data.image_size, seed=cfg.seed)
+            build_shards(path, cfg.data.num_samples, cfg.data.image_size, seed=cfg.seed, text_encoder=cfg.data.get("text_encoder"),
+                         max_length=cfg.data.get("max_length", 16), holdout=bool(cfg.data.get("holdout", False)))
         barrier(dist_info)
     return read_manifest(path)
 
 
-def build_model_config(cfg: DictConfig, autoencoder: nn.Module):
+def build_model_config(cfg: DictConfig, autoencoder: nn.Module, caption_channels: int | None = None):
+    """The model's config from the preset and the data; ``caption_channels`` (text width) for mmDiT."""
     size = cfg.data.image_size
     if size % autoencoder.downsample:
         raise ConfigError(f"data.image_size={size} is not divisible by the autoencoder's downsampling ({autoencoder.downsample})")
-    return model_config(
-        cfg.model.family,
-        cfg.model.preset,
-        input_size=size // autoencoder.downsample,
-        in_channels=autoencoder.latent_channels,
-        num_classes=cfg.data.num_classes,
-        qk_norm=cfg.model.qk_norm,
-        linear_backend=cfg.precision.linear,
-    )
+    fields = dict(input_size=size // autoencoder.downsample, in_channels=autoencoder.latent_channels,
+                  qk_norm=cfg.model.qk_norm, linear_backend=cfg.precision.linear)
+    if cfg.model.family == "ccdit":
+        fields["num_classes"] = cfg.data.num_classes
+    elif caption_channels is not None:
+        fields["caption_channels"] = caption_channels
+    for key in ("block",):
+        if key in cfg.model:
+            fields[key] = cfg.model[key]
+    return model_config(cfg.model.family, cfg.model.preset, **fields)
+
+
+def check_family(cfg: DictConfig) -> None:
+    wants = {"class": "ccdit", "text": "mmdit"}.get(cfg.stage.conditioning)
+    if wants and cfg.model.family != wants:
+        raise ConfigError(
+            f"stage {cfg.stage.name} conditions on {cfg.stage.conditioning} but model.family={cfg.model.family}; "
+            f"{cfg.stage.conditioning} conditioning needs model={wants}"
+        )
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -135,10 +148,22 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
-def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: dict) -> None:
+def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: dict, family: str) -> None:
     """Start a fresh run from another checkpoint's weights (its EMA if it has one): the
     previous stage after reparameterize.py, or a run of the same stage to fine-tune."""
     meta = ckpt.read_meta(source)
+    mine = model_config.get("caption_channels")
+    if meta.get("family") != family:
+        hint = " Run `python reparameterize.py SOURCE OUT` and pass OUT as stage.init_from." if meta.get("family") == "ccdit" else ""
+        raise ConfigError(
+            f"stage.init_from={source} is a {meta.get('stage')} {meta.get('family')} checkpoint but this stage trains a {family}.{hint}"
+        )
+    theirs = meta["model_config"].get("caption_channels")
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ConfigError(
+            f"stage.init_from={source} was built for text embeddings of width {theirs}, but the shards' text encoder "
+            f"gives width {mine}. Reparameterize with --caption-channels {mine}, or use shards from the matching encoder."
+        )
     if meta["model_config"] != model_config:
         changed = {k: (meta["model_config"].get(k), v) for k, v in model_config.items() if meta["model_config"].get(k) != v}
         raise ConfigError(
@@ -168,30 +193,64 @@ def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- evaluation
-def preview(
-    model: nn.Module, autoencoder: nn.Module, cfg: DictConfig, latent_shape, num_classes: int, n: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMA samples with CFG for classes 0, 1, ..., repeated to n: (images, labels)."""
-    labels = torch.arange(n, device=device) % num_classes
+def eval_conditions(conditioning, cfg: DictConfig, manifest: dict, n: int, device):
+    """(cond, uncond, wanted attributes per sample or None, grid columns, column titles) for evaluation."""
+    if conditioning.type == "class":
+        k = conditioning.num_classes
+        labels = torch.arange(n, device=device) % k
+        wanted = None
+        if cfg.data.name == "shapes":
+            from data.shapes import CLASSES
+
+            wanted = [dict(zip(("shape", "colour"), CLASSES[int(y)])) for y in labels]
+        return labels, conditioning.null(n, device), wanted, k, conditioning.class_names
+    prompts = eval_prompts(cfg, manifest)
+    if not prompts:
+        return None
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    wanted = None
+    if cfg.data.name == "shapes":
+        from data.shapes import parse_caption
+
+        wanted = [parse_caption(p) for p in chosen]
+    return conditioning.encode(chosen, device), conditioning.null(n, device), wanted, len(prompts), prompts
+
+
+def eval_prompts(cfg: DictConfig, manifest: dict) -> list[str]:
+    """data.eval_prompts: a list, or 'held_out' for the captions the data builder held out."""
+    spec = cfg.data.get("eval_prompts")
+    if spec == "held_out":
+        prompts = list(manifest.get("held_out_captions") or [])
+        if not prompts:
+            raise ConfigError(f"data.eval_prompts=held_out but {cfg.data.path} holds nothing out (build it with --holdout)")
+        return prompts
+    return list(spec or [])
+
+
+def evaluate(model, autoencoder, cfg, latent_shape, conditioning, manifest, device, out_png: Path | None) -> dict:
+    """Sample grid (PNG) and, on the shapes data, the evaluator's accuracy: per attribute, and
+    'class_accuracy' (stage 1: shape and colour) or 'caption_accuracy' (text: every captioned attribute)."""
+    columns = conditioning.num_classes if conditioning.type == "class" else max(len(eval_prompts(cfg, manifest)), 1)
+    n = max(cfg.data.eval_samples, 2 * columns) if cfg.data.name == "shapes" else 4 * min(columns, 8)
+    conds = eval_conditions(conditioning, cfg, manifest, n, device)
+    if conds is None:
+        log.info("no evaluation prompts (data.eval_prompts is empty): skipping the evaluation")
+        return {}
+    cond, uncond, wanted, columns, _ = conds
     s = cfg.train.sample
     settings = SampleSettings(s.steps, s.cfg_scale, s.solver, cfg.train.timestep.shift, s.seed)
-    images = generate(model, autoencoder, labels, torch.full_like(labels, num_classes), latent_shape, settings, device)
-    return images, labels
-
-
-def evaluate(model, autoencoder, cfg, latent_shape, num_classes, device, out_png: Path | None) -> dict:
-    """Sample grid (PNG) and, on the shapes data, the evaluator's class accuracy."""
-    n = max(cfg.data.eval_samples, 2 * num_classes) if cfg.data.name == "shapes" else 4 * min(num_classes, 8)
-    images, labels = preview(model, autoencoder, cfg, latent_shape, num_classes, n, device)
+    images = generate(model, autoencoder, cond, uncond, latent_shape, settings, device)
     result: dict[str, Any] = {}
-    if cfg.data.name == "shapes":
-        from data.evaluator import class_attribute_accuracy
+    if wanted is not None:
+        from data.evaluator import attribute_accuracy
 
-        acc = class_attribute_accuracy(images, labels.tolist())
-        result.update(class_accuracy=acc["all"], shape_accuracy=acc["shape"], colour_accuracy=acc["colour"])
+        acc = attribute_accuracy(images, wanted)
+        main = "class_accuracy" if conditioning.type == "class" else "caption_accuracy"
+        result[main] = acc.pop("all")
+        result.update({f"{k}_accuracy": v for k, v in acc.items()})
     if out_png is not None:
-        k = min(num_classes, 16)  # one column per class, four rows of seeds
-        idx = [i for r in range(4) for i in range(r * num_classes, r * num_classes + k) if i < n]
+        k = min(columns, 16)  # one column per class or prompt, four rows of seeds
+        idx = [i for r in range(4) for i in range(r * columns, r * columns + k) if i < n]
         save_png(make_grid(to_uint8(images[idx]), ncols=k, upscale=max(1, 96 // images.shape[-1])), out_png)
         result["grid"] = str(out_png)
     return result
@@ -219,23 +278,28 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     # ---- model config first: impossible shapes fail before any data is touched
+    check_family(cfg)
     autoencoder = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder).to(device)
     mcfg = build_model_config(cfg, autoencoder)
     latent_shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
 
     # ---- data: shards whose manifest matches this config
     manifest = prepare_data(cfg, dist_info)
-    check_manifest(
-        manifest,
-        {
-            "autoencoder": cfg.data.autoencoder,
-            "latent_shape": list(latent_shape),
-            "scaling_factor": autoencoder.scaling_factor,
-            "shift_factor": autoencoder.shift_factor,
-            "num_classes": cfg.data.num_classes,
-        },
-        where=cfg.data.path,
-    )
+    expected = {
+        "autoencoder": cfg.data.autoencoder,
+        "latent_shape": list(latent_shape),
+        "scaling_factor": autoencoder.scaling_factor,
+        "shift_factor": autoencoder.shift_factor,
+    }
+    if cfg.stage.conditioning == "class":
+        expected["num_classes"] = cfg.data.num_classes
+    check_manifest(manifest, expected, where=cfg.data.path)
+    try:
+        conditioning = make_conditioning(cfg.stage.conditioning, cfg.data.path, manifest, cfg.data)
+    except ConditioningError as e:
+        raise ConfigError(str(e)) from e
+    if conditioning.type == "text":
+        mcfg = build_model_config(cfg, autoencoder, caption_channels=conditioning.width)
 
     # ---- model, EMA, optimizer (and resume)
     model = build_model(cfg.model.family, mcfg).to(device)
@@ -266,7 +330,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         step, batches_done = int(state["step"]), int(state["batches_done"])
         log.info("resumed from %s at step %d", resume_from, step)
     elif cfg.stage.init_from:
-        init_weights(model, ema, cfg.stage.init_from, asdict(mcfg))
+        init_weights(model, ema, cfg.stage.init_from, asdict(mcfg), cfg.model.family)
     if dist_info.is_main:
         check_free_space(run_dir, model)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
@@ -282,7 +346,6 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     )
     batches = iter(loader)
     scale, shift = float(manifest["scaling_factor"]), float(manifest["shift_factor"])
-    null_class = mcfg.num_classes
     use_autocast = device.type == "cuda" and cfg.precision.autocast == "bf16"
     precision_ctx = lambda: fp8_context(cfg.precision.linear, cfg.precision.te_recipe)  # noqa: E731
     precision_ctx()  # an FP8 recipe this GPU can't run stops here, before training
@@ -305,7 +368,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         "code_revision": ckpt.code_revision(),
         "autoencoder": {"name": cfg.data.autoencoder, "subfolder": cfg.data.autoencoder_subfolder,
                         "scaling_factor": scale, "shift_factor": shift},
-        "conditioning": {"type": "class", "num_classes": null_class, "class_names": manifest.get("class_names")},
+        "conditioning": conditioning.meta(),
         "sampling": {"shift": float(cfg.train.timestep.shift), **OmegaConf.to_container(cfg.train.sample)},
         "data": {"path": cfg.data.path, "name": cfg.data.name},
     }
@@ -332,7 +395,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     def run_eval(at_step: int) -> dict:
         result = {}
         if dist_info.is_main:
-            result = evaluate(ema, autoencoder, cfg, latent_shape, null_class, device, run_dir / "samples" / f"step_{at_step:07d}.png")
+            result = evaluate(ema, autoencoder, cfg, latent_shape, conditioning, manifest, device,
+                              run_dir / "samples" / f"step_{at_step:07d}.png")
             logger.write(f"step {at_step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
             logger.log(at_step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         barrier(dist_info)
@@ -361,14 +425,12 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                     if first_batch_overlap:
                         raise RuntimeError(f"DDP ranks read {first_batch_overlap} identical samples in their first batch")
                 x0 = (batch["latent"].to(device, non_blocking=True) - shift) * scale  # (N, C, H, W) normalized latents
-                y = batch["label"].to(device)
-                drop = torch.rand(y.shape[0], generator=gen, device=device) < tcfg.cond_dropout
-                y = torch.where(drop, torch.full_like(y, null_class), y)  # CFG: condition -> null class
-                t = sample_timesteps(y.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
+                cond = conditioning.train_condition(batch, gen, tcfg.cond_dropout, device)  # with CFG dropout to null
+                t = sample_timesteps(x0.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
                 noise = torch.randn(x0.shape, generator=gen, device=device)
                 sync = contextlib.nullcontext() if (micro == tcfg.grad_accum - 1 or not dist_info.enabled) else ddp_model.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), precision_ctx():
-                    pred = ddp_model(interpolate(x0, noise, t), t, y)  # (N, C, H, W) velocity
+                    pred = call_model(ddp_model, interpolate(x0, noise, t), t, cond)  # (N, C, H, W) velocity
                     per_sample = flow_loss(pred, x0, noise)  # (N,)
                     loss = per_sample.mean() / tcfg.grad_accum
                 loss.backward()

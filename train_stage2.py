@@ -1,0 +1,13 @@
+"""Stage 2 entry point: `python train_stage2.py [overrides]`; see configs/stage2.yaml."""
+import hydra
+
+from training.trainer import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="stage2")
+def main(cfg) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
