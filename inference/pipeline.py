@@ -100,3 +100,35 @@ def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu
             f"but the model was trained with {ae['scaling_factor']} / {ae['shift_factor']}"
         )
     return model.to(device).eval(), autoencoder.to(device), meta
+
+
+_ENCODERS: dict = {}
+
+
+def text_encoder_for(meta: dict):
+    """The frozen text encoder a text checkpoint was trained with (its meta names it), cached."""
+    te = meta["conditioning"].get("text_encoder")
+    if not te:
+        raise ValueError(f"this is a {meta['conditioning']['type']}-conditioned checkpoint: it takes no prompts")
+    key = (te["name"], te["max_length"])
+    if key not in _ENCODERS:
+        from data.text_embeddings import CachedEncoder
+        from models.text_encoder import TextEncoder
+
+        enc = CachedEncoder(TextEncoder(te["name"], max_length=te["max_length"]))
+        if enc.width != te["width"]:
+            raise ValueError(f"text encoder {te['name']} now has width {enc.width}; the model was trained on width {te['width']}")
+        _ENCODERS[key] = enc
+    return _ENCODERS[key]
+
+
+def prompt_conditions(meta: dict, prompts: list[str], negative_prompt: str = "", device="cpu") -> tuple[dict, dict]:
+    """Prompts -> (cond, uncond) for a text checkpoint. The negative prompt (default: the empty
+    prompt, the null condition the model was trained with) takes the unconditional branch of CFG.
+    Embeddings are rounded through fp16 as in the shards, so samples match the training previews."""
+    enc = text_encoder_for(meta)
+    hidden, mask = enc.batch(list(prompts) + [negative_prompt])
+    n = len(prompts)
+    cond = {"encoder_hidden_states": hidden[:n].to(device), "encoder_attention_mask": mask[:n].to(device)}
+    uncond = {"encoder_hidden_states": hidden[n:].expand(n, -1, -1).to(device), "encoder_attention_mask": mask[n:].expand(n, -1).to(device)}
+    return cond, uncond

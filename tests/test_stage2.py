@@ -127,3 +127,22 @@ def test_joint_attention_mmdit_trains(tmp_path, text_shapes_dir):
     train(compose(overrides, "stage2"))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_sample_cli_reproduces_the_stage2_training_preview(tmp_path, text_shapes_dir):
+    from PIL import Image
+
+    from app.sample import main as sample_main
+
+    summary = train(compose(stage2_overrides(tmp_path, text_shapes_dir, **{"train.max_steps": 4, "train.sample_every": 4}), "stage2"))
+    preview = np.asarray(Image.open(summary["eval_grid"]))  # 24 samples: the 12 held-out prompts x 2 seeds
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(HELD_OUT_CAPTIONS) + "\n")
+    rec = sample_main([str(tmp_path / "run"), "--prompts-file", str(prompts), "--per-class", "2", "--out", str(tmp_path / "s.png")])
+    assert rec["prompts"] == list(HELD_OUT_CAPTIONS) and rec["stage"] == "stage2" and rec["checkpoint"].endswith("step_0000004")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), preview)
+    with pytest.raises(SystemExit, match="give --prompt"):
+        sample_main([str(tmp_path / "run"), "--out", str(tmp_path / "x.png")])
+    long_prompt = " ".join(["a very very large red circle"] * 10)
+    with pytest.warns(UserWarning, match="truncated"):  # over the token limit: a warning, never a crash
+        sample_main([str(tmp_path / "run"), "--prompt", long_prompt, "--prompt", "", "--per-class", "1", "--out", str(tmp_path / "l.png")])

@@ -1,0 +1,316 @@
+"""Inspect checkpoints in the browser: sample any stage's checkpoint, compare two, watch it denoise.
+
+    python app/gradio_app.py --checkpoint runs/demo/stage1/checkpoints/step_0003500
+    python app/gradio_app.py --checkpoint runs/demo            # folder mode: pick any checkpoint below it
+    python app/gradio_app.py --checkpoint runs/demo --port 7861 --share   # --share: a public gradio.live link
+
+The app listens on 127.0.0.1 (this machine only) unless --host or --share says
+otherwise. Nothing is loaded at import: the first checkpoint loads at start, the
+others when picked. Every checkpoint describes itself (meta.json), so the info
+panel, the class picker (stage 1) or prompt box (text stages) and the defaults
+come from it. Sampling goes through inference.pipeline.generate, the function
+behind the training previews and app/sample.py: same checkpoint, condition, seed
+and settings give the same pixels. Bad input is reported in the status line and
+the app keeps serving.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MAX_STEPS, MAX_BATCH, MAX_SIDE_FACTOR = 1000, 64, 4
+DISPLAY = 256  # samples are shown upscaled (nearest) to about this many pixels
+
+
+class UserError(ValueError):
+    """Bad input from the UI: shown to the user, the app keeps serving."""
+
+
+def find_checkpoints(path: str | Path) -> list[str]:
+    """Checkpoint directories at or below ``path`` (run folders, init checkpoints), sorted."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return [str(p)]
+    if not p.is_dir():
+        return []
+    found = {m.parent for m in p.rglob("meta.json") if (m.parent / "model.safetensors").is_file()}
+    return sorted(str(f) for f in found)
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        raise UserError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    if not lo <= int(f) <= hi:
+        raise UserError(f"{name} must be between {lo} and {hi}, got {int(f)}")
+    return int(f)
+
+
+def _float(value: Any, name: str, lo: float, hi: float) -> float:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(f) and lo <= f <= hi):
+        raise UserError(f"{name} must be between {lo} and {hi}, got {value!r}")
+    return f
+
+
+class Sampler:
+    """Checkpoints (cached by path and weights) -> images, for the UI and its tests."""
+
+    def __init__(self):
+        self._cache: dict[tuple[str, str], tuple] = {}
+
+    def load(self, path: str, weights: str = "ema"):
+        from inference.pipeline import load_model
+        from training.checkpoint import resolve
+
+        if not path:
+            raise UserError("no checkpoint chosen")
+        ckpt = resolve(path)
+        key = (str(ckpt), weights)
+        if key not in self._cache:
+            try:
+                self._cache[key] = load_model(ckpt, use_ema=weights == "ema")
+            except Exception as e:  # missing, truncated, pickled, another project's: say so, keep serving
+                raise UserError(f"cannot load checkpoint {path}: {e}") from e
+            if len(self._cache) > 4:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def info(self, path: str) -> str:
+        from models.presets import count_parameters
+        from training.checkpoint import resolve
+
+        model, _, meta = self.load(path)
+        cond = meta["conditioning"]
+        lines = [
+            f"**{meta['stage']}** · step {meta['step']} · {meta['family']} `{meta['preset']}` · "
+            f"{count_parameters(model) / 1e6:.2f}M parameters · EMA {'yes' if meta.get('has_ema') else 'no'}",
+            f"conditioning: {cond['type']}"
+            + (f" ({cond['num_classes']} classes)" if cond["type"] == "class" else f" ({cond['text_encoder']['name']}, "
+               f"{cond['text_encoder']['max_length']} tokens)"),
+            f"latent {tuple(self.latent(meta))} · autoencoder {meta['autoencoder']['name']} · "
+            f"sampling defaults: {meta['sampling']['steps']} {meta['sampling']['solver']} steps, CFG {meta['sampling']['cfg_scale']}, "
+            f"shift {meta['sampling']['shift']}",
+        ]
+        config = resolve(path) / "config.yaml"
+        if config.is_file():
+            from omegaconf import OmegaConf
+
+            c = OmegaConf.load(config)
+            t = c.get("train", {})
+            lines.append(f"trained with: data `{c.get('data', {}).get('path')}` · global batch {t.get('global_batch_size')} · "
+                         f"lr {t.get('lr')} · max steps {t.get('max_steps')} · precision {c.get('precision', {}).get('linear')}")
+        return "  \n".join(lines)
+
+    @staticmethod
+    def latent(meta: dict) -> tuple[int, int, int]:
+        from inference.pipeline import latent_shape
+
+        return latent_shape(meta)
+
+    def choices(self, path: str) -> tuple[str, list[str]]:
+        """(conditioning type, class names) of a checkpoint."""
+        _, _, meta = self.load(path)
+        cond = meta["conditioning"]
+        names = cond.get("class_names") or [str(i) for i in range(cond.get("num_classes", 0))]
+        return cond["type"], names if cond["type"] == "class" else []
+
+    def sample(self, path: str, weights: str = "ema", condition: str = "", negative_prompt: str = "", cfg_scale: Any = None,
+               steps: Any = None, solver: str | None = None, shift: Any = None, seed: Any = 0, batch: Any = 4,
+               height: Any = None, width: Any = None, trajectory: bool = False):
+        """-> (images (N, H, W, 3) uint8, trajectory strip uint8 or None, record of every setting)."""
+        import torch
+
+        from flow.sampling import SOLVERS
+        from inference.images import make_grid, to_uint8
+        from inference.pipeline import SampleSettings, generate, prompt_conditions
+
+        model, ae, meta = self.load(path, weights)
+        d = meta["sampling"]
+        settings = SampleSettings(
+            steps=_int(d["steps"] if steps in (None, "") else steps, "steps", 1, MAX_STEPS),
+            cfg_scale=_float(d["cfg_scale"] if cfg_scale in (None, "") else cfg_scale, "CFG scale", 0.0, 100.0),
+            solver=solver or d["solver"],
+            shift=_float(d["shift"] if shift in (None, "") else shift, "shift", 0.01, 100.0),
+            seed=_int(seed, "seed", 0, 2**63 - 1),
+        )
+        if settings.solver not in SOLVERS:
+            raise UserError(f"unknown solver {settings.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if trajectory and settings.solver != "euler":
+            raise UserError("the denoising strip needs the euler solver")
+        n = _int(batch, "batch", 1, MAX_BATCH)
+        c, gh, gw = self.latent(meta)
+        down = int(getattr(ae, "downsample", 1))
+        h = _int(gh * down if height in (None, "") else height, "height", 1, 10**5)
+        w = _int(gw * down if width in (None, "") else width, "width", 1, 10**5)
+        unit = down * int(meta["model_config"]["patch_size"])
+        if h % unit or w % unit or max(h, w) > MAX_SIDE_FACTOR * max(gh, gw) * down:
+            raise UserError(f"resolution {h}x{w} is not possible here: both sides must be multiples of {unit} "
+                            f"(autoencoder x patch) and at most {MAX_SIDE_FACTOR * max(gh, gw) * down}")
+        if meta["family"] == "ccdit" and (h, w) != (gh * down, gw * down):
+            raise UserError(f"this {meta['stage']} ccDiT draws only {gh * down}x{gw * down} images (its position grid is fixed)")
+        cond = meta["conditioning"]
+        from training.checkpoint import resolve
+
+        record: dict[str, Any] = {"checkpoint": str(resolve(path)), "stage": meta["stage"], "step": meta["step"], "weights": weights}
+        if cond["type"] == "class":
+            names = cond.get("class_names") or []
+            key = str(condition).strip().replace("_", " ")
+            if key.isdigit() and int(key) < cond["num_classes"]:
+                label = int(key)
+            elif key in names:
+                label = names.index(key)
+            else:
+                raise UserError(f"this is a class-conditional ({meta['stage']}) checkpoint: pick a class "
+                                f"({', '.join(names[:4])}, ...), not {condition!r}")
+            labels = torch.full((n,), label)
+            cnd, unc = labels, torch.full_like(labels, cond["num_classes"])
+            record.update(class_id=label, class_name=names[label] if names else None)
+        else:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cnd, unc = prompt_conditions(meta, [str(condition)] * n, str(negative_prompt or ""))
+            record.update(prompt=str(condition), negative_prompt=str(negative_prompt or ""))
+            record["warnings"] = [str(x.message) for x in caught if "truncated" in str(x.message)]
+        out = generate(model, ae, cnd, unc, (c, h // down, w // down), settings, return_trajectory=trajectory)
+        images, traj = out if trajectory else (out, None)
+        record.update(settings.to_dict(), batch=n, height=h, width=w)
+        strip = None
+        if traj:
+            first = torch.stack([x[0] for x in traj])  # sample 0's prediction of x0 at every step
+            strip = make_grid(to_uint8(first), ncols=len(traj), upscale=max(1, 96 // max(h, w)))
+        return to_uint8(images), strip, record
+
+
+def _display(images):
+    import numpy as np
+
+    up = max(1, DISPLAY // max(images.shape[1], images.shape[2]))
+    return [np.ascontiguousarray(im.repeat(up, 0).repeat(up, 1)) for im in images]
+
+
+def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info: str = ""):
+    import gradio as gr
+
+    from flow.sampling import SOLVERS
+
+    sampler = sampler or Sampler()
+    first = checkpoints[0] if checkpoints else None
+    kind, classes = "class", []
+    try:
+        if first:
+            kind, classes = sampler.choices(first)
+            first_info = first_info or sampler.info(first)
+    except UserError as e:  # a broken first checkpoint: say so, the others stay pickable
+        first_info = f"⚠️ {e}"
+
+    def on_pick(path):
+        try:
+            kind, classes = sampler.choices(path)
+            return (sampler.info(path), gr.update(choices=classes, value=classes[0] if classes else None, visible=kind == "class"),
+                    gr.update(visible=kind == "text"), gr.update(visible=kind == "text"), "")
+        except UserError as e:
+            return "", gr.update(), gr.update(), gr.update(), f"⚠️ {e}"
+
+    def run(path, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory):
+        try:
+            kind, _ = sampler.choices(path)
+            images, strip, record = sampler.sample(path, weights, klass if kind == "class" else prompt, negative, cfg, steps,
+                                                   solver, shift, seed, batch, height, width, trajectory)
+            note = "; ".join(record.get("warnings", [])) or f"{len(images)} samples, seed {record['seed']}"
+            return _display(images), strip, record, note
+        except UserError as e:
+            return None, None, None, f"⚠️ {e}"
+        except Exception as e:  # an unexpected failure still leaves the app serving
+            return None, None, None, f"⚠️ sampling failed: {type(e).__name__}: {e}"
+
+    def compare(path_a, weights_a, path_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch):
+        outs = []
+        for path, weights in ((path_a, weights_a), (path_b, weights_b)):
+            try:
+                kind, _ = sampler.choices(path)
+                images, _, record = sampler.sample(path, weights, klass if kind == "class" else prompt, negative, cfg, steps,
+                                                   solver, shift, seed, batch)
+                outs += [_display(images), f"{record['stage']} step {record['step']} ({weights})"]
+            except UserError as e:
+                outs += [None, f"⚠️ {e}"]
+        return tuple(outs)
+
+    with gr.Blocks(title="flowdit sampler") as ui:
+        gr.Markdown("## flowdit sampler")
+        with gr.Row():
+            ckpt = gr.Dropdown(checkpoints, value=first, label="checkpoint", allow_custom_value=True, scale=4)
+            weights = gr.Radio(["ema", "raw"], value="ema", label="weights", scale=1)
+        info = gr.Markdown(first_info or "no checkpoint found")
+        with gr.Row():
+            klass = gr.Dropdown(classes, value=classes[0] if classes else None, label="class", visible=kind == "class",
+                                allow_custom_value=True)
+            prompt = gr.Textbox(label="prompt", visible=kind == "text", value="")
+            negative = gr.Textbox(label="negative prompt (empty = the null condition)", visible=kind == "text", value="")
+        with gr.Row():
+            cfg = gr.Textbox(label="CFG scale", value="")
+            steps = gr.Textbox(label="steps", value="")
+            solver = gr.Dropdown(list(SOLVERS), value=None, label="solver (empty: the checkpoint's)")
+            shift = gr.Textbox(label="timestep shift", value="")
+        with gr.Row():
+            seed = gr.Textbox(label="seed", value="0")
+            batch = gr.Textbox(label="batch", value="4")
+            height = gr.Textbox(label="height (px)", value="")
+            width = gr.Textbox(label="width (px)", value="")
+            trajectory = gr.Checkbox(label="denoising strip (euler)", value=True)
+        go = gr.Button("Generate", variant="primary")
+        status = gr.Markdown("")
+        gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="samples")
+        strip = gr.Image(label="denoising: predicted clean image at each step (sample 1)", format="png")
+        record = gr.JSON(label="settings (reproduce with app/sample.py)")
+        with gr.Accordion("compare two checkpoints (same seed and settings)", open=False):
+            with gr.Row():
+                ckpt_b = gr.Dropdown(checkpoints, value=first, label="checkpoint B", allow_custom_value=True)
+                weights_b = gr.Radio(["ema", "raw"], value="raw", label="weights B")
+            go_b = gr.Button("Compare")
+            with gr.Row():
+                with gr.Column():
+                    label_a, gallery_a = gr.Markdown(), gr.Gallery(label="A", columns=2, format="png")
+                with gr.Column():
+                    label_b, gallery_b = gr.Markdown(), gr.Gallery(label="B", columns=2, format="png")
+        ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, status], api_name="pick")
+        inputs = [ckpt, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory]
+        go.click(run, inputs, [gallery, strip, record, status], api_name="generate")
+        prompt.submit(run, inputs, [gallery, strip, record, status])
+        go_b.click(compare, [ckpt, weights, ckpt_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch],
+                   [gallery_a, label_a, gallery_b, label_b], api_name="compare")
+    return ui
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint directory, a run directory or a folder of runs")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    args = ap.parse_args(argv)
+    found = find_checkpoints(args.checkpoint)
+    if not found:
+        raise SystemExit(f"no checkpoint found at or below {args.checkpoint} (looked for folders with meta.json + model.safetensors)")
+    sampler = Sampler()
+    ui = build_ui(found, sampler)  # the first checkpoint loads here, at start, not at import
+    print(f"{len(found)} checkpoint(s); serving on http://{args.host}:{args.port}" + (" and a public share link" if args.share else ""))
+    ui.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

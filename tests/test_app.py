@@ -1,0 +1,171 @@
+"""The Gradio app through gradio_client (every control reaches the sampler, bad input keeps it
+serving) and in a real headless Chromium (the page shows the generated image)."""
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+from conftest import compose, stage2_overrides, tiny_overrides
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+from gradio_client import Client  # noqa: E402
+
+from app.gradio_app import build_ui, find_checkpoints  # noqa: E402
+from app.sample import main as sample_main  # noqa: E402
+from training.trainer import train  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, shapes_dir, text_shapes_dir):
+    """Stage-1 and stage-2 tiny checkpoints in one folder, the app serving them (folder mode)."""
+    root = tmp_path_factory.mktemp("app")
+    import os
+
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio_tmp")
+    s1 = train(compose(tiny_overrides(root / "s1", shapes_dir, **{"train.max_steps": 2})))["checkpoint"]
+    s2 = train(compose(stage2_overrides(root / "s2", text_shapes_dir, **{"train.max_steps": 2}), "stage2"))["checkpoint"]
+    bad = root / "corrupt" / "checkpoints" / "step_0000002"
+    shutil.copytree(s1, bad)
+    (bad / "ema.safetensors").write_bytes((bad / "ema.safetensors").read_bytes()[:100])
+    found = find_checkpoints(root)
+    assert set(found) == {s1, s2, str(bad)}
+    ui = build_ui([s1, s2, str(bad)])  # the first one is what the page opens with
+    port = _free_port()
+    ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "root": root}
+    finally:
+        ui.close()
+
+
+def _images(gallery, side=16):
+    """Gallery output -> (N, side, side, 3) uint8, undoing the display upscaling."""
+    out = []
+    for item in gallery:
+        image = item["image"] if isinstance(item, dict) else item[0]
+        path = image["path"] if isinstance(image, dict) else image
+        im = np.asarray(Image.open(path).convert("RGB"))
+        step = im.shape[0] // side
+        out.append(im[::step, ::step])
+    return np.stack(out)
+
+
+def _generate(client, ckpt, klass="", prompt="", negative="", cfg="2.5", steps="3", solver="euler", shift="1.5", seed="5",
+              batch="4", height="", width="", trajectory=True):
+    return client.predict(ckpt, "ema", klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
+                          api_name="/generate")
+
+
+def test_app_samples_both_stages_like_the_cli(served, tmp_path):
+    client = Client(served["url"], verbose=False)
+    assert "stage1" in client.predict(served["s1"], api_name="/pick")[0]
+    gallery, strip, record, status = _generate(client, served["s1"], klass="red square", solver="midpoint", trajectory=False)
+    assert record["class_name"] == "red square" and (record["steps"], record["cfg_scale"], record["solver"], record["shift"],
+                                                     record["seed"], record["batch"]) == (3, 2.5, "midpoint", 1.5, 5, 4)
+    got = _images(gallery)
+    sample_main([served["s1"], "--classes", "red_square", "--per-class", "4", "--cfg", "2.5", "--steps", "3", "--solver", "midpoint",
+                 "--shift", "1.5", "--seed", "5", "--out", str(tmp_path / "cli.png")])
+    cli = np.asarray(Image.open(tmp_path / "cli.png"))
+    for i in range(4):  # the CLI grid: one column, four rows, 6x upscaled, 2-px padding
+        assert np.array_equal(got[i], cli[2 + i * 98 : 98 + i * 98 : 6, 2:98:6])
+    other = _images(_generate(client, served["s1"], klass="red square", seed="6")[0])
+    assert not np.array_equal(other, _images(_generate(client, served["s1"], klass="red square")[0]))  # the seed reaches it
+
+    prompt = "a small red circle on a black background"
+    gallery, strip, record, status = _generate(client, served["s2"], prompt=prompt)
+    assert record["prompt"] == prompt and record["stage"] == "stage2" and strip is not None
+    got = _images(gallery)
+    sample_main([served["s2"], "--prompt", prompt, "--per-class", "4", "--cfg", "2.5", "--steps", "3", "--shift", "1.5", "--seed", "5",
+                 "--out", str(tmp_path / "cli2.png")])
+    cli = np.asarray(Image.open(tmp_path / "cli2.png"))
+    assert np.array_equal(got[0], cli[2:98:6, 2:98:6])
+    neg = _images(_generate(client, served["s2"], prompt=prompt, negative="a blue square")[0])
+    assert not np.array_equal(neg, got)  # the negative prompt reaches the sampler
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(ckpt="/no/such/checkpoint"), "cannot load checkpoint"),
+    (dict(ckpt="CORRUPT"), "cannot load checkpoint"),
+    (dict(klass="a small red circle on a black background"), "class-conditional"),
+    (dict(steps="0"), "steps must be between 1 and 1000"),
+    (dict(steps="100000"), "steps must be between 1 and 1000"),
+    (dict(seed="twelve"), "seed must be a whole number"),
+    (dict(height="15"), "resolution"),
+    (dict(height="32"), "draws only 16x16"),
+])
+def test_app_reports_bad_input_and_keeps_serving(served, bad, message):
+    client = Client(served["url"], verbose=False)
+    args = {"ckpt": served["s1"], "klass": "red square", **bad}
+    if args["ckpt"] == "CORRUPT":
+        args["ckpt"] = served["bad"]
+    gallery, _, _, status = _generate(client, args.pop("ckpt"), **args)
+    assert not gallery and message in status
+    gallery, _, _, status = _generate(client, served["s1"], klass="red square")
+    assert len(gallery) == 4  # still serving
+
+
+def test_app_text_stage_limits(served):
+    client = Client(served["url"], verbose=False)
+    gallery, _, record, status = _generate(client, served["s2"], prompt=" ".join(["a very large red circle"] * 12))
+    assert len(gallery) == 4 and "truncated" in status  # over the token limit: a warning, never a crash
+    gallery, _, record, status = _generate(client, served["s2"], prompt="", height="24", width="32")
+    assert len(gallery) == 4 and (record["height"], record["width"]) == (24, 32)  # empty prompt = null; mmDiT takes other grids
+    a, la, b, lb = client.predict(served["s1"], "ema", served["s1"], "raw", "red square", "", "", "2", "3", "euler", "1", "0", "2",
+                                  api_name="/compare")
+    assert "stage1" in la and "(raw)" in lb and len(a) == len(b) == 2
+
+
+def test_app_in_a_real_browser(served, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if not (chromium and driver_bin):
+        pytest.skip("Chromium is not installed (make test installs it where apt-get can run: see Makefile)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,2400"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
+    try:
+        driver.get(served["url"])
+        deadline = time.time() + 60
+        while time.time() < deadline and not [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate"]:
+            time.sleep(0.5)
+        blank = np.asarray(Image.open(_shot(driver, tmp_path / "before.png")).convert("RGB"))
+        next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate").click()
+        imgs = []
+        while time.time() < deadline and not imgs:  # the gallery's sample images (not the icons or the strip)
+            imgs = [i for i in driver.find_elements(By.TAG_NAME, "img")
+                    if "/file=" in (i.get_attribute("src") or "") and min(i.size["width"], i.size["height"]) > 100]
+            time.sleep(0.5)
+        assert imgs, "no generated image appeared in the page"
+        time.sleep(1.0)
+        shot = np.asarray(Image.open(_shot(driver, tmp_path / "after.png")).convert("RGB")).astype(float)
+        ratio = driver.execute_script("return window.devicePixelRatio") or 1
+        r = imgs[0].rect
+        x0, y0, x1, y1 = (int(v * ratio) for v in (r["x"], r["y"], r["x"] + r["width"], r["y"] + r["height"]))
+        crop = shot[y0 + 4 : y1 - 4, x0 + 4 : x1 - 4]
+        served_file = np.asarray(Image.open(imgs[0].get_attribute("src").split("/file=", 1)[1]).convert("RGB")).astype(float)
+        assert crop.size and crop.std() > 3, "the image area is blank"
+        # the pixels on screen are the generated image: same mean colour (within display resampling)
+        assert np.abs(crop.reshape(-1, 3).mean(0) - served_file.reshape(-1, 3).mean(0)).max() < 12
+        region = (slice(y0, y1), slice(x0, x1))
+        assert np.abs(shot[region] - blank[region]).mean() > 5  # and they were not there before Generate
+    finally:
+        driver.quit()
+
+
+def _shot(driver, path):
+    driver.save_screenshot(str(path))
+    return path
