@@ -149,3 +149,23 @@ def from_diffusers(pixart) -> "torch.nn.Module":
     state = {k: v for k, v in pixart.state_dict().items() if k != "pos_embed.pos_embed"}
     model.load_state_dict(_rename(state, _INVERSE), strict=True)
     return model
+
+
+def flow_scheduler(shift: float = 1.0):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` made usable by ``PixArtAlphaPipeline``.
+
+    The pipeline was written for DDPM-style schedulers: it multiplies the initial latents by
+    ``scheduler.init_noise_sigma`` and calls ``scheduler.scale_model_input``, which the flow
+    scheduler lacks. Rectified flow starts from unit noise and feeds x_t to the model as is,
+    so these are 1.0 and the identity. Pass our sampler's grid as ``sigmas=`` to reproduce
+    it step for step (``flow.sampling.time_grid(steps, shift)[:-1]``) with ``shift=1`` here.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class PixArtFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+        init_noise_sigma = 1.0
+
+        def scale_model_input(self, sample, timestep=None):
+            return sample
+
+    return PixArtFlowMatchScheduler(shift=shift)

@@ -4,7 +4,9 @@
 
 The folder loads with ``PixArtTransformer2DModel.from_pretrained(folder)``; our model takes
 t in [0, 1], diffusers the timestep t * 1000 (what FlowMatchEulerDiscreteScheduler feeds
-it). Checkpoints that diffusers can't represent exactly (ccDiT, QK-norm on, MLP ratio
+it). To sample in diffusers' PixArtAlphaPipeline, use
+``models.diffusers_pixart.flow_scheduler()`` as its scheduler (see the README: with the
+same latents, sigmas and embeddings it matches our sampler, tested). Checkpoints that diffusers can't represent exactly (ccDiT, QK-norm on, MLP ratio
 other than 4, ...) are refused with the reason.
 """
 from __future__ import annotations

@@ -137,3 +137,37 @@ def test_joint_attention_block_masks_padding_and_trains_every_parameter():
     assert not hasattr(model.blocks[-1], "context_mlp") and hasattr(model.blocks[0], "context_mlp")
     with pytest.raises(IncompatibleModel, match="block='joint'"):
         to_diffusers(model)
+
+
+def test_exported_model_in_diffusers_pipeline_matches_our_sampler():
+    """PixArtAlphaPipeline + FlowMatchEulerDiscreteScheduler, fed the same latents, timesteps and
+    text embeddings, lands where our Euler sampler (with CFG) does."""
+    from diffusers import PixArtAlphaPipeline
+
+    from models.diffusers_pixart import flow_scheduler
+
+    from flow.sampling import sample, time_grid
+    from inference.pipeline import call_model
+
+    model = _randomize(tiny()).eval()
+    for p in model.parameters():
+        p.data.mul_(0.5)  # keep the random model's velocities moderate over several steps
+    theirs = to_diffusers(model).eval()
+    x, _, enc, mask = _inputs()
+    null_enc, null_mask = torch.zeros(3, 5, 24), torch.zeros(3, 5, dtype=torch.bool)
+    null_mask[:, :2] = True
+    null_enc[:, :2] = torch.randn(2, 24, generator=torch.Generator().manual_seed(3))
+    steps, shift, cfg = 6, 2.0, 3.5
+    with torch.no_grad():
+        ours = sample(lambda z, t, c: call_model(model, z, t, c), x,
+                      {"encoder_hidden_states": enc, "encoder_attention_mask": mask},
+                      {"encoder_hidden_states": null_enc, "encoder_attention_mask": null_mask},
+                      cfg_scale=cfg, steps=steps, shift=shift)
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=theirs,
+                               scheduler=flow_scheduler())
+    sigmas = time_grid(steps, shift)[:-1].tolist()  # our shifted grid; the scheduler appends the final 0
+    latents = pipe(negative_prompt=None, prompt_embeds=enc, prompt_attention_mask=mask.long(), negative_prompt_embeds=null_enc,
+                   negative_prompt_attention_mask=null_mask.long(), latents=x.clone(), sigmas=sigmas, guidance_scale=cfg,
+                   height=8 * 8, width=8 * 8, output_type="latent", use_resolution_binning=False, return_dict=False)[0]
+    assert _rel(latents, ours) <= 1e-4
+    assert _rel(ours, x) > 0.1  # the sampler did move
