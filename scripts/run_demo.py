@@ -1,7 +1,9 @@
 """`make demo`: train the curriculum small on CPU and write sample grids and the evaluation table.
 
-    python scripts/run_demo.py [--out runs/demo] [extra Hydra overrides for every stage...]
+    python scripts/run_demo.py [--out runs/demo] [--stages stage1 stage2] [extra Hydra overrides for every stage...]
 
+Stage 1 (class-conditional ccDiT) then stage 2 (text mmDiT, started from stage 1
+through reparameterize.py).
 Each stage runs as its own process (exactly the command a user would type) and
 resumes if it was interrupted: running the demo again continues where it
 stopped and skips finished stages. Results: <out>/<stage>/samples/*.png,
@@ -17,36 +19,55 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["stage1"]  # later stages join as they land (see README "Curriculum")
+STAGES = ["stage1", "stage2"]  # later stages join as they land (see README "Curriculum")
+EXPERIMENT = {"stage1": "demo", "stage2": "demo_stage2"}
+TEXT_WIDTH = 384  # the demo's text encoder (MiniLM-L6) hidden size
+SCORES = {  # stage -> (main score, what it counts, chance)
+    "stage1": ("class_accuracy", "class (shape + colour) right", "1/12"),
+    "stage2": ("caption_accuracy", "every captioned attribute right, held-out captions", "1/72"),
+}
+
+
+def run(cmd: list[str]) -> None:
+    print(f"\n=== {' '.join(str(c) for c in cmd[1:])}", flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for every stage's run directory")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides passed to every stage")
+    ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="stages to run, in order")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage; 'stage2:key=value' for one stage only")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rows = []
-    for stage in STAGES:
+    for stage in args.stages:
         run_dir = out / stage
-        cmd = [sys.executable, str(ROOT / f"train_{stage}.py"), "experiment=demo", f"run_dir={run_dir}", *args.overrides]
-        print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
         t = time.time()
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        extra = []
+        if stage == "stage2":  # start from stage 1 through reparameterize.py (once)
+            init = out / "stage2_init"
+            if not (ROOT / init / "meta.json").is_file():
+                run([sys.executable, ROOT / "reparameterize.py", out / "stage1", init, "--caption-channels", str(TEXT_WIDTH)])
+            extra = [f"stage.init_from={init}"]
+        mine = [o.split(":", 1)[1] if o.startswith(f"{stage}:") else o for o in args.overrides
+                if ":" not in o.split("=", 1)[0] or o.startswith(f"{stage}:")]
+        run([sys.executable, ROOT / f"train_{stage}.py", f"experiment={EXPERIMENT[stage]}", f"run_dir={run_dir}", *extra, *mine])
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())
         rows.append((stage, summary, time.time() - t))
     lines = [
-        "| stage | steps | wall time this run | final loss | class accuracy (EMA, CFG) | shape | colour | sample grid |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | steps | wall time this run | final loss | score (EMA, CFG) | what it counts | chance | per attribute | sample grid |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for stage, s, dt in rows:
+        key, what, chance = SCORES[stage]
         loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "(finished earlier)"
-        lines.append(
-            f"| {stage} | {s['step']} | {dt / 60:.1f} min | {loss} | {s.get('eval_class_accuracy', float('nan')):.3f} "
-            f"| {s.get('eval_shape_accuracy', float('nan')):.3f} | {s.get('eval_colour_accuracy', float('nan')):.3f} | {s.get('eval_grid', '')} |"
-        )
+        attrs = ", ".join(f"{a} {s[f'eval_{a}_accuracy']:.3f}" for a in ("shape", "colour", "size", "background")
+                          if f"eval_{a}_accuracy" in s)
+        lines.append(f"| {stage} | {s['step']} | {dt / 60:.1f} min | {loss} | {s.get(f'eval_{key}', float('nan')):.3f} | {what} "
+                     f"| {chance} | {attrs} | {s.get('eval_grid', '')} |")
     table = "\n".join(lines)
-    (ROOT / out / "eval_table.md").write_text(table + "\n\nchance: class 1/12 = 0.083, shape 1/3, colour 1/4\n")
+    (ROOT / out / "eval_table.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\nsample grids: {out}/<stage>/samples/   evaluation table: {out}/eval_table.md")
     return 0
