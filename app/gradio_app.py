@@ -16,7 +16,6 @@ the app keeps serving.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path

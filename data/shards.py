@@ -25,6 +25,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from zlib import error as zlib_error
 
 import numpy as np
 import torch
@@ -239,7 +240,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     With a DataLoader of W workers, batch i of this rank comes from worker i % W.
     """
 
-    def __init__(self, data_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, start_batch: int = 0):
+    def __init__(self, data_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
+                 start_batch: int = 0, max_bad_fraction: float = 0.01):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
@@ -247,6 +249,36 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle_buffer, self.start_batch = seed, shuffle_buffer, start_batch
         self.text_length = (self.manifest.get("text_encoder") or {}).get("max_length")  # pad stored embeddings to this
+        # aspect-ratio buckets (data/prepare.py --buckets): every batch from one bucket
+        self.bucketed = self.manifest.get("latent_shape") is None and bool(self.manifest.get("buckets"))
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_samples, self._produced = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reading position (batches produced) and what it depends on. Without DataLoader
+        workers this object counts its batches; with workers the trainer's count is authoritative."""
+        return {"start_batch": self.start_batch + self._produced, "seed": self.seed, "world_size": self.world_size,
+                "rank": self.rank, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("seed", "world_size", "batch_size"):
+            if state[k] != getattr(self, k):
+                raise ShardError(f"cannot resume the loader: {k} was {state[k]} and is now {getattr(self, k)}")
+        self.start_batch, self._produced = int(state["start_batch"]), 0
+
+    def _bad(self, what: str, count: int, slot: _Slot) -> None:
+        """Skip bad data with a warning and count it; too much of it stops the run."""
+        import warnings
+
+        self.bad_samples += count
+        total = max(self._epoch_size(0, slot), 1)
+        warnings.warn(f"{what}; skipped ({self.bad_samples} bad samples so far in this reader)", stacklevel=3)
+        if self.bad_samples > self.max_bad_fraction * total:
+            raise ShardError(
+                f"{self.data_dir}: {self.bad_samples} bad samples out of {total} this reader owns, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}. The shards are damaged: re-run data/prepare.py "
+                "(it redoes missing shards) or raise data.max_bad_fraction to train on what is readable."
+            )
 
     def _slot(self) -> tuple[_Slot, int, int]:
         """(this reader's slot among all ranks x workers, workers per rank, this reader's role).
@@ -269,7 +301,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         buffer: list = []
         i = -1
         for s in mine:
-            for item in _iter_tar(self.shards[s][0]):
+            for item in self._read_shard(s, slot):
                 i += 1
                 if not by_shard and i % slot.count != slot.index:
                     continue
@@ -283,6 +315,24 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
+
+    def _read_shard(self, s: int, slot: _Slot) -> Iterator[tuple[str, dict[str, bytes]]]:
+        path, expected = self.shards[s]
+        n = 0
+        try:
+            for item in _iter_tar(path):
+                n += 1
+                yield item
+        except (tarfile.TarError, EOFError, OSError, zlib_error) as e:
+            self._bad(f"{path.name} is truncated or corrupt after {n} of {expected} samples ({type(e).__name__}: {e})",
+                      max(expected - n, 1), slot)
+
+    def _decode(self, key: str, group: dict[str, bytes], slot: _Slot) -> dict[str, Any] | None:
+        try:
+            return decode_sample(key, group)
+        except (KeyError, ValueError, OSError, EOFError) as e:  # a member missing or unreadable
+            self._bad(f"sample {key!r} cannot be decoded ({type(e).__name__}: {e})", 1, slot)
+            return None
 
     def _epoch_size(self, epoch: int, slot: _Slot) -> int:
         """Samples ``slot`` reads in ``epoch``, from the manifest's counts alone."""
@@ -309,12 +359,47 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield item
             epoch += 1
 
+    def _emit(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        out = collate(batch, self.text_length)
+        out["bad_samples"] = self.bad_samples
+        if torch.utils.data.get_worker_info() is None:
+            self._produced += 1
+        return out
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, workers, role = self._slot()
         done = max(0, math.ceil((self.start_batch - role) / workers))  # batches this role already produced
+        if self.bucketed:
+            yield from self._bucketed(slot, done)
+            return
         batch = []
         for key, group in self._samples(slot, done * self.batch_size):
-            batch.append(decode_sample(key, group))
+            sample = self._decode(key, group, slot)
+            if sample is not None:
+                batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch, self.text_length)
+                yield self._emit(batch)
                 batch = []
+
+    def _bucketed(self, slot: _Slot, done: int) -> Iterator[dict[str, Any]]:
+        """Fill one list per bucket; a full list is a batch. Resuming replays the stream reading only
+        each sample's JSON until ``done`` batches have been formed (their samples are dropped)."""
+        pending: dict[tuple, list] = {}
+        formed = 0
+        for key, group in self._samples(slot, 0):
+            try:
+                bucket = tuple(json.loads(group["json"]).get("bucket") or ())
+            except (KeyError, ValueError) as e:
+                self._bad(f"sample {key!r} has no readable metadata ({type(e).__name__})", 1, slot)
+                continue
+            members = pending.setdefault(bucket, [])
+            members.append((key, group))
+            if len(members) < self.batch_size:
+                continue
+            pending[bucket] = []
+            formed += 1
+            if formed <= done:
+                continue
+            batch = [x for x in (self._decode(k, g, slot) for k, g in members) if x is not None]
+            if batch:
+                yield self._emit(batch)

@@ -99,7 +99,6 @@ class JointBlock(DiTBlockLayers):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, t_emb: torch.Tensor, mask: torch.Tensor | None):
         n, t, d = x.shape
-        s = context.shape[1]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(t_emb)[:, None].chunk(6, dim=-1)
         c_mod = self.context_adaLN_modulation(t_emb)[:, None].chunk(2 if self.context_pre_only else 6, dim=-1)
         qx, kx, vx = self._heads(self.attn, modulate(self.norm1(x), shift_msa, scale_msa))

@@ -83,3 +83,31 @@ def stage2_overrides(tmp_path, text_shapes_dir, **extra):
     }
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A tiny SD3-like AutoencoderKL (16 latent channels, 8x downsampling) saved to a local folder."""
+    import torch
+
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    path = tmp_path_factory.mktemp("vae") / "tiny-sd3-vae"
+    vae.save_pretrained(path)
+    return path

@@ -339,7 +339,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         ddp_model = torch.compile(ddp_model)  # the raw module stays `model`: checkpoints and EMA read it
 
     loader = torch.utils.data.DataLoader(
-        ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done),
+        ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done,
+                    max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01))),
         batch_size=None,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
@@ -408,7 +409,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t_last, steps_since = time.time(), 0
     start_step, t_start = step, time.time()
-    last_ckpt, last_loss, first_batch_overlap = resume_from, None, None
+    last_ckpt, last_loss, first_batch_overlap, bad_samples = resume_from, None, None, 0
     stop = StopRequest().install()
     guard, spikes = NonFiniteGuard(tcfg.max_nonfinite_steps), SpikeDetector(tcfg.spike_factor)
     try:
@@ -420,6 +421,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             for micro in range(tcfg.grad_accum):
                 batch = next(batches)
                 batches_done += 1
+                bad_samples = max(bad_samples, int(batch.get("bad_samples", 0)))
                 if first_batch_overlap is None:
                     first_batch_overlap = shared_items(batch["keys"], dist_info)  # ranks must read different samples
                     if first_batch_overlap:
@@ -456,7 +458,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 dt = time.time() - t_last
                 it_s = steps_since / max(dt, 1e-9)
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s, "skipped_steps": guard.skipped_total,
-                           "img_s": it_s * tcfg.global_batch_size, **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
+                           "bad_samples": bad_samples, "img_s": it_s * tcfg.global_batch_size, **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
                 logger.log(step, metrics)
                 logger.step(step, steps_since, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
                 if spikes.update(mean_loss):

@@ -1,0 +1,511 @@
+"""Prepare training data: images (+ captions, labels) -> VAE latents (+ text embeddings) in tar shards.
+
+    python -m data.prepare --input photos/ --out data/photos_sd3 --autoencoder stabilityai/stable-diffusion-3-medium-diffusers \\
+        --autoencoder-subfolder vae --size 256
+    python -m data.prepare --input captions.jsonl --out data/mix --buckets 65536 --bucket-step 64 --text-encoder google/t5-v1_1-xxl
+    python -m data.prepare --input "shards/{000000..000099}.tar" --out data/big --rank 3 --world-size 16   # one of 16 workers
+    sbatch --array=0-15 scripts/slurm/prepare.sbatch --input ... --out ...                             # SLURM array
+
+Inputs (--input):
+  a folder       images anywhere below it; ``x.jpg`` + ``x.txt`` gives a caption; images in class
+                 sub-folders (``root/cat/1.jpg``) get the folder's index as their label
+  .csv / .jsonl  rows of path, caption[, short_caption][, label][, score]; paths relative to the file
+  .tar shards    WebDataset tars (local paths or http(s) URLs, ``{000..099}`` brace ranges): members
+                 ``key.jpg`` + ``key.txt`` (or ``key.json`` with "caption") [+ ``key.cls``]
+
+Images: EXIF orientation applied, any mode to RGB (alpha composited on white), images
+smaller than --min-size skipped, then resized (shorter side) and center-cropped to
+--size, or to the nearest aspect-ratio bucket of about --buckets pixels (sides multiples
+of --bucket-step). Original size, crop box and bucket go into each sample's metadata.
+
+Work is cut into units of --samples-per-shard inputs in a fixed sorted order; unit u
+becomes shard ``shard-{u:06d}.tar`` and belongs to worker ``u % world_size``. A shard is
+written to a temporary name and renamed when complete, with a small summary beside
+it, so a rerun skips finished units and redoes interrupted ones; any number of workers
+produce the same shards. The last worker to finish writes ``manifest.json``.
+Skipped inputs are listed with their reasons in each unit's summary and counted at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+UNIT_FORMAT = "shard-{:06d}"
+
+
+class Skip(Exception):
+    """This input cannot become a sample; the message is the reason."""
+
+
+@dataclass
+class Item:
+    source: str  # what the user would recognise: a relative path or tar:member
+    read: Callable[[], bytes]
+    captions: dict[str, str] = field(default_factory=dict)
+    label: int | None = None
+    extra: dict = field(default_factory=dict)  # scores, caption decoding notes
+
+    @property
+    def key(self) -> str:
+        """A WebDataset-safe key (no dots or slashes), stable and unique per source."""
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(self.source)[0])[-60:].strip("_")
+        return f"{stem}_{hashlib.sha1(self.source.encode()).hexdigest()[:10]}"
+
+
+# ---------------------------------------------------------------- inputs
+def decode_caption(raw: bytes) -> tuple[str, str | None]:
+    """Caption bytes -> (text, note). UTF-8 if it is, else cp1252/latin-1 with a note, never an error."""
+    try:
+        return raw.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError:
+        for enc in ("cp1252", "latin-1"):
+            try:
+                return raw.decode(enc).strip(), f"caption not UTF-8, decoded as {enc}"
+            except UnicodeDecodeError:
+                continue
+    return raw.decode("utf-8", errors="replace").strip(), "caption not UTF-8, undecodable bytes replaced"
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    return lambda: path.read_bytes()
+
+
+def list_folder(root: Path) -> tuple[list[Item], list[str]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    class_dirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    items = []
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        item = Item(rel, _file_reader(p))
+        side = p.with_suffix(".txt")
+        if side.is_file():
+            text, note = decode_caption(side.read_bytes())
+            item.captions["long"] = text
+            if note:
+                item.extra["caption_note"] = note
+        if class_dirs and len(p.relative_to(root).parts) > 1:
+            item.label = class_dirs.index(p.relative_to(root).parts[0])
+        items.append(item)
+    return items, class_dirs
+
+
+def list_table(path: Path) -> tuple[list[Item], list[str]]:
+    rows = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = []
+    for i, row in enumerate(rows):
+        if "path" not in row:
+            raise SystemExit(f"{path}: row {i + 1} has no 'path' column/key (expected path, caption[, short_caption, label, score])")
+        p = Path(row["path"]) if Path(row["path"]).is_absolute() else path.parent / row["path"]
+        item = Item(str(row["path"]), _file_reader(p))
+        if row.get("caption"):
+            item.captions["long"] = str(row["caption"]).strip()
+        if row.get("short_caption"):
+            item.captions["short"] = str(row["short_caption"]).strip()
+        if row.get("label") not in (None, ""):
+            item.label = int(row["label"])
+        for k in ("score", "aesthetic_score"):
+            if row.get(k) not in (None, ""):
+                item.extra.setdefault("scores", {})[k] = float(row[k])
+        items.append(item)
+    return sorted(items, key=lambda it: it.source), []
+
+
+def expand_braces(spec: str) -> list[str]:
+    """``a{000..002}b`` -> [a000b, a001b, a002b] (zero padding kept); several ranges multiply."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if not m:
+        return [spec]
+    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+    return [x for i in range(lo, hi + 1) for x in expand_braces(spec[: m.start()] + str(i).zfill(width) + spec[m.end():])]
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    if url.startswith(("http://", "https://")):
+        import urllib.request
+
+        return tarfile.open(fileobj=urllib.request.urlopen(url), mode="r|*")  # streamed
+    return tarfile.open(url, "r")
+
+
+def list_tars(spec: str) -> tuple[list[Item], list[str]]:
+    """Index WebDataset tars. Local tars are read again lazily per image; URLs are buffered."""
+    items = []
+    for url in expand_braces(spec):
+        groups: dict[str, dict[str, bytes]] = {}
+        with _open_tar(url) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                key = os.path.join(os.path.dirname(member.name), key)
+                ext = ext.lower()
+                if "." + ext in IMAGE_EXTS or ext in ("txt", "json", "cls"):
+                    groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key in sorted(groups):
+            g = groups[key]
+            image_ext = next((e for e in g if "." + e in IMAGE_EXTS), None)
+            if image_ext is None:
+                continue
+            payload = g[image_ext]
+            item = Item(f"{os.path.basename(url)}:{key}.{image_ext}", (lambda b=payload: b))
+            if "txt" in g:
+                text, note = decode_caption(g["txt"])
+                item.captions["long"] = text
+                if note:
+                    item.extra["caption_note"] = note
+            elif "json" in g:
+                meta = json.loads(g["json"])
+                for name, k in (("long", "caption"), ("short", "short_caption")):
+                    if meta.get(k):
+                        item.captions[name] = str(meta[k])
+            if "cls" in g:
+                item.label = int(g["cls"].decode().strip())
+            items.append(item)
+    return items, []
+
+
+def list_inputs(spec: str) -> tuple[list[Item], list[str]]:
+    p = Path(spec)
+    if p.is_dir():
+        return list_folder(p)
+    if p.suffix.lower() in (".csv", ".jsonl", ".json") and p.is_file():
+        return list_table(p)
+    if ".tar" in spec:
+        return list_tars(spec)
+    raise SystemExit(f"--input {spec!r}: expected an image folder, a .csv/.jsonl file, or .tar shard(s) (with {{000..099}} ranges)")
+
+
+# ---------------------------------------------------------------- images
+def load_rgb(data: bytes):
+    """Bytes -> RGB PIL image: EXIF orientation applied, alpha composited on white, any mode converted."""
+    from PIL import Image, ImageOps
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise Skip(f"unreadable image ({type(e).__name__}: {e})") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def resize_crop(img, height: int, width: int):
+    """Scale to cover (height, width), center-crop. Returns (image, crop box in original pixels)."""
+    from PIL import Image
+
+    w0, h0 = img.size
+    scale = max(width / w0, height / h0)
+    rw, rh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    resized = img.resize((rw, rh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    box = [left / scale, top / scale, (left + width) / scale, (top + height) / scale]
+    return resized.crop((left, top, left + width, top + height)), [round(v, 2) for v in box]
+
+
+def to_tensor(img) -> "np.ndarray":
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+
+
+# ---------------------------------------------------------------- captioners
+class ExistingCaptions:
+    """The default captioner: the captions the inputs came with."""
+
+    name = "existing"
+
+    def __call__(self, images, items) -> list[dict[str, str]]:
+        return [dict(it.captions) for it in items]
+
+
+def make_captioner(name: str, args) -> Callable:
+    if name == "existing":
+        return ExistingCaptions()
+    if name == "vllm":  # GPU only; imported only when chosen
+        from data.captioners.vllm_captioner import VLLMCaptioner
+
+        return VLLMCaptioner(args.vlm_model, args.long_prompt, args.short_prompt)
+    raise SystemExit(f"--captioner {name!r}: expected 'existing' or 'vllm'")
+
+
+# ---------------------------------------------------------------- the work
+def worker_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """--rank/--world-size, else SLURM array variables, else (0, 1)."""
+    env = os.environ
+    if rank is None and "SLURM_ARRAY_TASK_ID" in env:
+        rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        world_size = world_size or int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise SystemExit(f"--rank {rank} is outside 0..{world_size - 1}")
+    return rank, world_size
+
+
+class Preparer:
+    def __init__(self, args):
+        import torch
+
+        from models.autoencoder import load_autoencoder
+
+        self.args = args
+        self.device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ae = load_autoencoder(args.autoencoder, args.autoencoder_subfolder).to(self.device)
+        self.text = None
+        if args.text_encoder:
+            from data.text_embeddings import CachedEncoder
+            from models.text_encoder import TextEncoder
+
+            self.text = CachedEncoder(TextEncoder(args.text_encoder, max_length=args.max_length).to(self.device))
+        self.captioner = make_captioner(args.captioner, args)
+        self.buckets = None
+        if args.buckets:
+            from data.buckets import make_buckets
+
+            self.buckets = make_buckets(args.buckets, args.bucket_step)
+        unit = self.ae.downsample
+        sides = [args.size] if not self.buckets else [s for hw in self.buckets for s in hw]
+        bad = [s for s in sides if s % unit]
+        if bad:
+            raise SystemExit(f"image sides {sorted(set(bad))[:4]} are not multiples of the autoencoder's downsampling ({unit})")
+
+    def target(self, img) -> tuple[int, int]:
+        if self.buckets:
+            from data.buckets import nearest_bucket
+
+            return nearest_bucket(img.size[1], img.size[0], self.buckets)
+        return self.args.size, self.args.size
+
+    def encode(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            x = torch.from_numpy(np.stack(pixels)).to(self.device)
+            return [z.astype(np.float16) for z in self.ae.encode(x).float().cpu().numpy()]
+
+    def run_unit(self, u: int, items: list[Item], out: Path) -> dict:
+        """Turn one unit of inputs into one shard, atomically. Returns the unit's summary."""
+        from data.shards import _add_member, _npy_bytes, atomic_write_text
+
+        a = self.args
+        name = UNIT_FORMAT.format(u)
+        tmp = out / f".{name}.tar.tmp"
+        skipped, ready = [], []
+        for item in items:
+            try:
+                img = load_rgb(item.read())
+                w0, h0 = img.size
+                if min(w0, h0) < a.min_size:
+                    raise Skip(f"too small ({w0}x{h0}, --min-size {a.min_size})")
+                h, w = self.target(img)
+                cropped, box = resize_crop(img, h, w)
+                ready.append((item, cropped, {"original_size": [h0, w0], "crop_box": box, "bucket": [h, w]}))
+            except Skip as e:
+                skipped.append({"source": item.source, "reason": str(e)})
+            except OSError as e:
+                skipped.append({"source": item.source, "reason": f"cannot read ({e.strerror or e})"})
+        captions = self.captioner([r[1] for r in ready], [r[0] for r in ready]) if ready else []
+        if self.text is not None:  # text data: a sample needs a caption to be embedded
+            keep = [i for i, caps in enumerate(captions) if any(t.strip() for t in caps.values())]
+            skipped += [{"source": ready[i][0].source, "reason": "no caption (a text encoder was asked for)"}
+                        for i in range(len(ready)) if i not in keep]
+            ready, captions = [ready[i] for i in keep], [captions[i] for i in keep]
+        embeddings = {}
+        if self.text is not None:  # one batched call for the unit's captions (cached across units)
+            flat = [(i, n, t) for i, caps in enumerate(captions) for n, t in caps.items()]
+            embeddings = {(i, n): e for (i, n, _), e in zip(flat, self.text([t for _, _, t in flat]))}
+        samples = []
+        by_bucket: dict[tuple, list[int]] = {}
+        for i, (_, _, meta) in enumerate(ready):
+            by_bucket.setdefault(tuple(meta["bucket"]), []).append(i)
+        latents: list = [None] * len(ready)
+        for idx in by_bucket.values():  # batched per bucket: one shape per batch
+            for j in range(0, len(idx), a.batch_size):
+                chunk = idx[j : j + a.batch_size]
+                for i, z in zip(chunk, self.encode([to_tensor(ready[i][1]) for i in chunk])):
+                    latents[i] = z
+        with tarfile.open(tmp, "w") as tar:
+            for i, ((item, _, meta), caps, z) in enumerate(zip(ready, captions, latents)):
+                meta = {**meta, "source": item.source, "captions": caps, "caption": caps.get("long", next(iter(caps.values()), "")),
+                        **({"label": item.label} if item.label is not None else {}), **item.extra}
+                _add_member(tar, f"{item.key}.latent.npy", _npy_bytes(z))
+                _add_member(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                if self.text is not None:
+                    for cname in caps:
+                        _add_member(tar, f"{item.key}.text_{cname}.npy", _npy_bytes(embeddings[(i, cname)]))
+                samples.append(meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _fault_injection_pause()
+        os.replace(tmp, out / f"{name}.tar")
+        buckets = {f"{h}x{w}": len(v) for (h, w), v in sorted(by_bucket.items())}
+        summary = {"name": f"{name}.tar", "num_samples": len(samples), "inputs": len(items), "skipped": skipped, "buckets": buckets,
+                   "caption_names": sorted({k for s in samples for k in s["captions"]}),
+                   "latent_shapes": sorted({tuple(z.shape) for z in latents if z is not None})}
+        atomic_write_text(out / f"{name}.json", json.dumps(summary, indent=1))
+        return summary
+
+
+def _fault_injection_pause() -> None:
+    """Tests only: FLOWDIT_PREPARE_UNIT_PAUSE=seconds holds each unit just before its rename, so a
+    test can kill the run with a half-written shard on disk."""
+    pause = float(os.environ.get("FLOWDIT_PREPARE_UNIT_PAUSE", "0") or 0)
+    if pause:
+        time.sleep(pause)
+
+
+def unit_done(out: Path, u: int) -> bool:
+    name = UNIT_FORMAT.format(u)
+    return (out / f"{name}.tar").is_file() and (out / f"{name}.json").is_file()
+
+
+def write_manifest(out: Path, units: int, fields: dict) -> dict | None:
+    """Once every unit is done (by any worker), the manifest: idempotent, same content whoever writes it."""
+    from data.shards import FORMAT, MANIFEST, atomic_write_text
+
+    if not all(unit_done(out, u) for u in range(units)):
+        return None
+    summaries = [json.loads((out / f"{UNIT_FORMAT.format(u)}.json").read_text()) for u in range(units)]
+    shapes = {tuple(shape) for s in summaries for shape in s["latent_shapes"]}
+    buckets: dict[str, int] = {}
+    for s in summaries:
+        for b, n in s["buckets"].items():
+            buckets[b] = buckets.get(b, 0) + n
+    names = sorted({n for s in summaries for n in s["caption_names"]})
+    manifest = {
+        "format": FORMAT,
+        "latent_shape": list(shapes.pop()) if len(shapes) == 1 else None,
+        **fields,
+        "buckets": buckets,
+        "num_samples": sum(s["num_samples"] for s in summaries),
+        "skipped": sum(len(s["skipped"]) for s in summaries),
+        "shards": [{"name": s["name"], "num_samples": s["num_samples"]} for s in summaries if s["num_samples"]],
+    }
+    if manifest.get("text_encoder"):
+        manifest["text_encoder"]["captions"] = names
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True, help="image folder, .csv/.jsonl table, or .tar shard(s) / URL template")
+    ap.add_argument("--out", required=True, help="output folder: shards, per-shard summaries, manifest.json")
+    ap.add_argument("--size", type=int, default=256, help="square output side in pixels (ignored with --buckets)")
+    ap.add_argument("--buckets", type=int, default=0, help="aspect-ratio buckets of about this many pixels (e.g. 65536)")
+    ap.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
+    ap.add_argument("--min-size", type=int, default=64, help="skip images whose shorter side is smaller")
+    ap.add_argument("--autoencoder", default="none", help="diffusers AutoencoderKL id or folder; 'none' keeps pixels")
+    ap.add_argument("--autoencoder-subfolder", default=None, help="e.g. 'vae' inside a pipeline repo")
+    ap.add_argument("--text-encoder", default=None, help="also store caption embeddings (fp16) from this encoder")
+    ap.add_argument("--max-length", type=int, default=120, help="text encoder token limit (longer captions are truncated)")
+    ap.add_argument("--captioner", default="existing", help="existing (default) or vllm (GPU, see data/captioners)")
+    ap.add_argument("--vlm-model", default="Qwen/Qwen2-VL-7B-Instruct", help="vllm captioner: the VLM")
+    ap.add_argument("--long-prompt", default="Describe this image in detail in one paragraph.", help="vllm captioner")
+    ap.add_argument("--short-prompt", default="Describe this image in one short sentence.", help="vllm captioner")
+    ap.add_argument("--samples-per-shard", type=int, default=1000, help="inputs per unit of work (= per shard)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per autoencoder batch")
+    ap.add_argument("--rank", type=int, default=None, help="this worker (default: SLURM_ARRAY_TASK_ID, else 0)")
+    ap.add_argument("--world-size", type=int, default=None, help="number of workers (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world = worker_position(args.rank, args.world_size)
+    items, class_names = list_inputs(args.input)
+    if not items:
+        raise SystemExit(f"--input {args.input}: no images found")
+    keys = [it.key for it in items]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("two inputs map to the same sample key; rename one of them")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tar.tmp"):  # left by a killed run: redone below
+        stale.unlink(missing_ok=True)
+    units = [items[i : i + args.samples_per_shard] for i in range(0, len(items), args.samples_per_shard)]
+    mine = [u for u in range(len(units)) if u % world == rank]
+    todo = [u for u in mine if not unit_done(out, u)]
+    print(f"{len(items)} inputs in {len(units)} units; worker {rank}/{world}: {len(mine)} units, {len(mine) - len(todo)} already done",
+          flush=True)
+    prep = Preparer(args)
+    fields = {
+        "autoencoder": args.autoencoder,
+        "autoencoder_subfolder": args.autoencoder_subfolder,
+        "scaling_factor": float(prep.ae.scaling_factor),
+        "shift_factor": float(prep.ae.shift_factor),
+        "text_encoder": ({"name": args.text_encoder, "max_length": args.max_length, "width": prep.text.width} if prep.text else None),
+        "num_classes": len(class_names) or None,
+        "class_names": class_names or None,
+        "image_size": None if args.buckets else args.size,
+        "bucket_spec": {"target_pixels": args.buckets, "step": args.bucket_step} if args.buckets else None,
+        "held_out_captions": [],
+    }
+    if prep.text is not None:
+        from data.text_embeddings import write_null
+
+        write_null(out, prep.text([""])[0])
+    t0, done_inputs, written = time.time(), 0, 0
+    reasons: dict[str, int] = {}
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(units[u]) for u in todo), unit="img")
+    for u in todo:
+        s = prep.run_unit(u, units[u], out)
+        done_inputs += s["inputs"]
+        written += s["num_samples"]
+        for sk in s["skipped"]:
+            reason = sk["reason"].split(" (")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+            print(f"skipped {sk['source']}: {sk['reason']}", flush=True)
+        if bar is not None:
+            bar.update(s["inputs"])
+        else:
+            rate = done_inputs / max(time.time() - t0, 1e-9)
+            print(f"unit {u}: {s['num_samples']}/{s['inputs']} written | {done_inputs} inputs done, {rate:.1f} img/s", flush=True)
+    if bar is not None:
+        bar.close()
+    dt = time.time() - t0
+    manifest = write_manifest(out, len(units), fields)
+    summary = {"worker": rank, "world_size": world, "units": len(mine), "units_run": len(todo), "samples_written": written,
+               "skipped": reasons, "seconds": round(dt, 1), "img_per_s": round(done_inputs / dt, 1) if dt > 0 else None,
+               "manifest": bool(manifest)}
+    print("summary: " + json.dumps(summary), flush=True)
+    if manifest:
+        print(f"manifest: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, {manifest['skipped']} skipped, "
+              f"buckets {manifest['buckets']}", flush=True)
+    else:
+        print("other workers' units are not finished yet; the last worker to finish writes manifest.json", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    main()
