@@ -187,3 +187,44 @@ def test_bucketed_batches_come_from_one_bucket_and_resume(tmp_path):
             assert len({tuple(m["bucket"]) for m in b["meta"]}) == 1 and b["latent"].shape[0] == 3
         again = ShardStream(out, 3, rank=rank, world_size=2, shuffle_buffer=8, start_batch=5)
         assert [b["keys"] for _, b in zip(range(3), again)] == [b["keys"] for b in batches[5:8]]
+
+
+def test_slurm_array_script_splits_by_task_id(messy_folder, tmp_path):
+    """scripts/slurm/prepare.sbatch run as tasks 1 then 0 of a 2-task array (the variables SLURM sets)."""
+    out = tmp_path / "out"
+    for task in ("1", "0"):
+        env = {**os.environ, "PYTHON": sys.executable, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2",
+               "SLURM_ARRAY_TASK_MIN": "0", "SLURM_SUBMIT_DIR": str(ROOT)}
+        proc = subprocess.run(["bash", str(ROOT / "scripts/slurm/prepare.sbatch"), "--input", str(messy_folder), "--out", str(out),
+                               "--size", "16", "--min-size", "16", "--samples-per-shard", "2"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert f"worker {task}/2" in proc.stdout
+    assert read_manifest(out)["num_samples"] == 5 and "#SBATCH --account" not in (ROOT / "scripts/slurm/prepare.sbatch").read_text()
+
+
+def test_tables_and_tar_shards_are_inputs_too(messy_folder, tmp_path):
+    rows = [{"path": str(messy_folder / "plain.jpg"), "caption": "one", "label": 0, "score": 6.5},
+            {"path": "missing.jpg", "caption": "two"},
+            {"path": str(messy_folder / "latin.jpg"), "caption": "three", "short_caption": "3", "label": 1}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with open(tmp_path / "t.csv", "w") as f:
+        f.write("path,caption,label,score\n" + "\n".join(f"{r['path']},{r['caption']},{r.get('label', '')},{r.get('score', '')}" for r in rows))
+    for name in ("t.jsonl", "t.csv"):
+        s = prepare(["--input", str(tmp_path / name), "--out", str(tmp_path / f"out_{name}"), "--size", "16", "--min-size", "16"])
+        assert s["samples_written"] == 2 and s["skipped"] == {"cannot read": 1}
+    batch = next(iter(ShardStream(tmp_path / "out_t.jsonl", 2, shuffle_buffer=0)))
+    by_caption = {m["caption"]: m for m in batch["meta"]}
+    assert by_caption["one"]["scores"] == {"score": 6.5} and by_caption["three"]["captions"] == {"long": "three", "short": "3"}
+    assert sorted(batch["label"].tolist()) == [0, 1]
+    # WebDataset tars, brace-expanded
+    for i in range(2):
+        with tarfile.open(tmp_path / f"in-{i:03d}.tar", "w") as tar:
+            for j in range(3):
+                img = tmp_path / f"x{i}{j}.png"
+                _photo(24, 24, 10 * i + j).save(img)
+                tar.add(img, arcname=f"s{i}{j}.png")
+                cap = tmp_path / f"x{i}{j}.txt"
+                cap.write_text(f"shard {i} sample {j}")
+                tar.add(cap, arcname=f"s{i}{j}.txt")
+    s = prepare(["--input", str(tmp_path / "in-{000..001}.tar"), "--out", str(tmp_path / "out_tar"), "--size", "16", "--min-size", "16"])
+    assert s["samples_written"] == 6
