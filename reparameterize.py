@@ -1,10 +1,20 @@
 """Carry a checkpoint's weights into the next curriculum stage.
 
-    python reparameterize.py runs/demo/stage1/checkpoints/step_0004000 runs/demo/stage2_init --caption-channels 384
+    python reparameterize.py runs/demo/stage1 runs/demo/stage2_init --caption-channels 384
+    python reparameterize.py runs/demo/stage2 runs/demo/stage3_init --image-size 32
+    python reparameterize.py runs/demo/stage3 runs/demo/stage4_init
+    python reparameterize.py runs/demo/stage4 runs/demo/stage5_init
 
-Transitions (picked from the source checkpoint's stage unless --transition says):
+SOURCE may be a checkpoint directory, a run directory (its newest checkpoint) or a
+``checkpoints/latest`` pointer. Transitions (picked from the source's stage unless
+--transition says):
     1to2  ccDiT -> mmDiT: shared weights copied, adaLN folded into adaLN-single at --t-ref,
           cross-attention output zero (see models/reparam.py). Exact at t_ref for any text.
+    2to3  larger latent grid (--image-size pixels): every weight copied, the position
+          embedding spans the old grid's range, the timestep shift raised by SD3's rule.
+    3to4  PixArt-MS size / aspect-ratio micro-conditions added, zero-initialized: the same
+          function at every size (checked and reported).
+    4to5  the same model, for the aesthetic fine-tune.
 The output is an init checkpoint (model.safetensors + meta.json + report.json) that the
 next stage's `stage.init_from` points at. Weights are read from safetensors only: a
 checkpoint can never run code here.
@@ -19,25 +29,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TRANSITIONS = {"stage1": "1to2"}
+TRANSITIONS = {"stage1": "1to2", "stage2": "2to3", "stage3": "3to4", "stage4": "4to5"}
+NEXT = {"1to2": 2, "2to3": 3, "3to4": 4, "4to5": 5}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="checkpoint directory of the finished stage")
     ap.add_argument("out", help="directory to write the next stage's initialization to")
-    ap.add_argument("--transition", default="auto", choices=["auto", "1to2"])
+    ap.add_argument("--transition", default="auto", choices=["auto", *NEXT])
     ap.add_argument("--weights", default="ema", choices=["ema", "raw"], help="which weights of the source to carry")
     ap.add_argument("--caption-channels", type=int, help="1to2: width of the text encoder's hidden states")
     ap.add_argument("--t-ref", type=float, default=0.5, help="1to2: the time at which the fold is exact")
+    ap.add_argument("--image-size", type=int, help="2to3: the new training resolution in pixels (square side)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = ap.parse_args(argv)
 
     import torch
     from safetensors.torch import save_file
 
+    from models.autoencoder import autoencoder_downsample
     from models.presets import build_model
-    from models.reparam import ccdit_to_mmdit
+    from models.reparam import ccdit_to_mmdit, mmdit_transition, sd3_shift
     from training.checkpoint import FORMAT, CheckpointError, load_weights, read_meta
 
     meta = read_meta(args.source)
@@ -49,6 +62,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"1to2 needs a stage-1 ccDiT checkpoint, but {args.source} holds a {meta['family']} ({meta['stage']})")
         if not args.caption_channels:
             raise SystemExit("1to2 needs --caption-channels: the text encoder's hidden size (e.g. 4096 for T5-XXL)")
+    elif meta["family"] != "mmdit":
+        raise SystemExit(f"{transition} needs an mmDiT checkpoint, but {args.source} holds a {meta['family']} ({meta['stage']})")
+    if transition == "2to3" and not args.image_size:
+        raise SystemExit("2to3 needs --image-size: the new training resolution in pixels")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise SystemExit(f"{out} exists; pass --force to replace it")
@@ -59,28 +76,52 @@ def main(argv=None) -> dict:
         src.load_state_dict(load_weights(args.source, ema=use_ema))
     except CheckpointError as e:
         raise SystemExit(str(e)) from e
-    model, report = ccdit_to_mmdit(src.eval(), args.caption_channels, t_ref=args.t_ref)
-
-    # how function-preserving was it? relative error vs the source with the null class, by t
+    ae = meta["autoencoder"]
+    down = autoencoder_downsample(ae["name"], ae.get("subfolder"))
+    sampling = dict(meta.get("sampling") or {})
     torch.manual_seed(0)
-    c = model.config
-    x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
-    text = torch.randn(8, 4, c.caption_channels)
     errors = {}
-    with torch.no_grad():
-        for t in sorted({0.1, 0.3, args.t_ref, 0.7, 0.9}):
-            tt = torch.full((8,), t)
-            a, b = model(x, tt, text), src(x, tt, torch.full((8,), src.null_class))
-            errors[f"{t:g}"] = float((a - b).norm() / b.norm().clamp(min=1e-12))
+    if transition == "1to2":
+        model, report = ccdit_to_mmdit(src.eval(), args.caption_channels, t_ref=args.t_ref, pixels_per_latent=down)
+        # how function-preserving was it? relative error vs the source with the null class, by t
+        c = model.config
+        x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
+        text = torch.randn(8, 4, c.caption_channels)
+        with torch.no_grad():
+            for t in sorted({0.1, 0.3, args.t_ref, 0.7, 0.9}):
+                tt = torch.full((8,), t)
+                a, b = model(x, tt, text), src(x, tt, torch.full((8,), src.null_class))
+                errors[f"{t:g}"] = float((a - b).norm() / b.norm().clamp(min=1e-12))
+    else:
+        if args.image_size and args.image_size % down:
+            raise SystemExit(f"--image-size {args.image_size} is not divisible by the autoencoder's downsampling ({down})")
+        try:
+            model, report = mmdit_transition(src.eval(), transition, (args.image_size or 0) // down or None)
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
+        if transition == "2to3":  # SD3: shift grows with sqrt(pixels); the trainer and sampler read it from here
+            old, new = src.config.input_size, model.config.input_size
+            sampling["shift"] = sd3_shift(float(sampling.get("shift", 1.0)), old * old, new * new)
+            report["shift"] = [meta.get("sampling", {}).get("shift", 1.0), sampling["shift"]]
+        else:  # 3to4 and 4to5 must not change the function: measure it at the source's size
+            c = src.config
+            x = torch.randn(4, c.in_channels, c.input_size, c.input_size)
+            text = torch.randn(4, 5, c.caption_channels)
+            with torch.no_grad():
+                for t in (0.1, 0.5, 0.9):
+                    tt = torch.full((4,), t)
+                    a, b = model(x, tt, text), src(x, tt, text)
+                    errors[f"{t:g}"] = float((a - b).norm() / b.norm().clamp(min=1e-12))
     report.update(transition=transition, source=str(Path(args.source).resolve()), weights="ema" if use_ema else "raw",
                   relative_error_by_t=errors)
 
     from dataclasses import asdict
 
+    stage = NEXT[transition]
     new_meta = {
         "format": FORMAT,
-        "stage": "stage2",
-        "stage_index": 2,
+        "stage": f"stage{stage}",
+        "stage_index": stage,
         "kind": "init",
         "family": "mmdit",
         "preset": meta["preset"],
@@ -89,9 +130,11 @@ def main(argv=None) -> dict:
         "has_ema": False,
         "code_revision": meta.get("code_revision"),
         "autoencoder": meta["autoencoder"],
-        "conditioning": {"type": "text", "caption_channels": args.caption_channels},
-        "sampling": meta.get("sampling"),
-        "init": {"transition": transition, "source": report["source"], "source_step": meta["step"], "t_ref": args.t_ref},
+        "conditioning": ({"type": "text", "caption_channels": args.caption_channels} if transition == "1to2"
+                         else meta["conditioning"]),
+        "sampling": sampling,
+        "init": {"transition": transition, "source": report["source"], "source_step": meta["step"],
+                 **({"t_ref": args.t_ref} if transition == "1to2" else {})},
     }
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,8 +145,11 @@ def main(argv=None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    print(f"{transition}: {len(report['copied'])} tensors copied, {len(report['folded'])} folded, {len(report['new'])} new")
-    print("relative error vs the source (null class) by t: " + ", ".join(f"t={k}: {v:.2e}" for k, v in errors.items()))
+    print(f"{transition}: {len(report['copied'])} tensors copied, {len(report['folded'])} folded, {len(report['new'])} new"
+          + (f"; config {report['config_changes']}" if report.get("config_changes") else "")
+          + (f"; timestep shift {report['shift'][0]} -> {report['shift'][1]:.3f}" if "shift" in report else ""))
+    if errors:
+        print("relative error vs the source by t: " + ", ".join(f"t={k}: {v:.2e}" for k, v in errors.items()))
     print(f"wrote {out}")
     return report
 

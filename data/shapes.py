@@ -133,11 +133,16 @@ def _shape_mask(spec: ShapeSpec, width: int, height: int, ss: int = 4) -> np.nda
     return inside.reshape(height, ss, width, ss).mean(axis=(1, 3))
 
 
-def render(spec: ShapeSpec, width: int = 32, height: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
-    """(height, width, 3) uint8 image of ``spec``; ``rng`` jitters the background colour."""
+def render(spec: ShapeSpec, width: int = 32, height: int = 32, rng: np.random.Generator | None = None,
+           jitter_out: list | None = None) -> np.ndarray:
+    """(height, width, 3) uint8 image of ``spec``; ``rng`` jitters the background colour
+    (the jitter is appended to ``jitter_out`` when given)."""
     bg = np.array(BACKGROUNDS[spec.background], dtype=np.float32)
     if rng is not None:
-        bg = np.clip(bg + rng.uniform(-12, 12, size=3), 0, 255)
+        jitter = rng.uniform(-12, 12, size=3)
+        bg = np.clip(bg + jitter, 0, 255)
+        if jitter_out is not None:
+            jitter_out.append(jitter)
     fg = np.array(COLOURS[spec.colour], dtype=np.float32)
     cover = _shape_mask(spec, width, height)[..., None]
     img = cover * fg + (1 - cover) * bg
@@ -147,7 +152,10 @@ def render(spec: ShapeSpec, width: int = 32, height: int = 32, rng: np.random.Ge
 def make_sample(rng: np.random.Generator, width: int = 32, height: int = 32, spec: ShapeSpec | None = None):
     """One demo sample: (image uint8 (H, W, 3), metadata dict with label, caption, attributes)."""
     spec = spec or random_spec(rng, width, height)
-    image = render(spec, width, height, rng)
+    jitter: list = []
+    image = render(spec, width, height, rng, jitter)
+    # a quality score in [0, 10] for the aesthetic stage: a cleaner (less tinted) backdrop scores higher
+    aesthetic = round(10.0 * (1.0 - float(np.abs(jitter[0]).mean()) / 12.0), 3) if jitter else 10.0
     meta = {
         "label": spec.label,
         "class_name": CLASS_NAMES[spec.label],
@@ -155,6 +163,7 @@ def make_sample(rng: np.random.Generator, width: int = 32, height: int = 32, spe
         "captions": spec.captions,
         "attributes": spec.attributes(),
         "original_size": [height, width],
+        "scores": {"aesthetic": aesthetic},
     }
     return image, meta
 

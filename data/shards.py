@@ -134,6 +134,37 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
+    """Copy the samples whose metadata passes ``keep(meta)`` into a new shard folder (atomic shards,
+    a manifest with the source's fields, the null text embedding). Returns the number kept."""
+    import shutil
+
+    manifest = read_manifest(src)
+    fields = {k: v for k, v in manifest.items() if k not in ("format", "latent_shape", "num_samples", "shards")}
+    fields["subset_of"] = str(src)
+    n = 0
+    with ShardWriter(dst, samples_per_shard, manifest_fields=fields) as w:
+        for s in manifest["shards"]:
+            for key, group in _iter_tar(Path(src) / s["name"]):
+                meta = json.loads(group["json"])
+                if not keep(meta):
+                    continue
+                arrays = {ext[: -len(".npy")]: np.load(io.BytesIO(b), allow_pickle=False)
+                          for ext, b in group.items() if ext.endswith(".npy") and ext != "latent.npy"}
+                w.write(key, np.load(io.BytesIO(group["latent.npy"]), allow_pickle=False), meta, arrays)
+                n += 1
+    if manifest.get("latent_shape") is None:  # bucketed source: shapes vary, say so
+        sub = read_manifest(dst)
+        sub["latent_shape"] = None
+        atomic_write_text(Path(dst) / MANIFEST, json.dumps(sub, indent=2))
+    null = Path(src) / "null_text.npy"
+    if null.is_file():
+        shutil.copy(null, Path(dst) / "null_text.npy")
+    if n == 0:
+        raise ShardError(f"no sample of {src} passes the subset filter: lower the threshold")
+    return n
+
+
 # ---------------------------------------------------------------- manifest
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     data_dir = Path(data_dir)

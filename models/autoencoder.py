@@ -76,3 +76,13 @@ def load_autoencoder(name: str, subfolder: str | None = None, dtype: torch.dtype
     if name in (None, "none"):
         return PixelSpace()
     return DiffusersVAE(name, subfolder=subfolder, dtype=dtype)
+
+
+def autoencoder_downsample(name: str, subfolder: str | None = None) -> int:
+    """Pixels per latent of an autoencoder, from its config alone (no weights loaded)."""
+    if name in (None, "none"):
+        return PixelSpace.downsample
+    from diffusers import AutoencoderKL
+
+    cfg = AutoencoderKL.load_config(name, **({"subfolder": subfolder} if subfolder else {}))
+    return 2 ** (len(cfg["block_out_channels"]) - 1)

@@ -29,6 +29,7 @@ from models.layers import (
     modulate,
     run_block,
     sincos_2d,
+    timestep_sinusoid,
 )
 
 
@@ -41,6 +42,10 @@ class MMDiTConfig(DiTShape):
     caption_channels (`int`): width of the text encoder's hidden states.
     block (`str`): "pixart" (adaLN-single + cross-attention) or "joint" (SD3: one attention
         over image and text tokens, separate weights per stream).
+    micro_conditions (`bool`): PixArt-MS size and aspect-ratio conditions (stage 4 on), added to
+        the timestep embedding through a zero-initialized output, so switching them on
+        changes nothing until training does.
+    pixels_per_latent (`int`): the autoencoder's downsampling; micro-conditions are in pixels.
     """
 
     hidden_size: int = 1152
@@ -49,6 +54,8 @@ class MMDiTConfig(DiTShape):
     out_channels: int | None = None
     caption_channels: int = 4096
     block: str = "pixart"
+    micro_conditions: bool = False
+    pixels_per_latent: int = 8
 
 
 class PixArtBlock(DiTBlockLayers):
@@ -136,6 +143,22 @@ class PixArtFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class MicroConditionEmbedder(nn.Module):
+    """Image height, width (pixels) and aspect ratio h/w -> (N, D) added to the timestep embedding
+    (PixArt-MS): a sinusoid per value, an MLP, a zero-initialized output."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.linear_1 = nn.Linear(3 * frequency_size, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, resolution: torch.Tensor, aspect_ratio: torch.Tensor) -> torch.Tensor:
+        values = torch.cat([resolution.float(), aspect_ratio.float().reshape(-1, 1)], dim=1)  # (N, 3)
+        freq = timestep_sinusoid(values.reshape(-1), self.frequency_size).reshape(values.shape[0], -1)
+        return self.linear_2(F.silu(self.linear_1(freq.to(self.linear_1.weight.dtype))))
+
+
 class CaptionProjection(nn.Module):
     """Text encoder width -> D: Linear, GELU-tanh, Linear (PixArt's caption projection)."""
 
@@ -157,7 +180,7 @@ class MMDiT(nn.Module):
     """
 
     family = "mmdit"
-    _keep_in_high_precision = ("x_embedder", "t_embedder", "t_block", "y_embedder", "final_layer")
+    _keep_in_high_precision = ("x_embedder", "t_embedder", "t_block", "y_embedder", "micro_embedder", "final_layer")
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
@@ -166,6 +189,8 @@ class MMDiT(nn.Module):
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = CaptionProjection(c.caption_channels, c.hidden_size)
+        if c.micro_conditions:
+            self.micro_embedder = MicroConditionEmbedder(c.hidden_size)
         if c.block == "pixart":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))  # adaLN-single
             self.blocks = nn.ModuleList(
@@ -206,6 +231,9 @@ class MMDiT(nn.Module):
                 for mod in (block.adaLN_modulation[1], block.context_adaLN_modulation[1]):
                     nn.init.zeros_(mod.weight)
                     nn.init.zeros_(mod.bias)
+        if self.config.micro_conditions:  # closed until trained: adding them preserves the function
+            nn.init.zeros_(self.micro_embedder.linear_2.weight)
+            nn.init.zeros_(self.micro_embedder.linear_2.bias)
         nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -215,6 +243,8 @@ class MMDiT(nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
+        resolution: torch.Tensor | None = None,
+        aspect_ratio: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
@@ -222,6 +252,13 @@ class MMDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         x = self.x_embedder(hidden_states) + self.pos_embed(h // p, w // p, hidden_states.device)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
+        if self.config.micro_conditions:  # default: the size of the image being generated
+            if resolution is None:
+                px = self.config.pixels_per_latent
+                resolution = torch.tensor([[h * px, w * px]], device=hidden_states.device).expand(n, 2)
+            if aspect_ratio is None:
+                aspect_ratio = resolution[:, 0].float() / resolution[:, 1].float()
+            t_emb = t_emb + self.micro_embedder(resolution, aspect_ratio)
         context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
         mask = None
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):

@@ -12,9 +12,15 @@
   projection is zero, so text cannot change anything yet.
 Then, for any text, mmDiT(x, t_ref) == ccDiT(x, t_ref, null class) exactly; at
 other t the blocks differ by (W_i - W_mean)(SiLU(c(t)) - SiLU(c(t_ref))).
+
+2 -> 3 -> 4 -> 5 (``mmdit_transition``) keep the architecture and copy every tensor:
+2->3 enlarges the latent grid (position embedding regenerated over the old range, the
+timestep shift raised by SD3's rule), 3->4 adds zero-initialized micro-conditions
+(function-preserving at every size), 4->5 changes nothing in the model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import torch
@@ -25,7 +31,8 @@ from models.mmdit import MMDiT, MMDiTConfig
 
 
 @torch.no_grad()
-def ccdit_to_mmdit(src: CCDiT, caption_channels: int, t_ref: float = 0.5, seed: int = 0) -> tuple[MMDiT, dict]:
+def ccdit_to_mmdit(src: CCDiT, caption_channels: int, t_ref: float = 0.5, seed: int = 0,
+                   pixels_per_latent: int = 8) -> tuple[MMDiT, dict]:
     """Build the stage-2 mmDiT from a stage-1 ccDiT. Returns (model, report)."""
     c = src.config
     torch.manual_seed(seed)  # the fresh parts (caption projection, cross-attention inputs)
@@ -34,7 +41,7 @@ def ccdit_to_mmdit(src: CCDiT, caption_channels: int, t_ref: float = 0.5, seed: 
             input_size=c.input_size, patch_size=c.patch_size, in_channels=c.in_channels, hidden_size=c.hidden_size,
             depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, caption_channels=caption_channels,
             qk_norm=c.qk_norm, base_size=c.base_size, interpolation_scale=c.interpolation_scale,
-            linear_backend=c.linear_backend,
+            linear_backend=c.linear_backend, pixels_per_latent=pixels_per_latent,
         )
     )
     s, d = src.state_dict(), dst.state_dict()
@@ -85,3 +92,37 @@ def ccdit_to_mmdit(src: CCDiT, caption_channels: int, t_ref: float = 0.5, seed: 
 
 def mmdit_config_dict(model: MMDiT) -> dict:
     return asdict(model.config)
+
+
+# ---------------------------------------------------------------- mmDiT -> mmDiT (stages 2 -> 3 -> 4 -> 5)
+def sd3_shift(shift: float, old_pixels: int, new_pixels: int) -> float:
+    """SD3's resolution-dependent timestep shift: alpha scales with sqrt(pixels / base pixels)."""
+    return shift * math.sqrt(new_pixels / old_pixels)
+
+
+@torch.no_grad()
+def mmdit_transition(src: MMDiT, transition: str, input_size: int | None = None) -> tuple[MMDiT, dict]:
+    """2to3: a larger latent grid (``input_size``); the position embedding is regenerated so the new
+    grid spans the old one's range (base_size = the old grid). 3to4: PixArt-MS micro-conditions,
+    zero-initialized, so the model's function is unchanged at every size. 4to5: same model.
+    Every tensor of the source is copied. Returns (model, report)."""
+    c = asdict(src.config)
+    changed: dict = {}
+    if transition == "2to3":
+        if not input_size or input_size <= src.config.input_size:
+            raise ValueError(f"2to3 needs a larger latent grid than {src.config.input_size} (got input_size={input_size})")
+        if input_size % src.config.patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by the patch size {src.config.patch_size}")
+        changed = {"input_size": input_size, "base_size": src.base_size}
+    elif transition == "3to4":
+        changed = {"micro_conditions": True}
+    elif transition != "4to5":
+        raise ValueError(f"unknown mmDiT transition {transition!r}; expected 2to3, 3to4 or 4to5")
+    dst = MMDiT(MMDiTConfig(**{**c, **changed}))
+    s, d = src.state_dict(), dst.state_dict()
+    for k in s:
+        d[k].copy_(s[k])
+    dst.load_state_dict(d)
+    report = {"copied": sorted(s), "new": sorted(set(d) - set(s)), "folded": {},
+              "config_changes": {k: [c.get(k), v] for k, v in changed.items() if c.get(k) != v}}
+    return dst, report

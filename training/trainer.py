@@ -66,17 +66,39 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> dict:
     """Build the demo shards if asked and missing, then read and return the manifest."""
     path = Path(cfg.data.path)
+    min_score = cfg.data.get("min_score")
+    if min_score is not None:  # stage 5: the high-quality subset, written once beside the full data
+        from data.shards import write_subset
+
+        source, path = path, Path(f"{path}-min_score{min_score:g}")
+        if dist_info.is_main and not (path / "manifest.json").exists():
+            if cfg.data.generate and not (source / "manifest.json").exists():
+                _build_demo(cfg, source)
+            n = write_subset(source, path, lambda meta: _score(meta, cfg.data.score_key) >= min_score)
+            log.info("wrote the subset with %s >= %g: %d samples in %s", cfg.data.score_key, min_score, n, path)
+        barrier(dist_info)
+        cfg.data.path = str(path)
+        return read_manifest(path)
     if cfg.data.generate and not (path / "manifest.json").exists():
         if cfg.data.name != "shapes":
             raise ConfigError(f"data.generate=true only builds the shapes demo data, not {cfg.data.name!r}")
         if dist_info.is_main:
-            from data.shapes import build_shards
-
-            log.info("building %d shapes samples into %s (first use only)", cfg.data.num_samples, path)
-            build_shards(path, cfg.data.num_samples, cfg.data.image_size, seed=cfg.seed, text_encoder=cfg.data.get("text_encoder"),
-                         max_length=cfg.data.get("max_length", 16), holdout=bool(cfg.data.get("holdout", False)))
+            _build_demo(cfg, path)
         barrier(dist_info)
     return read_manifest(path)
+
+
+def _build_demo(cfg: DictConfig, path: Path) -> None:
+    from data.shapes import build_shards
+
+    log.info("building %d shapes samples into %s (first use only)", cfg.data.num_samples, path)
+    build_shards(path, cfg.data.num_samples, cfg.data.image_size, seed=cfg.seed, text_encoder=cfg.data.get("text_encoder"),
+                 max_length=cfg.data.get("max_length", 16), holdout=bool(cfg.data.get("holdout", False)))
+
+
+def _score(meta: dict, key: str) -> float:
+    value = (meta.get("scores") or {}).get(key)
+    return float("-inf") if value is None else float(value)
 
 
 def build_model_config(cfg: DictConfig, autoencoder: nn.Module, caption_channels: int | None = None):
@@ -88,12 +110,25 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, caption_channels
                   qk_norm=cfg.model.qk_norm, linear_backend=cfg.precision.linear)
     if cfg.model.family == "ccdit":
         fields["num_classes"] = cfg.data.num_classes
-    elif caption_channels is not None:
-        fields["caption_channels"] = caption_channels
-    for key in ("block",):
-        if key in cfg.model:
+    else:
+        fields["pixels_per_latent"] = autoencoder.downsample
+        if caption_channels is not None:
+            fields["caption_channels"] = caption_channels
+    for key in ("block", "micro_conditions", "base_size"):
+        if cfg.model.get(key) is not None:
             fields[key] = cfg.model[key]
     return model_config(cfg.model.family, cfg.model.preset, **fields)
+
+
+def inherit_from_init(cfg: DictConfig) -> None:
+    """Settings a stage takes from the checkpoint it starts from when its config leaves them null:
+    the timestep shift (reparameterize.py applies SD3's rule at 2->3) and the position-embedding
+    base grid (stage 3 keeps stage 2's range). Written back into cfg, so config.yaml records them."""
+    init_meta = ckpt.read_meta(cfg.stage.init_from) if cfg.stage.get("init_from") else {}
+    if cfg.train.timestep.shift is None:
+        cfg.train.timestep.shift = float((init_meta.get("sampling") or {}).get("shift", 1.0))
+    if "base_size" in cfg.model and cfg.model.base_size is None and init_meta:
+        cfg.model.base_size = init_meta["model_config"].get("base_size")
 
 
 def check_family(cfg: DictConfig) -> None:
@@ -279,6 +314,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     # ---- model config first: impossible shapes fail before any data is touched
     check_family(cfg)
+    inherit_from_init(cfg)
     autoencoder = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder).to(device)
     mcfg = build_model_config(cfg, autoencoder)
     latent_shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
@@ -291,6 +327,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         "scaling_factor": autoencoder.scaling_factor,
         "shift_factor": autoencoder.shift_factor,
     }
+    if manifest.get("latent_shape") is None and manifest.get("buckets"):  # aspect-ratio buckets: shapes vary
+        del expected["latent_shape"]
     if cfg.stage.conditioning == "class":
         expected["num_classes"] = cfg.data.num_classes
     check_manifest(manifest, expected, where=cfg.data.path)

