@@ -64,7 +64,7 @@ def test_2to3_keeps_every_weight_and_spans_the_old_positions():
 
 
 def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_dir):
-    s2 = train(compose(stage2_overrides(tmp_path / "s2", text_shapes_dir, **{"train.max_steps": 2}), "stage2"))
+    train(compose(stage2_overrides(tmp_path / "s2", text_shapes_dir, **{"train.max_steps": 2}), "stage2"))
     rep = reparameterize.main([str(tmp_path / "s2" / "run"), str(tmp_path / "init3"), "--image-size", "32"])
     assert rep["transition"] == "2to3" and rep["shift"] == [1.0, 2.0]  # SD3 rule: sqrt(32^2 / 16^2)
     common = {"data.path": str(text32_dir), "data.image_size": 32}
