@@ -1,6 +1,7 @@
 # make demo   - set up .venv, build the demo data, train the CPU demo, write grids + the evaluation table
 # make test   - set up .venv and run the test suite (under ~15 min on 2 cores)
 # make test-slow - the slow tests (long training runs)
+# make bench  - speed benchmarks (training step, loader, ours vs diffusers); make bench-curriculum - stage 2 with/without stage 1
 # GPU machines: keep your CUDA torch with `make CONSTRAINTS= test` (or install the project yourself).
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= -c constraints-cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean-venv browser
+.PHONY: demo test test-slow bench bench-curriculum clean-venv browser
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train_step.py
+	$(PY) scripts/bench_loader.py
+	$(PY) scripts/bench_vs_diffusers.py
+
+# ~50 minutes on 2 cores: stage 2 from the reparameterized stage 1 vs from scratch (needs the demo's stage 1)
+bench-curriculum: $(STAMP)
+	$(PY) scripts/bench_curriculum.py
 
 clean-venv:
 	rm -rf $(VENV)

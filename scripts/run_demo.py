@@ -55,6 +55,12 @@ def main(argv=None) -> int:
         run([sys.executable, ROOT / f"train_{stage}.py", f"experiment={EXPERIMENT[stage]}", f"run_dir={run_dir}", *extra, *mine])
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())
         rows.append((stage, summary, time.time() - t))
+    ran = {stage for stage, _, _ in rows}
+    for stage in STAGES:  # stages finished by an earlier invocation keep their row
+        summary = ROOT / out / stage / "summary.json"
+        if stage not in ran and summary.is_file():
+            rows.append((stage, json.loads(summary.read_text()), None))
+    rows.sort(key=lambda r: STAGES.index(r[0]))
     lines = [
         "| stage | steps | wall time this run | final loss | score (EMA, CFG) | what it counts | chance | per attribute | sample grid |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
         loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "(finished earlier)"
         attrs = ", ".join(f"{a} {s[f'eval_{a}_accuracy']:.3f}" for a in ("shape", "colour", "size", "background")
                           if f"eval_{a}_accuracy" in s)
-        lines.append(f"| {stage} | {s['step']} | {dt / 60:.1f} min | {loss} | {s.get(f'eval_{key}', float('nan')):.3f} | {what} "
+        wall = f"{dt / 60:.1f} min" if dt is not None else f"(earlier run: {s.get('seconds', 0) / 60:.1f} min)"
+        lines.append(f"| {stage} | {s['step']} | {wall} | {loss} | {s.get(f'eval_{key}', float('nan')):.3f} | {what} "
                      f"| {chance} | {attrs} | {s.get('eval_grid', '')} |")
     table = "\n".join(lines)
     (ROOT / out / "eval_table.md").write_text(table + "\n")
