@@ -32,15 +32,16 @@ def pad(arrays: list[np.ndarray], max_length: int) -> tuple[torch.Tensor, torch.
     if not arrays:
         raise ValueError("pad() needs at least one embedding")
     width = arrays[0].shape[-1]
-    out = torch.zeros(len(arrays), max_length, width)
-    mask = torch.zeros(len(arrays), max_length, dtype=torch.bool)
+    out = np.zeros((len(arrays), max_length, width), dtype=np.float32)
+    lengths = np.zeros(len(arrays), dtype=np.int64)
     for i, a in enumerate(arrays):
         if a.ndim != 2 or a.shape[-1] != width:
             raise ValueError(f"text embedding {i} has shape {a.shape}; expected (tokens, {width})")
         n = min(a.shape[0], max_length)
-        out[i, :n] = torch.from_numpy(np.asarray(a[:n], dtype=np.float32))
-        mask[i, :n] = True
-    return out, mask
+        out[i, :n] = a[:n]
+        lengths[i] = n
+    mask = torch.arange(max_length)[None, :] < torch.from_numpy(lengths)[:, None]
+    return torch.from_numpy(out), mask
 
 
 class CachedEncoder:

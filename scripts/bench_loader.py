@@ -3,7 +3,8 @@
     python scripts/bench_loader.py                       # demo text shards + synthetic 256-px latent shards
     python scripts/bench_loader.py --out bench/loader.json
 
-Cases: the stage-2 demo shards (3x16x16 pixels + two caption embeddings of width 384),
+Cases: the stage-2 demo shards (3x16x16 pixels + the caption embedding the demo trains on,
+width 384; the trainer decodes only the captions its caption_mix uses),
 and synthetic shards at a real run's 256-px SD3 latent size (16x32x32 fp16), without text
 and with a T5-XXL-width caption embedding (32 tokens x 4096, fp16). Each case reads
 --batches batches of --batch samples after one warm-up batch, with 0 and 2 DataLoader
@@ -45,12 +46,13 @@ def synthetic(out: Path, n: int, latent_shape, text: tuple[int, int] | None) -> 
     return out
 
 
-def measure(path: Path, batch: int, batches: int, workers: int) -> float:
+def measure(path: Path, batch: int, batches: int, workers: int, text_names=None) -> float:
     import torch
 
     from data.shards import ShardStream
 
-    loader = torch.utils.data.DataLoader(ShardStream(path, batch, shuffle_buffer=1000), batch_size=None, num_workers=workers)
+    stream = ShardStream(path, batch, shuffle_buffer=1000, text_names=text_names)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     it = iter(loader)
     next(it)  # warm-up: worker start, first shard open
     t = time.perf_counter()
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="bench/loader.json")
     args = ap.parse_args(argv)
     root = Path(tempfile.gettempdir()) / "flowdit_bench_loader"
-    cases = {"demo stage 2 (3x16x16 px + 2 x 10..16 x 384 text)": Path(args.demo),
+    cases = {"demo stage 2 (3x16x16 px + the long caption's 10 x 384 text)": Path(args.demo),
              "256-px latents (16x32x32 fp16)": synthetic(root / "latent", 5000, (16, 32, 32), None),
              "256-px latents + T5-XXL text (32 x 4096 fp16)": synthetic(root / "latent_t5", 5000, (16, 32, 32), (32, 4096))}
     rows = []
@@ -78,7 +80,7 @@ def main(argv=None) -> dict:
             print(f"| {name} | - | missing: build it with `python train_stage2.py experiment=demo_stage2` first | |")
             continue
         for workers in (0, 2):
-            rate = measure(path, args.batch, args.batches, workers)
+            rate = measure(path, args.batch, args.batches, workers, ["long"] if "demo" in name else None)
             rows.append({"case": name, "workers": workers, "samples_per_s": round(rate, 1), "x_train": round(rate / args.train_img_s, 1)})
             print(f"| {name} | {workers} | {rate:.0f} | {rate / args.train_img_s:.1f}x |", flush=True)
     record = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "batch": args.batch, "batches": args.batches,

@@ -228,3 +228,45 @@ def test_tables_and_tar_shards_are_inputs_too(messy_folder, tmp_path):
                 tar.add(cap, arcname=f"s{i}{j}.txt")
     s = prepare(["--input", str(tmp_path / "in-{000..001}.tar"), "--out", str(tmp_path / "out_tar"), "--size", "16", "--min-size", "16"])
     assert s["samples_written"] == 6
+
+
+def test_training_goes_on_past_a_truncated_shard(shapes_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    from training.trainer import train
+
+    data = _copy(shapes_dir, tmp_path / "data")
+    shard = data / read_manifest(data)["shards"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    overrides = tiny_overrides(tmp_path, data, **{"data.max_bad_fraction": 0.5, "data.shuffle_buffer": 0, "train.max_steps": 40,
+                                                  "train.global_batch_size": 64, "train.log_every": 40})
+    with pytest.warns(UserWarning, match="truncated or corrupt"):
+        summary = train(compose(overrides))
+    assert summary["step"] == 40  # 2,560 samples: more than the readable 1,667, so the bad shard was met
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"bad_samples"' in line][-1]
+    assert 300 <= last["bad_samples"] <= 2 * 340  # about two thirds of a 500-sample shard, met once or twice
+
+
+def test_fast_npy_and_tar_readers_agree_with_numpy_and_tarfile(shapes_dir, tmp_path):
+    import io
+
+    from data.shards import _members, load_npy
+
+    for arr in (np.arange(12, dtype=np.float16).reshape(3, 4), np.asfortranarray(np.random.rand(3, 5)), np.zeros((0, 384), np.float16),
+                np.array(3.5, dtype=np.float32)):
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        got = load_npy(buf.getvalue())
+        assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        load_npy(buf.getvalue())  # a pickled payload is refused, never loaded
+    shard = sorted(shapes_dir.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(_members(shard)) == want
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: 512 * 40])  # ends on a block boundary, no end-of-archive marker
+    with pytest.raises(tarfile.ReadError, match="truncated"):
+        list(_members(cut))

@@ -378,7 +378,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     loader = torch.utils.data.DataLoader(
         ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done,
-                    max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01))),
+                    max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01)),
+                    text_names=conditioning.caption_names if conditioning.type == "text" and conditioning.mode == "precomputed" else []),
         batch_size=None,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
