@@ -95,7 +95,11 @@ def main(argv=None) -> int:
                f"train.checkpoint_every={args.eval_every}", f"data.eval_samples={args.eval_samples}", *args.overrides]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.time()
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        done = ROOT / run_dir / "summary.json"
+        if done.is_file() and json.loads(done.read_text()).get("step", 0) >= args.steps:
+            print("finished earlier: reusing its curve", flush=True)
+        else:
+            subprocess.run(cmd, cwd=ROOT, check=True)
         pts = curve(ROOT / run_dir)
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())
         results[name] = {"run_dir": str(run_dir), "curve": pts, "steps_to_target": steps_to(pts, args.target),

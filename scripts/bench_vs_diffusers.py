@@ -102,7 +102,6 @@ def gemm_flops() -> float:
 
 
 def model_flops(ours) -> float:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     x, t, text, mask, target = inputs()

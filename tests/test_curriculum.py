@@ -94,3 +94,16 @@ def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_d
     assert 0.3 * 240 < subset["num_samples"] < 0.7 * 240  # about half the samples score >= 5
     w4, w5 = load_weights(s4["checkpoint"]), load_weights(s5["checkpoint"])
     assert all(w4[k].shape == w5[k].shape for k in w4) and s5["step"] == 2
+
+
+def test_checkpoints_that_predate_a_config_field_still_resume():
+    from dataclasses import asdict
+
+    from models.presets import model_config
+    from training.trainer import model_config_changes
+
+    now = asdict(model_config("mmdit", "tiny", input_size=8, in_channels=3, caption_channels=24, pixels_per_latent=1))
+    old = {k: v for k, v in now.items() if k not in ("micro_conditions", "pixels_per_latent", "block")}
+    assert model_config_changes({"family": "mmdit", "model_config": old}, now) == {}
+    assert model_config_changes({"family": "mmdit", "model_config": {**old, "depth": 3}}, now) == {"depth": (3, now["depth"])}
+    assert "pixels_per_latent" in model_config_changes({"family": "mmdit", "model_config": old}, {**now, "micro_conditions": True})

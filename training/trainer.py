@@ -183,6 +183,19 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
+def model_config_changes(meta: dict, model_config: dict) -> dict:
+    """{key: (checkpoint, now)} for every architecture setting that differs. Keys a checkpoint
+    predates count as their default; pixels_per_latent only matters with micro-conditions."""
+    from models.presets import MODEL_CLASSES
+
+    _, config_cls = MODEL_CLASSES[meta["family"]]
+    old = asdict(config_cls(**meta["model_config"]))
+    changed = {k: (old.get(k), v) for k, v in model_config.items() if old.get(k) != v}
+    if not model_config.get("micro_conditions") and not old.get("micro_conditions"):
+        changed.pop("pixels_per_latent", None)
+    return changed
+
+
 def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: dict, family: str) -> None:
     """Start a fresh run from another checkpoint's weights (its EMA if it has one): the
     previous stage after reparameterize.py, or a run of the same stage to fine-tune."""
@@ -199,8 +212,8 @@ def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: di
             f"stage.init_from={source} was built for text embeddings of width {theirs}, but the shards' text encoder "
             f"gives width {mine}. Reparameterize with --caption-channels {mine}, or use shards from the matching encoder."
         )
-    if meta["model_config"] != model_config:
-        changed = {k: (meta["model_config"].get(k), v) for k, v in model_config.items() if meta["model_config"].get(k) != v}
+    changed = model_config_changes(meta, model_config)
+    if changed:
         raise ConfigError(
             f"stage.init_from={source} holds a different model (checkpoint, this run): {changed}. "
             "Reparameterize it for this stage first (reparameterize.py) or fix the model config."
@@ -355,8 +368,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 f"cannot resume {resume_from}: it is a {meta['stage']} checkpoint and this is {cfg.stage.name}. "
                 "To start a stage from the previous one, reparameterize it and use stage.init_from."
             )
-        if meta["model_config"] != asdict(mcfg):
-            changed = {k: (meta["model_config"].get(k), v) for k, v in asdict(mcfg).items() if meta["model_config"].get(k) != v}
+        changed = model_config_changes(meta, asdict(mcfg))
+        if changed:
             raise ConfigError(
                 f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
                 "Architecture keys must match to resume; start a new run_dir instead."
