@@ -177,12 +177,15 @@ def build_shards(
     text_encoder: str | None = None,
     max_length: int = 16,
     holdout: bool = False,
+    canvases: list | None = None,
 ) -> dict:
     """Render ``num_samples`` shapes into pixel-space shards (autoencoder ``none``).
 
     With ``text_encoder`` (a name ``models.text_encoder.TextEncoder`` loads) every sample
     also stores its long and short captions' embeddings, and the empty prompt's is
     written beside the shards. ``holdout`` leaves the HELD_OUT combinations out.
+    ``canvases`` (a list of (height, width)) draws each sample's canvas from it: aspect-ratio
+    buckets for stage 4 (the manifest then has ``latent_shape: null`` and bucket counts).
     """
     from data.shards import ShardWriter, read_manifest  # the generator above needs no tar machinery
 
@@ -199,6 +202,7 @@ def build_shards(
         "held_out_captions": list(HELD_OUT_CAPTIONS) if holdout else [],
     }
     encode = None
+    buckets: dict[str, int] = {}
     if text_encoder:
         from data.text_embeddings import CachedEncoder, write_null
         from models.text_encoder import TextEncoder
@@ -209,16 +213,28 @@ def build_shards(
         write_null(out_dir, encode([""])[0])
     with ShardWriter(out_dir, samples_per_shard, manifest_fields=fields) as writer:
         for i in range(num_samples):
-            spec = random_spec(rng, image_size, image_size)
+            h, w = (image_size, image_size) if not canvases else tuple(canvases[int(rng.integers(len(canvases)))])
+            spec = random_spec(rng, w, h)
             while holdout and spec.held_out:
-                spec = random_spec(rng, image_size, image_size)
-            image, meta = make_sample(rng, image_size, image_size, spec)
+                spec = random_spec(rng, w, h)
+            image, meta = make_sample(rng, w, h, spec)
+            if canvases:
+                meta["bucket"] = [h, w]
+                buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
             pixels = image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
             arrays = None
             if encode is not None:
                 names = list(meta["captions"])
                 arrays = {f"text_{n}": e for n, e in zip(names, encode([meta["captions"][n] for n in names]))}
             writer.write(f"{i:08d}", pixels, meta, arrays)
+    if canvases:  # several shapes: say so in the manifest, as data/prepare.py does for buckets
+        import json
+
+        from data.shards import MANIFEST, atomic_write_text
+
+        manifest = read_manifest(out_dir)
+        manifest.update(latent_shape=None, buckets=buckets)
+        atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2))
     return read_manifest(out_dir)
 
 

@@ -19,12 +19,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["stage1", "stage2"]  # later stages join as they land (see README "Curriculum")
-EXPERIMENT = {"stage1": "demo", "stage2": "demo_stage2"}
+STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
+DEFAULT_STAGES = ["stage1", "stage2"]  # stages 3-5 run with --stages ...; their demo settings are not tuned yet
+EXPERIMENT = {s: "demo" if s == "stage1" else f"demo_{s}" for s in STAGES}
 TEXT_WIDTH = 384  # the demo's text encoder (MiniLM-L6) hidden size
+TRANSITION_ARGS = {"stage2": ["--caption-channels", str(TEXT_WIDTH)], "stage3": ["--image-size", "32"], "stage4": [], "stage5": []}
+_HELD_OUT = ("caption_accuracy", "every captioned attribute right, held-out captions", "1/72")
 SCORES = {  # stage -> (main score, what it counts, chance)
     "stage1": ("class_accuracy", "class (shape + colour) right", "1/12"),
-    "stage2": ("caption_accuracy", "every captioned attribute right, held-out captions", "1/72"),
+    "stage2": _HELD_OUT,
+    "stage3": _HELD_OUT,
+    "stage4": ("caption_accuracy", "held-out captions, mean over 1:1, 1:2, 2:1", "1/72"),
+    "stage5": ("caption_accuracy", "held-out captions, mean over 1:1, 1:2, 2:1", "1/72"),
 }
 
 
@@ -36,7 +42,8 @@ def run(cmd: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for every stage's run directory")
-    ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="stages to run, in order")
+    ap.add_argument("--stages", nargs="+", default=DEFAULT_STAGES, choices=STAGES, help="stages to run, in order")
+    ap.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights of a stage start the next one")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage; 'stage2:key=value' for one stage only")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -45,10 +52,11 @@ def main(argv=None) -> int:
         run_dir = out / stage
         t = time.time()
         extra = []
-        if stage == "stage2":  # start from stage 1 through reparameterize.py (once)
-            init = out / "stage2_init"
+        if stage != "stage1":  # start from the previous stage through reparameterize.py (once)
+            init = out / f"{stage}_init"
+            previous = out / STAGES[STAGES.index(stage) - 1]
             if not (ROOT / init / "meta.json").is_file():
-                run([sys.executable, ROOT / "reparameterize.py", out / "stage1", init, "--caption-channels", str(TEXT_WIDTH)])
+                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *TRANSITION_ARGS[stage]])
             extra = [f"stage.init_from={init}"]
         mine = [o.split(":", 1)[1] if o.startswith(f"{stage}:") else o for o in args.overrides
                 if ":" not in o.split("=", 1)[0] or o.startswith(f"{stage}:")]

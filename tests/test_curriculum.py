@@ -107,3 +107,27 @@ def test_checkpoints_that_predate_a_config_field_still_resume():
     assert model_config_changes({"family": "mmdit", "model_config": old}, now) == {}
     assert model_config_changes({"family": "mmdit", "model_config": {**old, "depth": 3}}, now) == {"depth": (3, now["depth"])}
     assert "pixels_per_latent" in model_config_changes({"family": "mmdit", "model_config": old}, {**now, "micro_conditions": True})
+
+
+def test_the_runner_takes_all_five_stages(tmp_path, shapes_dir, text_shapes_dir, text32_dir):
+    """scripts/run_demo.py --stages stage1 ... stage5 on tiny settings: every hand-off through
+    reparameterize.py, bucketed demo data built for stage 4, the score subset for stage 5."""
+    from scripts.run_demo import main as run_demo
+
+    common = ["model.preset=tiny", "train.global_batch_size=16", "train.max_steps=2", "train.warmup_steps=1", "train.log_every=1",
+              "train.checkpoint_every=2", "train.sample_every=2", "train.sample.steps=2", "data.eval_samples=24", "data.shuffle_buffer=50"]
+    per_stage = [f"stage1:data.path={shapes_dir}", f"stage2:data.path={text_shapes_dir}", f"stage3:data.path={text32_dir}",
+                 f"stage4:data.path={tmp_path / 'buckets'}", "stage4:data.num_samples=300",
+                 f"stage5:data.path={tmp_path / 'buckets'}", "stage5:data.num_samples=300"]
+    out = tmp_path / "demo"
+    assert run_demo(["--out", str(out), *common, *per_stage, "--stages", "stage1", "stage2", "stage3", "stage4", "stage5"]) == 0
+    table = (out / "eval_table.md").read_text()
+    assert all(f"| stage{i} | 2 |" in table for i in range(1, 6))
+    s4 = json.loads((out / "stage4" / "summary.json").read_text())
+    assert {"eval_caption_accuracy_32x32", "eval_caption_accuracy_24x48", "eval_caption_accuracy_48x24"} <= set(s4)
+    manifest = json.loads((tmp_path / "buckets" / "manifest.json").read_text())
+    assert manifest["latent_shape"] is None and set(manifest["buckets"]) == {"24x48", "24x40", "32x32", "40x24", "48x24"}
+    meta5 = read_meta(out / "stage5")
+    assert meta5["stage"] == "stage5" and meta5["model_config"]["micro_conditions"] is True
+    assert (tmp_path / "buckets-min_score5").is_dir()
+    assert json.loads((out / "stage3_init" / "report.json").read_text())["transition"] == "2to3"

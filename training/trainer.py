@@ -91,9 +91,15 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> dict:
 def _build_demo(cfg: DictConfig, path: Path) -> None:
     from data.shapes import build_shards
 
+    canvases = None
+    spec = cfg.data.get("buckets")
+    if spec:  # aspect-ratio buckets from a pixel count and a step (stage 4)
+        from data.buckets import make_buckets
+
+        canvases = make_buckets(int(spec.target_pixels), int(spec.step), float(spec.get("max_ratio", 4.0)))
     log.info("building %d shapes samples into %s (first use only)", cfg.data.num_samples, path)
     build_shards(path, cfg.data.num_samples, cfg.data.image_size, seed=cfg.seed, text_encoder=cfg.data.get("text_encoder"),
-                 max_length=cfg.data.get("max_length", 16), holdout=bool(cfg.data.get("holdout", False)))
+                 max_length=cfg.data.get("max_length", 16), holdout=bool(cfg.data.get("holdout", False)), canvases=canvases)
 
 
 def _score(meta: dict, key: str) -> float:
@@ -277,7 +283,27 @@ def eval_prompts(cfg: DictConfig, manifest: dict) -> list[str]:
 
 def evaluate(model, autoencoder, cfg, latent_shape, conditioning, manifest, device, out_png: Path | None) -> dict:
     """Sample grid (PNG) and, on the shapes data, the evaluator's accuracy: per attribute, and
-    'class_accuracy' (stage 1: shape and colour) or 'caption_accuracy' (text: every captioned attribute)."""
+    'class_accuracy' (stage 1: shape and colour) or 'caption_accuracy' (text: every captioned attribute).
+    With data.eval_aspects ([[h, w], ...] in pixels) it samples at each size: one grid and one score
+    per size (suffix _HxW), and the headline scores are their mean."""
+    aspects = [tuple(hw) for hw in (cfg.data.get("eval_aspects") or [])]
+    if not aspects:
+        return _evaluate_at(model, autoencoder, cfg, latent_shape, conditioning, manifest, device, out_png)
+    down = autoencoder.downsample
+    result: dict[str, Any] = {}
+    per: list[dict] = []
+    for h, w in aspects:
+        png = None if out_png is None else out_png.with_name(f"{out_png.stem}_{h}x{w}.png")
+        r = _evaluate_at(model, autoencoder, cfg, (latent_shape[0], h // down, w // down), conditioning, manifest, device, png)
+        per.append(r)
+        result.update({f"{k}_{h}x{w}": v for k, v in r.items()})
+    for k in per[0]:
+        if isinstance(per[0][k], float):
+            result[k] = sum(r[k] for r in per) / len(per)
+    return result
+
+
+def _evaluate_at(model, autoencoder, cfg, latent_shape, conditioning, manifest, device, out_png: Path | None) -> dict:
     columns = conditioning.num_classes if conditioning.type == "class" else max(len(eval_prompts(cfg, manifest)), 1)
     n = max(cfg.data.eval_samples, 2 * columns) if cfg.data.name == "shapes" else 4 * min(columns, 8)
     conds = eval_conditions(conditioning, cfg, manifest, n, device)
@@ -299,7 +325,7 @@ def evaluate(model, autoencoder, cfg, latent_shape, conditioning, manifest, devi
     if out_png is not None:
         k = min(columns, 16)  # one column per class or prompt, four rows of seeds
         idx = [i for r in range(4) for i in range(r * columns, r * columns + k) if i < n]
-        save_png(make_grid(to_uint8(images[idx]), ncols=k, upscale=max(1, 96 // images.shape[-1])), out_png)
+        save_png(make_grid(to_uint8(images[idx]), ncols=k, upscale=max(1, 96 // max(images.shape[-2:]))), out_png)
         result["grid"] = str(out_png)
     return result
 
