@@ -48,7 +48,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    if isinstance(model, dict):  # already gathered (FSDP: full state dicts)
+        return {k: v.detach().contiguous().cpu() for k, v in model.items()}
     model = getattr(model, "module", model)  # unwrap DDP
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
@@ -56,8 +58,8 @@ def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     ckpt_root: str | os.PathLike,
     step: int,
-    model: torch.nn.Module,
-    ema: torch.nn.Module | None,
+    model: torch.nn.Module | dict,
+    ema: torch.nn.Module | dict | None,
     train_state: dict[str, Any],
     config_yaml: str,
     meta: dict[str, Any],

@@ -379,9 +379,14 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         mcfg = build_model_config(cfg, autoencoder, caption_channels=conditioning.width)
 
     # ---- model, EMA, optimizer (and resume)
+    parallel = cfg.train.get("parallel", "ddp")
+    if parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel={parallel!r}: expected ddp or fsdp")
+    use_fsdp = parallel == "fsdp" and dist_info.enabled
     model = build_model(cfg.model.family, mcfg).to(device)
     ema = make_ema(model)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    optimizer_state = None
     step, batches_done = 0, 0
     if dist_info.is_main:
         for stale in ckpt.remove_partial_saves(ckpt_root):
@@ -403,7 +408,9 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         model.load_state_dict(ckpt.load_weights(resume_from))
         ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
         state = ckpt.load_train_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
+        if not use_fsdp:
+            optimizer.load_state_dict(optimizer_state)
         step, batches_done = int(state["step"]), int(state["batches_done"])
         log.info("resumed from %s at step %d", resume_from, step)
     elif cfg.stage.init_from:
@@ -411,7 +418,16 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     if dist_info.is_main:
         check_free_space(run_dir, model)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
-    ddp_model = DDP(model) if dist_info.enabled else model
+    if use_fsdp:  # shard the loaded weights, then build the optimizer on the shards
+        from training import fsdp
+
+        fsdp.shard(model, ema, device, dist_info.world_size)
+        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+        if optimizer_state is not None:
+            fsdp.load_optimizer_state(model, optimizer, optimizer_state)
+        ddp_model = model
+    else:
+        ddp_model = DDP(model) if dist_info.enabled else model
     if cfg.train.compile:
         ddp_model = torch.compile(ddp_model)  # the raw module stays `model`: checkpoints and EMA read it
 
@@ -454,7 +470,9 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     logger = RunLogger(run_dir, dist_info.is_main, cfg.train.max_steps, step, cfg.train.wandb,
                        OmegaConf.to_container(cfg, resolve=True))
 
-    def check_replicas(at_step: int) -> float:
+    def check_replicas(at_step: int) -> float | None:
+        if use_fsdp:
+            return None  # shards, not replicas
         divergence = replica_divergence(model, dist_info)
         if divergence > 1e-6:
             raise RuntimeError(f"DDP replicas diverged at step {at_step} (max parameter difference {divergence:.3g})")
@@ -463,9 +481,15 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     def save(at_step: int) -> Path | None:
         check_replicas(at_step)
         path = None
+        if use_fsdp:  # gather full state dicts onto rank 0 (collective: every rank takes part)
+            weights, ema_weights = fsdp.full_state(model), fsdp.full_state(ema)
+            optimizer_sd = fsdp.full_optimizer_state(model, optimizer)
+        else:
+            weights, ema_weights = model, ema
+            optimizer_sd = optimizer.state_dict() if dist_info.is_main else None
         if dist_info.is_main:
-            state = {"optimizer": optimizer.state_dict(), "step": at_step, "batches_done": batches_done}
-            path = ckpt.save_checkpoint(ckpt_root, at_step, model, ema, state, config_yaml, meta)
+            state = {"optimizer": optimizer_sd, "step": at_step, "batches_done": batches_done}
+            path = ckpt.save_checkpoint(ckpt_root, at_step, weights, ema_weights, state, config_yaml, meta)
             ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last, cfg.train.keep_every)
             logger.write(f"saved checkpoint {path}")
         barrier(dist_info)  # nobody races ahead of (or reads) a half-finished save
@@ -473,8 +497,14 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     def run_eval(at_step: int) -> dict:
         result = {}
+        sampler = ema
+        if use_fsdp:  # sample with a plain copy of the gathered EMA on rank 0
+            ema_weights = fsdp.full_state(ema)
+            if dist_info.is_main:
+                sampler = build_model(cfg.model.family, mcfg).to(device).eval()
+                sampler.load_state_dict(ema_weights)
         if dist_info.is_main:
-            result = evaluate(ema, autoencoder, cfg, latent_shape, conditioning, manifest, device,
+            result = evaluate(sampler, autoencoder, cfg, latent_shape, conditioning, manifest, device,
                               run_dir / "samples" / f"step_{at_step:07d}.png")
             logger.write(f"step {at_step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
             logger.log(at_step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
@@ -508,7 +538,12 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 cond = conditioning.train_condition(batch, gen, tcfg.cond_dropout, device)  # with CFG dropout to null
                 t = sample_timesteps(x0.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
                 noise = torch.randn(x0.shape, generator=gen, device=device)
-                sync = contextlib.nullcontext() if (micro == tcfg.grad_accum - 1 or not dist_info.enabled) else ddp_model.no_sync()
+                last_micro = micro == tcfg.grad_accum - 1
+                if use_fsdp:  # reduce-scatter only on the last micro-batch
+                    model.set_requires_gradient_sync(last_micro)
+                    sync = contextlib.nullcontext()
+                else:
+                    sync = contextlib.nullcontext() if (last_micro or not dist_info.enabled) else ddp_model.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), precision_ctx():
                     pred = call_model(ddp_model, interpolate(x0, noise, t), t, cond)  # (N, C, H, W) velocity
                     per_sample = flow_loss(pred, x0, noise)  # (N,)
@@ -521,6 +556,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 bin_sums += s
                 bin_counts += c
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # of the all-reduced gradient
+            if use_fsdp:
+                grad_norm = fsdp.scalar(grad_norm)
             if guard.check(float(grad_norm), step, last_ckpt):
                 optimizer.step()
                 update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
