@@ -67,9 +67,10 @@ class _MXFP8LinearFn(torch.autograd.Function):
     """y = Q(x) Q(W)^T + b, each operand quantized along the GEMM's reduction dimension."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, fuse_wgrad=False):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.fuse_wgrad = fuse_wgrad
         y = mx_quantize(x, -1) @ mx_quantize(weight, 1).t()  # reduce over in_features
         return y + bias if bias is not None else y
 
@@ -81,11 +82,20 @@ class _MXFP8LinearFn(torch.autograd.Function):
         grad_x = (mx_quantize(g2, 1) @ mx_quantize(weight, 0)).reshape(x.shape)  # reduce over out_features
         grad_w = mx_quantize(g2, 0).t() @ mx_quantize(x2, 0)  # reduce over tokens
         grad_b = g2.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        if ctx.fuse_wgrad:  # TE's fuse_wgrad_accumulation: accumulate into main_grad, give autograd nothing
+            weight.main_grad.add_(grad_w.to(weight.main_grad.dtype))
+            grad_w = None
+        return grad_x, grad_w, grad_b, None
 
 
 class MXFP8EmulatedLinear(nn.Linear):
-    """nn.Linear whose GEMMs (forward, dgrad, wgrad) run on MXFP8-quantized operands."""
+    """nn.Linear whose GEMMs (forward, dgrad, wgrad) run on MXFP8-quantized operands.
+
+    ``fuse_wgrad_accumulation`` (as in TE): the weight gradient is added to ``weight.main_grad``
+    (fp32) instead of ``weight.grad``; training/fused_wgrad.py all-reduces it (DDP cannot see it).
+    """
+
+    fuse_wgrad_accumulation = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         for name, size in (("in_features", in_features), ("out_features", out_features)):
@@ -97,7 +107,7 @@ class MXFP8EmulatedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _MXFP8LinearFn.apply(x, self.weight, self.bias)
+        return _MXFP8LinearFn.apply(x, self.weight, self.bias, self.fuse_wgrad_accumulation)
 
 
 # ---------------------------------------------------------------- Transformer Engine
@@ -118,6 +128,7 @@ def _te_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     for name, size in (("in_features", in_features), ("out_features", out_features)):
         if size % 16:
             raise ValueError(f"FP8 GEMMs need linear dimensions divisible by 16, but {name}={size}")
+    # fuse_wgrad_accumulation is switched on later, per module, by training/fused_wgrad.py
     return transformer_engine().Linear(in_features, out_features, bias=bias)
 
 

@@ -418,6 +418,18 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     if dist_info.is_main:
         check_free_space(run_dir, model)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
+    owned = []  # weights whose gradient the fused-wgrad protocol reduces (training/fused_wgrad.py)
+    if cfg.precision.get("fuse_wgrad"):
+        from training import fused_wgrad
+
+        if use_fsdp:
+            raise ConfigError("precision.fuse_wgrad works with DDP, not with train.parallel=fsdp")
+        try:
+            owned = fused_wgrad.enable(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if dist_info.enabled:
+            fused_wgrad.exclude_from_ddp(model, owned)
     if use_fsdp:  # shard the loaded weights, then build the optimizer on the shards
         from training import fsdp
 
@@ -555,6 +567,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 s, c = loss_by_bin(per_sample, t)
                 bin_sums += s
                 bin_counts += c
+            if owned:  # fused wgrad: average main_grad across ranks ourselves, then hand it to the optimizer
+                fused_wgrad.reduce_and_publish(owned, dist_info.world_size)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # of the all-reduced gradient
             if use_fsdp:
                 grad_norm = fsdp.scalar(grad_norm)
@@ -564,6 +578,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             else:
                 logger.write(f"step {step}: non-finite loss or gradient, update skipped ({guard.skipped_total} so far)")
             optimizer.zero_grad(set_to_none=True)
+            if owned:
+                fused_wgrad.zero(owned)
             step += 1
             steps_since += 1
 
