@@ -129,3 +129,14 @@ def test_init_from_starts_a_fresh_run_from_another_checkpoint(tmp_path, shapes_d
     assert moved and all((model[k] - src_ema[k]).abs().max() < 0.01 for k in src_ema)  # one small step away from the source
     with pytest.raises(ConfigError, match="holds a different model"):
         train(compose(tiny_overrides(tmp_path / "bad", shapes_dir, **{"stage.init_from": source, "model.qk_norm": False})))
+
+
+def test_stop_after_pauses_without_changing_the_schedule(tmp_path, shapes_dir):
+    full = train(compose(tiny_overrides(tmp_path / "a", shapes_dir)))
+    paused = train(compose(tiny_overrides(tmp_path / "b", shapes_dir, **{"train.stop_after": 3})))
+    assert paused["step"] == 3 and paused["checkpoint"].endswith("step_0000003")
+    resumed = train(compose(tiny_overrides(tmp_path / "b", shapes_dir)))
+    assert resumed["step"] == 6
+    a, b = load_file(f"{full['checkpoint']}/ema.safetensors"), load_file(f"{resumed['checkpoint']}/ema.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)

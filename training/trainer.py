@@ -530,10 +530,12 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     t_last, steps_since = time.time(), 0
     start_step, t_start = step, time.time()
     last_ckpt, last_loss, first_batch_overlap, bad_samples = resume_from, None, None, 0
+    last_eval: tuple[int, dict] | None = None
     stop = StopRequest().install()
     guard, spikes = NonFiniteGuard(tcfg.max_nonfinite_steps), SpikeDetector(tcfg.spike_factor)
     try:
-        while step < tcfg.max_steps:
+        stop_after = tcfg.get("stop_after")  # pause here (same schedule); running again continues
+        while step < tcfg.max_steps and (stop_after is None or step < stop_after):
             lr = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -601,7 +603,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             if healthy and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
                 last_ckpt = save(step)
             if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
-                run_eval(step)
+                last_eval = (step, run_eval(step))
             if stop.requested(dist_info.enabled) and step < tcfg.max_steps:
                 logger.close()
                 if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:07d}"):
@@ -614,10 +616,14 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     # ---- the end: final checkpoint (unless resumed at the end already) and evaluation
     logger.close()
     if step > start_step:
-        last_ckpt = save(step)
+        if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:07d}"):
+            last_ckpt = save(step)
     else:  # resumed a run that had already finished: nothing to train
         last_ckpt = ckpt.latest_checkpoint(ckpt_root)
-    result = run_eval(step) if tcfg.sample_every else {}
+    if last_eval is not None and last_eval[0] == step:  # stopped right after an evaluation (train.stop_after)
+        result = last_eval[1]
+    else:
+        result = run_eval(step) if tcfg.sample_every else {}
     summary = {
         "stage": cfg.stage.name,
         "step": step,
