@@ -77,9 +77,12 @@ def test_reparameterize_cli_writes_an_init_checkpoint(tmp_path, shapes_dir):
     assert meta["family"] == "mmdit" and meta["stage"] == "stage2" and meta["init"]["source_step"] == 6
     model, _, _ = load_model(tmp_path / "init")  # it is a loadable, self-describing checkpoint
     assert model.config.caption_channels == 16 and json.loads((tmp_path / "init" / "report.json").read_text())["new"]
-    # wrong inputs: an mmDiT checkpoint where a stage-1 one is expected, a missing width, an existing output
-    with pytest.raises(SystemExit, match="no transition starts there"):
-        reparam_main([str(tmp_path / "init"), str(tmp_path / "x"), "--caption-channels", "16"])
+    # wrong inputs: an mmDiT checkpoint where a stage-1 one is expected, a stage-2 one without the new
+    # resolution, a missing width, an existing output
+    with pytest.raises(SystemExit, match="1to2 needs a stage-1 ccDiT checkpoint"):
+        reparam_main([str(tmp_path / "init"), str(tmp_path / "x"), "--transition", "1to2", "--caption-channels", "16"])
+    with pytest.raises(SystemExit, match="2to3 needs --image-size"):
+        reparam_main([str(tmp_path / "init"), str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="needs --caption-channels"):
         reparam_main([ckpt, str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="exists; pass --force"):
