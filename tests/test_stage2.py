@@ -146,3 +146,8 @@ def test_sample_cli_reproduces_the_stage2_training_preview(tmp_path, text_shapes
     long_prompt = " ".join(["a very very large red circle"] * 10)
     with pytest.warns(UserWarning, match="truncated"):  # over the token limit: a warning, never a crash
         sample_main([str(tmp_path / "run"), "--prompt", long_prompt, "--prompt", "", "--per-class", "1", "--out", str(tmp_path / "l.png")])
+
+
+def test_missing_init_says_how_to_make_it(tmp_path, text_shapes_dir):
+    with pytest.raises(ConfigError, match="does not exist. Make it from the previous stage's run with `python reparameterize.py"):
+        train(compose(stage2_overrides(tmp_path, text_shapes_dir, **{"stage.init_from": str(tmp_path / "nope")}), "stage2"))

@@ -130,7 +130,14 @@ def inherit_from_init(cfg: DictConfig) -> None:
     """Settings a stage takes from the checkpoint it starts from when its config leaves them null:
     the timestep shift (reparameterize.py applies SD3's rule at 2->3) and the position-embedding
     base grid (stage 3 keeps stage 2's range). Written back into cfg, so config.yaml records them."""
-    init_meta = ckpt.read_meta(cfg.stage.init_from) if cfg.stage.get("init_from") else {}
+    source = cfg.stage.get("init_from")
+    if source and not Path(source).exists():
+        raise ConfigError(
+            f"stage.init_from={source} does not exist. Make it from the previous stage's run with "
+            f"`python reparameterize.py runs/<previous stage> {source} ...` (see reparameterize.py --help; "
+            "the demo: scripts/run_demo.py does it), or set stage.init_from=null to start from scratch."
+        )
+    init_meta = ckpt.read_meta(source) if source else {}
     if cfg.train.timestep.shift is None:
         cfg.train.timestep.shift = float((init_meta.get("sampling") or {}).get("shift", 1.0))
     if "base_size" in cfg.model and cfg.model.base_size is None and init_meta:
