@@ -166,11 +166,13 @@ class Sampler:
         record: dict[str, Any] = {"checkpoint": str(resolve(path)), "stage": meta["stage"], "step": meta["step"], "weights": weights}
         if cond["type"] == "class":
             names = cond.get("class_names") or []
-            key = str(condition).strip().replace("_", " ")
-            if key.isdigit() and int(key) < cond["num_classes"]:
-                label = int(key)
-            elif key in names:
-                label = names.index(key)
+            raw = str(condition).strip()
+            if raw in names:  # a class name first (names may contain underscores or be digits)
+                label = names.index(raw)
+            elif raw.replace("_", " ") in names:
+                label = names.index(raw.replace("_", " "))
+            elif raw.isdigit() and int(raw) < cond["num_classes"]:
+                label = int(raw)
             else:
                 raise UserError(f"this is a class-conditional ({meta['stage']}) checkpoint: pick a class "
                                 f"({', '.join(names[:4])}, ...), not {condition!r}")

@@ -148,7 +148,8 @@ def _open_tar(url: str) -> tarfile.TarFile:
 
 
 def list_tars(spec: str) -> tuple[list[Item], list[str]]:
-    """Index WebDataset tars. Local tars are read again lazily per image; URLs are buffered."""
+    """Index WebDataset tars: every image of the given tars is read into memory here (fine for the
+    shard or few shards one worker handles; split big inputs across workers)."""
     items = []
     for url in expand_braces(spec):
         groups: dict[str, dict[str, bytes]] = {}
@@ -446,10 +447,10 @@ def main(argv=None) -> dict:
         raise SystemExit("two inputs map to the same sample key; rename one of them")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tar.tmp"):  # left by a killed run: redone below
-        stale.unlink(missing_ok=True)
     units = [items[i : i + args.samples_per_shard] for i in range(0, len(items), args.samples_per_shard)]
     mine = [u for u in range(len(units)) if u % world == rank]
+    for u in mine:  # left by a killed run of this worker (never another worker's): redone below
+        (out / f".{UNIT_FORMAT.format(u)}.tar.tmp").unlink(missing_ok=True)
     todo = [u for u in mine if not unit_done(out, u)]
     print(f"{len(items)} inputs in {len(units)} units; worker {rank}/{world}: {len(mine)} units, {len(mine) - len(todo)} already done",
           flush=True)

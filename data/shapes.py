@@ -203,6 +203,8 @@ def build_shards(
     }
     encode = None
     buckets: dict[str, int] = {}
+    if canvases:
+        fields["latent_shape"] = None  # several shapes (overrides the writer's first-sample shape)
     if text_encoder:
         from data.text_embeddings import CachedEncoder, write_null
         from models.text_encoder import TextEncoder
@@ -227,14 +229,8 @@ def build_shards(
                 names = list(meta["captions"])
                 arrays = {f"text_{n}": e for n, e in zip(names, encode([meta["captions"][n] for n in names]))}
             writer.write(f"{i:08d}", pixels, meta, arrays)
-    if canvases:  # several shapes: say so in the manifest, as data/prepare.py does for buckets
-        import json
-
-        from data.shards import MANIFEST, atomic_write_text
-
-        manifest = read_manifest(out_dir)
-        manifest.update(latent_shape=None, buckets=buckets)
-        atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2))
+        if canvases:  # the manifest is written once, at close, with the bucket counts
+            writer.manifest_fields["buckets"] = buckets
     return read_manifest(out_dir)
 
 

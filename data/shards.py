@@ -53,8 +53,12 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    """Write, fsync, rename; the temporary name is unique, so concurrent writers never share it."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -136,14 +140,21 @@ class ShardWriter:
 
 def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
     """Copy the samples whose metadata passes ``keep(meta)`` into a new shard folder (atomic shards,
-    a manifest with the source's fields, the null text embedding). Returns the number kept."""
+    a manifest with the source's fields, the null text embedding), built in a temporary folder
+    that is renamed when complete. Returns the number kept."""
     import shutil
 
     manifest = read_manifest(src)
-    fields = {k: v for k, v in manifest.items() if k not in ("format", "latent_shape", "num_samples", "shards")}
+    fields = {k: v for k, v in manifest.items() if k not in ("format", "latent_shape", "num_samples", "shards", "buckets")}
     fields["subset_of"] = str(src)
-    n = 0
-    with ShardWriter(dst, samples_per_shard, manifest_fields=fields) as w:
+    bucketed = manifest.get("latent_shape") is None
+    if bucketed:
+        fields["latent_shape"] = None  # shapes vary: overrides the writer's first-sample shape
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    n, buckets = 0, {}
+    with ShardWriter(tmp, samples_per_shard, manifest_fields=fields) as w:
         for s in manifest["shards"]:
             for key, group in _iter_tar(Path(src) / s["name"]):
                 meta = json.loads(group["json"])
@@ -153,15 +164,19 @@ def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
                           for ext, b in group.items() if ext.endswith(".npy") and ext != "latent.npy"}
                 w.write(key, np.load(io.BytesIO(group["latent.npy"]), allow_pickle=False), meta, arrays)
                 n += 1
-    if manifest.get("latent_shape") is None:  # bucketed source: shapes vary, say so
-        sub = read_manifest(dst)
-        sub["latent_shape"] = None
-        atomic_write_text(Path(dst) / MANIFEST, json.dumps(sub, indent=2))
+                if bucketed:
+                    b = "x".join(str(v) for v in meta.get("bucket", []))
+                    buckets[b] = buckets.get(b, 0) + 1
+        if n == 0:
+            raise ShardError(f"no sample of {src} passes the subset filter: lower the threshold")
+        if bucketed:
+            w.manifest_fields["buckets"] = buckets
     null = Path(src) / "null_text.npy"
     if null.is_file():
-        shutil.copy(null, Path(dst) / "null_text.npy")
-    if n == 0:
-        raise ShardError(f"no sample of {src} passes the subset filter: lower the threshold")
+        shutil.copy(null, tmp / "null_text.npy")
+    if dst.exists():  # an incomplete folder from an older, interrupted attempt
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)  # complete, or not there at all
     return n
 
 
@@ -305,17 +320,15 @@ def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> di
     }
     if all("label" in s["meta"] for s in samples):
         batch["label"] = torch.tensor([int(s["meta"]["label"]) for s in samples])
-    names = [k[len("text_") :] for k in samples[0] if k.startswith("text_")]
+    names = sorted({k[len("text_") :] for s in samples for k in s if k.startswith("text_")})
     if names:
         from data.text_embeddings import pad
 
         length = text_length or max(s[f"text_{n}"].shape[0] for s in samples for n in names)
         batch["text"] = {}
-        for n in names:
-            missing = [s["__key__"] for s in samples if f"text_{n}" not in s]
-            if missing:
-                raise ShardError(f"samples {missing[:3]} have no text_{n} embedding while others do")
-            batch["text"][n] = pad([s[f"text_{n}"] for s in samples], length)
+        for n in names:  # a sample without this caption uses one it has (captions are optional per sample)
+            batch["text"][n] = pad([s.get(f"text_{n}", next((s[k] for k in s if k.startswith("text_")), None)) for s in samples],
+                                   length)
     return batch
 
 
@@ -351,7 +364,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.bucketed = self.manifest.get("latent_shape") is None and bool(self.manifest.get("buckets"))
         self.max_bad_fraction = max_bad_fraction
         self.text_names = list(text_names) if text_names is not None else None  # decode only these captions' embeddings
-        self.bad_samples, self._produced = 0, 0
+        self.bad_samples, self._produced, self._seen = 0, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         """The reading position (batches produced) and what it depends on. Without DataLoader
@@ -370,7 +383,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         import warnings
 
         self.bad_samples += count
-        total = max(self._epoch_size(0, slot), 1)
+        total = max(self._epoch_size(0, slot), self._seen, 1)  # one epoch's share, or all read so far
         warnings.warn(f"{what}; skipped ({self.bad_samples} bad samples so far in this reader)", stacklevel=3)
         if self.bad_samples > self.max_bad_fraction * total:
             raise ShardError(
@@ -421,10 +434,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             for item in _iter_tar(path):
                 n += 1
+                self._seen += 1
                 yield item
         except (tarfile.TarError, EOFError, OSError, zlib_error) as e:
+            lost = max(expected - n, 1)
+            if len(self.shards) < slot.count:  # every reader reads every shard and keeps 1 in slot.count
+                lost = max(lost // slot.count, 1)
+            self._seen += lost
             self._bad(f"{path.name} is truncated or corrupt after {n} of {expected} samples ({type(e).__name__}: {e})",
-                      max(expected - n, 1), slot)
+                      lost, slot)
 
     def _decode(self, key: str, group: dict[str, bytes], slot: _Slot) -> dict[str, Any] | None:
         try:

@@ -79,7 +79,17 @@ class CachedEncoder:
 
 
 def write_null(data_dir, embedding: np.ndarray) -> None:
-    np.save(Path(data_dir) / NULL_TEXT, np.asarray(embedding, dtype=np.float16), allow_pickle=False)
+    """Atomically (several preparation workers may write the same, identical file)."""
+    import io
+    import os
+    import tempfile
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(embedding, dtype=np.float16), allow_pickle=False)
+    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".null_text.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, Path(data_dir) / NULL_TEXT)
 
 
 def read_null(data_dir) -> np.ndarray:

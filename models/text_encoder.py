@@ -53,6 +53,7 @@ class TextEncoder(nn.Module):
         name_or_path = resolve(name_or_path)
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=tokenizer_subfolder or subfolder or "", **kw)
+        self.tokenizer.padding_side = "right"  # stored embeddings keep the first mask.sum() tokens
         config = AutoConfig.from_pretrained(name_or_path, subfolder=subfolder or "", **kw)
         if config.model_type in ("t5", "mt5", "umt5"):
             from transformers import T5EncoderModel

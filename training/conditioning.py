@@ -111,11 +111,12 @@ class TextConditioning:
             hidden, mask = hidden.to(device), mask.to(device)
         else:
             stored = batch.get("text") or {}
-            missing = [k for k in self.caption_names if k not in stored]
-            if missing:
-                raise ConditioningError(f"the shards in {self.data_dir} store no embeddings for captions {missing}; they have {sorted(stored)}")
-            hidden = torch.stack([stored[k][0] for k in self.caption_names]).to(device)  # (K, N, L, D)
-            mask = torch.stack([stored[k][1] for k in self.caption_names]).to(device)
+            if not stored:
+                raise ConditioningError(f"the shards in {self.data_dir} store no caption embeddings; they are needed for text stages")
+            # a caption this batch lacks falls back to one it has (short captions may be sparse)
+            pick = [k if k in stored else next(iter(stored)) for k in self.caption_names]
+            hidden = torch.stack([stored[k][0] for k in pick]).to(device)  # (K, N, L, D)
+            mask = torch.stack([stored[k][1] for k in pick]).to(device)
             idx = torch.arange(n, device=device)
             hidden, mask = hidden[choice, idx], mask[choice, idx]
         drop = torch.rand(n, generator=gen, device=device) < dropout

@@ -70,7 +70,7 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> dict:
     if min_score is not None:  # stage 5: the high-quality subset, written once beside the full data
         from data.shards import write_subset
 
-        source, path = path, Path(f"{path}-min_score{min_score:g}")
+        source, path = path, Path(f"{path}-{cfg.data.score_key}{min_score:g}")
         if dist_info.is_main and not (path / "manifest.json").exists():
             if cfg.data.generate and not (source / "manifest.json").exists():
                 _build_demo(cfg, source)
@@ -416,6 +416,14 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
         state = ckpt.load_train_state(resume_from)
         optimizer_state = state["optimizer"]
+        saved_format = state.get("optimizer_format", "torch")
+        if saved_format != ("fsdp_full" if use_fsdp else "torch"):
+            raise ConfigError(
+                f"cannot resume {resume_from}: its optimizer state was saved by a "
+                f"{'multi-process FSDP' if saved_format == 'fsdp_full' else 'DDP or single-process'} run, and this run is "
+                f"{'multi-process FSDP' if use_fsdp else 'DDP or single-process'}. Resume with the same train.parallel and "
+                "number of processes, or start a new run_dir from its weights with stage.init_from."
+            )
         if not use_fsdp:
             optimizer.load_state_dict(optimizer_state)
         step, batches_done = int(state["step"]), int(state["batches_done"])
@@ -507,7 +515,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             weights, ema_weights = model, ema
             optimizer_sd = optimizer.state_dict() if dist_info.is_main else None
         if dist_info.is_main:
-            state = {"optimizer": optimizer_sd, "step": at_step, "batches_done": batches_done}
+            state = {"optimizer": optimizer_sd, "optimizer_format": "fsdp_full" if use_fsdp else "torch",
+                     "step": at_step, "batches_done": batches_done}
             path = ckpt.save_checkpoint(ckpt_root, at_step, weights, ema_weights, state, config_yaml, meta)
             ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last, cfg.train.keep_every)
             logger.write(f"saved checkpoint {path}")
