@@ -33,6 +33,19 @@ TRANSITIONS = {"stage1": "1to2", "stage2": "2to3", "stage3": "3to4", "stage4": "
 NEXT = {"1to2": 2, "2to3": 3, "3to4": 4, "4to5": 5}
 
 
+def relative_errors(new, old, ts, n: int) -> dict[str, float]:
+    """{t: ||new(t) - old(t)|| / ||old(t)||} for each t, with a batch of n equal timesteps."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for t in ts:
+            tt = torch.full((n,), t)
+            a, b = new(tt), old(tt)
+            out[f"{t:g}"] = float((a - b).norm() / b.norm().clamp(min=1e-12))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="checkpoint directory of the finished stage")
@@ -87,11 +100,8 @@ def main(argv=None) -> dict:
         c = model.config
         x = torch.randn(8, c.in_channels, c.input_size, c.input_size)
         text = torch.randn(8, 4, c.caption_channels)
-        with torch.no_grad():
-            for t in sorted({0.1, 0.3, args.t_ref, 0.7, 0.9}):
-                tt = torch.full((8,), t)
-                a, b = model(x, tt, text), src(x, tt, torch.full((8,), src.null_class))
-                errors[f"{t:g}"] = float((a - b).norm() / b.norm().clamp(min=1e-12))
+        null = torch.full((8,), src.null_class)
+        errors = relative_errors(lambda tt: model(x, tt, text), lambda tt: src(x, tt, null), sorted({0.1, 0.3, args.t_ref, 0.7, 0.9}), 8)
     else:
         if args.image_size and args.image_size % down:
             raise SystemExit(f"--image-size {args.image_size} is not divisible by the autoencoder's downsampling ({down})")
@@ -107,11 +117,7 @@ def main(argv=None) -> dict:
             c = src.config
             x = torch.randn(4, c.in_channels, c.input_size, c.input_size)
             text = torch.randn(4, 5, c.caption_channels)
-            with torch.no_grad():
-                for t in (0.1, 0.5, 0.9):
-                    tt = torch.full((4,), t)
-                    a, b = model(x, tt, text), src(x, tt, text)
-                    errors[f"{t:g}"] = float((a - b).norm() / b.norm().clamp(min=1e-12))
+            errors = relative_errors(lambda tt: model(x, tt, text), lambda tt: src(x, tt, text), (0.1, 0.5, 0.9), 4)
     report.update(transition=transition, source=str(Path(args.source).resolve()), weights="ema" if use_ema else "raw",
                   relative_error_by_t=errors)
 

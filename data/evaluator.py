@@ -92,10 +92,14 @@ def class_accuracy(images, labels) -> float:
     return class_attribute_accuracy(images, labels)["all"]
 
 
+def class_attributes(labels) -> list[dict[str, str]]:
+    """Stage-1 class ids -> the attributes each names: [{shape, colour}, ...]."""
+    return [dict(zip(("shape", "colour"), CLASSES[int(y)])) for y in labels]
+
+
 def class_attribute_accuracy(images, labels) -> dict[str, float]:
     """For stage-1 class labels: accuracy of the shape, of the colour, and of both ('all')."""
-    wanted = [dict(zip(("shape", "colour"), CLASSES[int(y)])) for y in labels]
-    return attribute_accuracy(images, wanted)
+    return attribute_accuracy(images, class_attributes(labels))
 
 
 def attribute_accuracy(images, attributes: list[dict[str, str]]) -> dict[str, float]:

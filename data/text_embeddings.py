@@ -80,16 +80,9 @@ class CachedEncoder:
 
 def write_null(data_dir, embedding: np.ndarray) -> None:
     """Atomically (several preparation workers may write the same, identical file)."""
-    import io
-    import os
-    import tempfile
+    from data.shards import _npy_bytes, atomic_write_bytes
 
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(embedding, dtype=np.float16), allow_pickle=False)
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".null_text.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, Path(data_dir) / NULL_TEXT)
+    atomic_write_bytes(Path(data_dir) / NULL_TEXT, _npy_bytes(np.asarray(embedding, dtype=np.float16)))
 
 
 def read_null(data_dir) -> np.ndarray:

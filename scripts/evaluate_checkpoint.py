@@ -35,8 +35,8 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from data.evaluator import attribute_accuracy
-    from data.shapes import CLASSES, HELD_OUT_CAPTIONS, parse_caption
+    from data.evaluator import attribute_accuracy, class_attributes
+    from data.shapes import HELD_OUT_CAPTIONS, parse_caption
     from inference.images import make_grid, save_png, to_uint8
     from inference.pipeline import SampleSettings, generate, latent_shape, load_model, prompt_conditions
     from training.checkpoint import resolve
@@ -47,7 +47,7 @@ def main(argv=None) -> list[dict]:
         k = meta["conditioning"]["num_classes"]
         labels = torch.arange(args.n) % k
         cond, uncond = labels, torch.full_like(labels, k)
-        wanted = [dict(zip(("shape", "colour"), CLASSES[int(y)])) for y in labels]
+        wanted = class_attributes(labels)
         keys = ["shape", "colour"]
     else:
         prompts = list(HELD_OUT_CAPTIONS) if args.prompts == ["held_out"] else args.prompts

@@ -65,24 +65,7 @@ def text_shapes_dir(tmp_path_factory):
 
 def stage2_overrides(tmp_path, text_shapes_dir, **extra):
     """A seconds-long stage-2 run: tiny mmDiT on the captioned shapes, from scratch."""
-    o = {
-        "experiment": "demo_stage2",
-        "run_dir": str(tmp_path / "run"),
-        "data.path": str(text_shapes_dir),
-        "data.shuffle_buffer": 100,
-        "data.eval_samples": 24,
-        "model.preset": "tiny",
-        "stage.init_from": "null",
-        "train.global_batch_size": 16,
-        "train.max_steps": 6,
-        "train.warmup_steps": 2,
-        "train.log_every": 2,
-        "train.checkpoint_every": 3,
-        "train.sample_every": 0,
-        "train.sample.steps": 4,
-    }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
+    return tiny_overrides(tmp_path, text_shapes_dir, **{"experiment": "demo_stage2", "stage.init_from": "null", **extra})
 
 
 @pytest.fixture(scope="session")

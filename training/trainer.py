@@ -261,9 +261,9 @@ def eval_conditions(conditioning, cfg: DictConfig, manifest: dict, n: int, devic
         labels = torch.arange(n, device=device) % k
         wanted = None
         if cfg.data.name == "shapes":
-            from data.shapes import CLASSES
+            from data.evaluator import class_attributes
 
-            wanted = [dict(zip(("shape", "colour"), CLASSES[int(y)])) for y in labels]
+            wanted = class_attributes(labels)
         return labels, conditioning.null(n, device), wanted, k, conditioning.class_names
     prompts = eval_prompts(cfg, manifest)
     if not prompts:
