@@ -1,4 +1,5 @@
-# make demo   - set up .venv, build the demo data, train the CPU demo, write grids + the evaluation table
+# make demo   - set up .venv, build the demo data, train all five stages small on CPU (< 30 min), write grids + the table
+# make demo-quality - the per-stage quality runs (stages 1-5, up to ~30 min each, runs/quality)
 # make test   - set up .venv and run the test suite (under ~15 min on 2 cores)
 # make test-slow - the slow tests (long training runs)
 # make bench  - speed benchmarks (training step, loader, ours vs diffusers); make bench-curriculum - stage 2 with/without stage 1
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= -c constraints-cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-curriculum clean-venv browser
+.PHONY: demo demo-quality test test-slow bench bench-curriculum clean-venv browser
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 demo: $(STAMP)
 	$(PY) scripts/run_demo.py
+
+demo-quality: $(STAMP)
+	$(PY) scripts/run_demo.py --profile quality
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q

@@ -1,9 +1,9 @@
 """Carry a checkpoint's weights into the next curriculum stage.
 
-    python reparameterize.py runs/demo/stage1 runs/demo/stage2_init --caption-channels 384
-    python reparameterize.py runs/demo/stage2 runs/demo/stage3_init --image-size 32
-    python reparameterize.py runs/demo/stage3 runs/demo/stage4_init
-    python reparameterize.py runs/demo/stage4 runs/demo/stage5_init
+    python reparameterize.py runs/quality/stage1 runs/quality/stage2_init --caption-channels 384
+    python reparameterize.py runs/quality/stage2 runs/quality/stage3_init --image-size 32
+    python reparameterize.py runs/quality/stage3 runs/quality/stage4_init
+    python reparameterize.py runs/quality/stage4 runs/quality/stage5_init
 
 SOURCE may be a checkpoint directory, a run directory (its newest checkpoint) or a
 ``checkpoints/latest`` pointer. Transitions (picked from the source's stage unless

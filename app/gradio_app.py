@@ -1,8 +1,8 @@
 """Inspect checkpoints in the browser: sample any stage's checkpoint, compare two, watch it denoise.
 
-    python app/gradio_app.py --checkpoint runs/demo/stage1/checkpoints/step_0003500
-    python app/gradio_app.py --checkpoint runs/demo            # folder mode: pick any checkpoint below it
-    python app/gradio_app.py --checkpoint runs/demo --port 7861 --share   # --share: a public gradio.live link
+    python app/gradio_app.py --checkpoint runs/quality/stage1/checkpoints/step_0003500
+    python app/gradio_app.py --checkpoint runs/quality            # folder mode: pick any checkpoint below it
+    python app/gradio_app.py --checkpoint runs/quality --port 7861 --share   # --share: a public gradio.live link
 
 The app listens on 127.0.0.1 (this machine only) unless --host or --share says
 otherwise. Nothing is loaded at import: the first checkpoint loads at start, the

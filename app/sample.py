@@ -1,9 +1,9 @@
 """Sample a checkpoint from the command line: class ids or prompts -> PNG grid + JSON of every setting.
 
-    python app/sample.py runs/demo/stage1 --classes 0 1 2 --per-class 4          # a run dir: its newest checkpoint
+    python app/sample.py runs/quality/stage1 --classes 0 1 2 --per-class 4          # a run dir: its newest checkpoint
     python app/sample.py CKPT --classes all --cfg 4 --steps 20 --solver euler --seed 7 --out samples.png
-    python app/sample.py runs/demo/stage2 --prompt "a small red circle on a black background" --per-class 8
-    python app/sample.py runs/demo/stage2 --prompts-file prompts.txt --negative-prompt "a blue square"
+    python app/sample.py runs/quality/stage2 --prompt "a small red circle on a black background" --per-class 8
+    python app/sample.py runs/quality/stage2 --prompts-file prompts.txt --negative-prompt "a blue square"
 
 The JSON written beside the PNG records the checkpoint, its step and every
 setting, so the same command reproduces the same pixels. Uses the same

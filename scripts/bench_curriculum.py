@@ -1,7 +1,7 @@
 """Does the curriculum pay? Stage 2 from the reparameterized stage 1 vs stage 2 from scratch.
 
     python scripts/bench_curriculum.py                        # both arms, ~20 min on 2 CPU cores
-    python scripts/bench_curriculum.py --stage1 runs/demo/stage1 --steps 2500 --until 600 --eval-every 50
+    python scripts/bench_curriculum.py --stage1 runs/quality/stage1 --steps 2500 --until 600 --eval-every 50
 
 Both arms train the demo mmDiT on the captioned shapes (experiment=demo_stage2)
 with identical settings (a --steps schedule, stopped at --until); only the initialization
@@ -71,7 +71,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], target: float, out: Path) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage1", default="runs/demo/stage1", help="stage-1 run or checkpoint to reparameterize")
+    ap.add_argument("--stage1", default="runs/quality/stage1", help="stage-1 run or checkpoint to reparameterize")
     ap.add_argument("--out", default="runs/bench_curriculum", help="folder for both arms' runs")
     ap.add_argument("--steps", type=int, default=2500, help="the schedule's length (train.max_steps) for both arms")
     ap.add_argument("--until", type=int, default=600, help="stop both arms here (train.stop_after); the schedule stays --steps")

@@ -1,8 +1,8 @@
 """Score a shapes-demo checkpoint with the evaluator at given sampling settings.
 
-    python scripts/evaluate_checkpoint.py runs/demo/stage1/checkpoints/step_0003500 --cfg 4 --steps 20
+    python scripts/evaluate_checkpoint.py runs/quality/stage1/checkpoints/step_0003500 --cfg 4 --steps 20
     python scripts/evaluate_checkpoint.py CKPT --cfg 2 4 6 --steps 10 20 40     # a sweep
-    python scripts/evaluate_checkpoint.py runs/demo/stage2 --prompts held_out   # text: the held-out captions
+    python scripts/evaluate_checkpoint.py runs/quality/stage2 --prompts held_out   # text: the held-out captions
 
 Prints a table (EMA weights unless --raw) and writes a grid PNG. Class checkpoints: class /
 shape / colour accuracy. Text checkpoints: caption accuracy (every attribute the prompt names

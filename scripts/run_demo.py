@@ -1,12 +1,21 @@
-"""`make demo`: train the curriculum small on CPU and write sample grids and the evaluation table.
+"""`make demo`: train the five-stage curriculum small on CPU; sample grids and an evaluation table.
 
-    python scripts/run_demo.py [--out runs/demo] [--stages stage1 stage2] [extra Hydra overrides for every stage...]
+    python scripts/run_demo.py [--profile quick|quality] [--out DIR] [--stages stage1 ... stage5]
+                               [--weights ema|raw] [Hydra overrides ...]
 
-Stage 1 (class-conditional ccDiT) then stage 2 (text mmDiT, started from stage 1
-through reparameterize.py).
-Each stage runs as its own process (exactly the command a user would type) and
-resumes if it was interrupted: running the demo again continues where it
-stopped and skips finished stages. Results: <out>/<stage>/samples/*.png,
+Stage 1 (class-conditional ccDiT, 16 px), stage 2 (text mmDiT, started from stage 1),
+stage 3 (32 px), stage 4 (aspect-ratio buckets, micro-conditions) and stage 5 (score
+subset, caption mix, lower LR, slower EMA); every hand-off goes through
+reparameterize.py (EMA weights unless --weights raw).
+
+Profiles: `quick` (default, `make demo`: all five stages in under 30 minutes on 2 CPU
+cores, output runs/demo) and `quality` (the per-stage quality runs, each at most ~30
+minutes, output runs/quality; the same as `python train_stageN.py experiment=demo...`).
+
+Each stage runs as its own process (exactly the command a user would type). Running the
+demo again skips stages that reached their max_steps (nothing is trained or evaluated
+again) and resumes an interrupted stage from its latest checkpoint. Overrides apply to
+every stage; 'stage3:key=value' to one stage only. Results: <out>/<stage>/samples/*.png,
 <out>/<stage>/summary.json and the table <out>/eval_table.md.
 """
 from __future__ import annotations
@@ -20,8 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
-DEFAULT_STAGES = ["stage1", "stage2"]  # stages 3-5 run with --stages ...; their demo settings are not tuned yet
-EXPERIMENT = {s: "demo" if s == "stage1" else f"demo_{s}" for s in STAGES}
+PROFILES = {  # profile -> (experiment per stage, default output folder)
+    "quick": ({s: f"quick_{s}" for s in STAGES}, "runs/demo"),
+    "quality": ({s: "demo" if s == "stage1" else f"demo_{s}" for s in STAGES}, "runs/quality"),
+}
 TEXT_WIDTH = 384  # the demo's text encoder (MiniLM-L6) hidden size
 TRANSITION_ARGS = {"stage2": ["--caption-channels", str(TEXT_WIDTH)], "stage3": ["--image-size", "32"], "stage4": [], "stage5": []}
 _HELD_OUT = ("caption_accuracy", "every captioned attribute right, held-out captions", "1/72")
@@ -39,17 +50,51 @@ def run(cmd: list[str]) -> None:
     subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
 
 
-def main(argv=None) -> int:
+def finished_step(stage: str, overrides: list[str], run_dir: Path) -> int | None:
+    """The step a stage's run stopped at when it already reached the configured max_steps, else None."""
+    summary = ROOT / run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=overrides)
+    step = json.loads(summary.read_text()).get("step", -1)
+    return step if step >= cfg.train.max_steps else None
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo", help="folder for every stage's run directory")
-    ap.add_argument("--stages", nargs="+", default=DEFAULT_STAGES, choices=STAGES, help="stages to run, in order")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                    help="quick: all five stages in < 30 min (make demo); quality: the per-stage quality runs")
+    ap.add_argument("--out", default=None, help="folder for every stage's run directory (default: runs/demo or runs/quality)")
+    ap.add_argument("--stages", nargs="+", default=STAGES, metavar="STAGE", help=f"stages to run, in order (default: all of {STAGES})")
     ap.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights of a stage start the next one")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage; 'stage2:key=value' for one stage only")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    # overrides may also follow --stages: anything with '=' is an override
+    args.overrides += [s for s in args.stages if "=" in s]
+    args.stages = [s for s in args.stages if "=" not in s]
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown or not args.stages:
+        ap.error(f"--stages {' '.join(unknown)}: expected some of {', '.join(STAGES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    experiments, default_out = PROFILES[args.profile]
+    out = Path(args.out or default_out)
     rows = []
     for stage in args.stages:
         run_dir = out / stage
+        mine = [o.split(":", 1)[1] if o.startswith(f"{stage}:") else o for o in args.overrides
+                if ":" not in o.split("=", 1)[0] or o.startswith(f"{stage}:")]
+        command = [f"experiment={experiments[stage]}", f"run_dir={run_dir}"]
+        done = finished_step(stage, [*command, *mine], run_dir)
+        if done is not None:
+            print(f"\n=== {stage}: finished earlier at step {done} ({run_dir}/summary.json); nothing to train", flush=True)
+            continue
         t = time.time()
         extra = []
         if stage != "stage1":  # start from the previous stage through reparameterize.py (once)
@@ -58,9 +103,7 @@ def main(argv=None) -> int:
             if not (ROOT / init / "meta.json").is_file():
                 run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *TRANSITION_ARGS[stage]])
             extra = [f"stage.init_from={init}"]
-        mine = [o.split(":", 1)[1] if o.startswith(f"{stage}:") else o for o in args.overrides
-                if ":" not in o.split("=", 1)[0] or o.startswith(f"{stage}:")]
-        run([sys.executable, ROOT / f"train_{stage}.py", f"experiment={EXPERIMENT[stage]}", f"run_dir={run_dir}", *extra, *mine])
+        run([sys.executable, ROOT / f"train_{stage}.py", *command, *extra, *mine])
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())
         rows.append((stage, summary, time.time() - t))
     ran = {stage for stage, _, _ in rows}

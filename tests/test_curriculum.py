@@ -109,20 +109,57 @@ def test_checkpoints_that_predate_a_config_field_still_resume():
     assert "pixels_per_latent" in model_config_changes({"family": "mmdit", "model_config": old}, {**now, "micro_conditions": True})
 
 
-def test_the_runner_takes_all_five_stages(tmp_path, shapes_dir, text_shapes_dir, text32_dir):
-    """scripts/run_demo.py --stages stage1 ... stage5 on tiny settings: every hand-off through
-    reparameterize.py, bucketed demo data built for stage 4, the score subset for stage 5."""
+def test_the_curriculum_runs_resumes_after_a_kill_in_stage3_and_skips_finished_stages(tmp_path, shapes_dir, text_shapes_dir, text32_dir):
+    """scripts/run_demo.py (all five stages by default) on tiny settings: every hand-off through
+    reparameterize.py, bucketed demo data built for stage 4, the score subset for stage 5. The first
+    run is killed (SIGKILL, whole process group) inside stage 3; the second resumes stage 3 where it
+    stopped without touching stages 1-2; the third trains nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scripts.run_demo import ROOT
     from scripts.run_demo import main as run_demo
 
     common = ["model.preset=tiny", "train.global_batch_size=16", "train.max_steps=2", "train.warmup_steps=1", "train.log_every=1",
               "train.checkpoint_every=2", "train.sample_every=2", "train.sample.steps=2", "data.eval_samples=24", "data.shuffle_buffer=50"]
     per_stage = [f"stage1:data.path={shapes_dir}", f"stage2:data.path={text_shapes_dir}", f"stage3:data.path={text32_dir}",
+                 "stage3:train.max_steps=5", "stage3:train.checkpoint_every=1", "stage3:train.sample_every=5",
                  f"stage4:data.path={tmp_path / 'buckets'}", "stage4:data.num_samples=300",
                  f"stage5:data.path={tmp_path / 'buckets'}", "stage5:data.num_samples=300"]
     out = tmp_path / "demo"
-    assert run_demo(["--out", str(out), *common, *per_stage, "--stages", "stage1", "stage2", "stage3", "stage4", "stage5"]) == 0
+    args = ["--out", str(out), *common, *per_stage]
+
+    # 1) killed inside stage 3: every save stalls 1.5 s, so the kill lands between step 1's save and the end
+    log1 = tmp_path / "first.log"
+    with open(log1, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_demo.py"), *args], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "FLOWDIT_FAULT_SAVE_PAUSE": "1.5"})
+        t0 = time.time()
+        while not (out / "stage3" / "checkpoints" / "step_0000001" / "meta.json").exists():
+            assert proc.poll() is None, log1.read_text()[-3000:]
+            assert time.time() - t0 < 600, "stage 3 never saved step 1"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / "stage3" / "summary.json").exists() and not (out / "stage4").exists()
+    kept = {s: (out / s / "summary.json").read_text() for s in ("stage1", "stage2")}
+    saved = sorted(p.name for p in (out / "stage3" / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] < "step_0000005", saved
+
+    # 2) run again: stages 1-2 are skipped, stage 3 resumes from its latest checkpoint, 4-5 run
+    assert run_demo(args) == 0
+    assert {s: (out / s / "summary.json").read_text() for s in ("stage1", "stage2")} == kept
+    s3 = json.loads((out / "stage3" / "summary.json").read_text())
+    resumed_at = int(saved[-1].split("_")[1])
+    assert s3["step"] == 5 and s3["steps_this_run"] == 5 - resumed_at, (s3, saved)
     table = (out / "eval_table.md").read_text()
-    assert all(f"| stage{i} | 2 |" in table for i in range(1, 6))
+    assert all(f"| stage{i} | {5 if i == 3 else 2} |" in table for i in range(1, 6)), table
+    assert "| 1/72 |" in table and (out / "stage1" / "samples" / "step_0000002.png").exists()
+    assert json.loads((out / "stage2_init" / "meta.json").read_text())["model_config"]["caption_channels"] == 384
     s4 = json.loads((out / "stage4" / "summary.json").read_text())
     assert {"eval_caption_accuracy_32x32", "eval_caption_accuracy_24x48", "eval_caption_accuracy_48x24"} <= set(s4)
     manifest = json.loads((tmp_path / "buckets" / "manifest.json").read_text())
@@ -131,3 +168,11 @@ def test_the_runner_takes_all_five_stages(tmp_path, shapes_dir, text_shapes_dir,
     assert meta5["stage"] == "stage5" and meta5["model_config"]["micro_conditions"] is True
     assert (tmp_path / "buckets-aesthetic5").is_dir()
     assert json.loads((out / "stage3_init" / "report.json").read_text())["transition"] == "2to3"
+
+    # 3) once more: nothing trains, nothing is evaluated again, every summary stays as it was
+    before = {i: (out / f"stage{i}" / "summary.json").read_text() for i in range(1, 6)}
+    mtimes = {i: (out / f"stage{i}" / "summary.json").stat().st_mtime_ns for i in range(1, 6)}
+    assert run_demo(args) == 0
+    assert {i: (out / f"stage{i}" / "summary.json").read_text() for i in range(1, 6)} == before
+    assert {i: (out / f"stage{i}" / "summary.json").stat().st_mtime_ns for i in range(1, 6)} == mtimes
+    assert (out / "eval_table.md").read_text().count("(earlier run:") == 5

@@ -92,21 +92,6 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, shapes_di
         torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=1e-6)
 
 
-def test_make_demo_runner_writes_the_evaluation_table(tmp_path, shapes_dir, text_shapes_dir):
-    from scripts.run_demo import main as run_demo
-
-    common = [o for o in tiny_overrides(tmp_path, shapes_dir, **{"train.sample_every": 6})
-              if not o.startswith(("experiment=", "run_dir=", "data."))]
-    per_stage = [f"stage1:data.path={shapes_dir}", f"stage2:data.path={text_shapes_dir}", "data.eval_samples=24"]
-    assert run_demo(["--out", str(tmp_path / "demo"), *common, *per_stage]) == 0
-    table = (tmp_path / "demo" / "eval_table.md").read_text()
-    assert "| stage1 | 6 |" in table and "| stage2 | 6 |" in table and "| 1/72 |" in table
-    assert (tmp_path / "demo" / "stage1" / "samples" / "step_0000006.png").exists()
-    assert (tmp_path / "demo" / "stage2" / "samples" / "step_0000006.png").exists()
-    meta = json.loads((tmp_path / "demo" / "stage2_init" / "meta.json").read_text())
-    assert meta["stage"] == "stage2" and meta["model_config"]["caption_channels"] == 384
-
-
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, shapes_dir):
     """train.compile=true (about a minute to compile on 2 cores): same run, same weights to fp tolerance."""
