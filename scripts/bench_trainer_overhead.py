@@ -1,0 +1,138 @@
+"""What the trainer costs on top of the bare model step (issue: at most 5%).
+
+    python scripts/bench_trainer_overhead.py                  # the stage-1 demo config, ~5 min on 2 CPU cores
+    python scripts/bench_trainer_overhead.py --experiment demo_stage2 --stage stage2 --pairs 5
+
+Bare step: forward, flow loss, backward, gradient clipping and the trainer's AdamW on one
+fixed batch of the same shape, model and optimizer settings: what any implementation pays.
+Trainer step: the real trainer (`train_<stage>.py experiment=...` run in this process) with
+everything it does per step: reading shards, condition dropout, timestep and noise draws,
+loss-by-timestep bins, the non-finite guard, EMA, logging every 25 steps (checkpoints and
+evaluations off; the final save comes after the timed window). Its time per step is taken
+between two metrics.jsonl time stamps, after 25 warm-up steps. Interleaved pairs; the
+median ratio is reported. Prints a table, writes JSON (default bench/trainer_overhead.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WARMUP = 25
+
+
+def compose(stage: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose(config_name=stage, overrides=overrides)
+
+
+def bare_step_fn(cfg):
+    """The model step of `cfg` on a fixed batch, with the trainer's own model, loss and optimizer."""
+    import torch
+    import torch.nn as nn
+
+    from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
+    from inference.pipeline import call_model
+    from models.autoencoder import load_autoencoder
+    from models.presets import build_model
+    from training.optim import make_optimizer
+    from training.trainer import build_model_config
+
+    torch.manual_seed(0)
+    ae = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder)
+    text = cfg.stage.conditioning == "text"
+    width = 384 if text else None
+    mcfg = build_model_config(cfg, ae, caption_channels=width) if text else build_model_config(cfg, ae)
+    model = build_model(cfg.model.family, mcfg).train()
+    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    n = cfg.train.global_batch_size
+    x0 = torch.randn(n, mcfg.in_channels, mcfg.input_size, mcfg.input_size)
+    if text:
+        cond = {"encoder_hidden_states": torch.randn(n, 16, width), "encoder_attention_mask": torch.ones(n, 16, dtype=torch.bool)}
+    else:
+        cond = torch.randint(0, cfg.data.num_classes, (n,))
+
+    def step():
+        t = sample_timesteps(n)
+        noise = torch.randn_like(x0)
+        loss = flow_loss(call_model(model, interpolate(x0, noise, t), t, cond), x0, noise).mean()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def trainer_step_s(stage: str, overrides: list[str], steps: int) -> float:
+    from training.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cfg = compose(stage, [*overrides, f"run_dir={run_dir}", f"train.max_steps={WARMUP + steps}", "train.log_every=25",
+                              "train.sample_every=0", "train.checkpoint_every=0", f"train.warmup_steps={WARMUP}"])
+        train(cfg)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        stamps = {r["step"]: r["time"] for r in rows if "time" in r and "loss" in r}
+        return (stamps[WARMUP + steps] - stamps[WARMUP]) / steps
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="stage1")
+    ap.add_argument("--experiment", default="demo")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per measurement (a multiple of 25)")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--out", default="bench/trainer_overhead.json")
+    ap.add_argument("overrides", nargs="*", help="more Hydra overrides for the trainer (and the bare step's config)")
+    args = ap.parse_args(argv)
+    if args.steps % 25:
+        ap.error("--steps must be a multiple of 25 (the trainer logs every 25 steps)")
+
+    import torch
+
+    overrides = [f"experiment={args.experiment}", *args.overrides]
+    cfg = compose(args.stage, overrides)
+    step = bare_step_fn(cfg)
+    for _ in range(WARMUP):
+        step()
+    trainer_step_s(args.stage, overrides, 25)  # builds the data on first use; warms caches
+    pairs = []
+    for i in range(args.pairs):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        bare = (time.perf_counter() - t) / args.steps
+        full = trainer_step_s(args.stage, overrides, args.steps)
+        pairs.append({"bare_step_s": bare, "trainer_step_s": full, "overhead": full / bare - 1})
+        print(f"pair {i}: bare {bare * 1e3:.1f} ms, trainer {full * 1e3:.1f} ms, overhead {full / bare - 1:+.1%}", flush=True)
+    overhead = statistics.median(p["overhead"] for p in pairs)
+    record = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "stage": args.stage, "experiment": args.experiment, "overrides": args.overrides,
+        "batch": cfg.train.global_batch_size, "timed_steps": args.steps, "pairs": pairs, "median_overhead": overhead,
+    }
+    print("\n| measure | value |\n|---|---|")
+    print(f"| bare model step (median) | {statistics.median(p['bare_step_s'] for p in pairs) * 1e3:.1f} ms |")
+    print(f"| full trainer step (median) | {statistics.median(p['trainer_step_s'] for p in pairs) * 1e3:.1f} ms |")
+    print(f"| trainer overhead (median of {args.pairs} pairs) | {overhead:+.1%} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
