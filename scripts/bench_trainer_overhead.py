@@ -28,13 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WARMUP = 25
 
-
-def compose(stage: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name=stage, overrides=overrides)
+from training.config import compose  # noqa: E402
 
 
 def bare_step_fn(cfg):

@@ -55,10 +55,9 @@ def finished_step(stage: str, overrides: list[str], run_dir: Path) -> int | None
     summary = ROOT / run_dir / "summary.json"
     if not summary.is_file():
         return None
-    from hydra import compose, initialize_config_dir
+    from training.config import compose
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=overrides)
+    cfg = compose(stage, overrides)
     step = json.loads(summary.read_text()).get("step", -1)
     return step if step >= cfg.train.max_steps else None
 

@@ -22,11 +22,9 @@ def shapes_dir(tmp_path_factory):
 
 def compose(overrides=(), config_name="stage1"):
     """The real Hydra config of a stage, with overrides, as the entry point would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from training.config import compose as compose_stage
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return compose_stage(config_name, overrides)
 
 
 def tiny_overrides(tmp_path, shapes_dir, **extra):
