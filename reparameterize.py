@@ -12,8 +12,10 @@ SOURCE may be a checkpoint directory, a run directory (its newest checkpoint) or
           cross-attention output zero (see models/reparam.py). Exact at t_ref for any text.
     2to3  larger latent grid (--image-size pixels): every weight copied, the position
           embedding spans the old grid's range, the timestep shift raised by SD3's rule.
-    3to4  PixArt-MS size / aspect-ratio micro-conditions added, zero-initialized: the same
-          function at every size (checked and reported).
+    3to4  PixArt-MS size / aspect-ratio micro-conditions added, zero-initialized, and the
+          position grid for non-square buckets (--pos-grid isotropic, default: one step for
+          both axes, shapes keep their proportions; stretch: PixArt's, diffusers-exportable).
+          The same function on the square grid (checked and reported).
     4to5  the same model, for the aesthetic fine-tune.
 The output is an init checkpoint (model.safetensors + meta.json + report.json) that the
 next stage's `stage.init_from` points at. Weights are read from safetensors only: a
@@ -55,6 +57,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--caption-channels", type=int, help="1to2: width of the text encoder's hidden states")
     ap.add_argument("--t-ref", type=float, default=0.5, help="1to2: the time at which the fold is exact")
     ap.add_argument("--image-size", type=int, help="2to3: the new training resolution in pixels (square side)")
+    ap.add_argument("--pos-grid", choices=["isotropic", "stretch"], default="isotropic",
+                    help="3to4: positions on non-square grids (isotropic: shapes keep proportions; stretch: PixArt/diffusers)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = ap.parse_args(argv)
 
@@ -106,7 +110,7 @@ def main(argv=None) -> dict:
         if args.image_size and args.image_size % down:
             raise SystemExit(f"--image-size {args.image_size} is not divisible by the autoencoder's downsampling ({down})")
         try:
-            model, report = mmdit_transition(src.eval(), transition, (args.image_size or 0) // down or None)
+            model, report = mmdit_transition(src.eval(), transition, (args.image_size or 0) // down or None, args.pos_grid)
         except ValueError as e:
             raise SystemExit(str(e)) from e
         if transition == "2to3":  # SD3: shift grows with sqrt(pixels); the trainer and sampler read it from here
@@ -118,6 +122,10 @@ def main(argv=None) -> dict:
             x = torch.randn(4, c.in_channels, c.input_size, c.input_size)
             text = torch.randn(4, 5, c.caption_channels)
             errors = relative_errors(lambda tt: model(x, tt, text), lambda tt: src(x, tt, text), (0.1, 0.5, 0.9), 4)
+            if model.config.pos_grid != src.config.pos_grid:
+                report["note"] = (f"pos_grid {src.config.pos_grid} -> {model.config.pos_grid}: the square grid is unchanged "
+                                  "(measured above); non-square grids get new positions, which stage 4 trains")
+                print(report["note"])
     report.update(transition=transition, source=str(Path(args.source).resolve()), weights="ema" if use_ema else "raw",
                   relative_error_by_t=errors)
 

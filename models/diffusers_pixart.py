@@ -73,6 +73,9 @@ def check_exportable(config: MMDiTConfig) -> None:
         problems.append(f"mlp_ratio={config.mlp_ratio} (diffusers' PixArt uses 4)")
     if config.base_size not in (None, config.grid_size):
         problems.append(f"base_size={config.base_size} differs from the grid ({config.grid_size}); diffusers ties them")
+    if getattr(config, "pos_grid", "stretch") != "stretch":
+        problems.append(f"pos_grid={config.pos_grid!r} (diffusers stretches each axis of non-square grids; "
+                        "reparameterize 3to4 with --pos-grid stretch for an exportable model)")
     if problems:
         raise IncompatibleModel("this mmDiT is not the PixArt-α preset diffusers can load: " + "; ".join(problems))
 

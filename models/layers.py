@@ -105,20 +105,30 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0) -> torch.Tensor:
+def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0,
+              isotropic: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding with PixArt-style interpolation.
 
     Coordinates are rescaled so a grid of any size spans the range of a
     ``base_size`` grid (divided by ``interpolation_scale``): a model trained at
-    one resolution sees familiar positions at another. Token order is row-major
-    (h, w); the first half of the channels encodes the column, the second the
-    row, exactly as diffusers' ``get_2d_sincos_pos_embed``.
+    one resolution sees familiar positions at another. PixArt (and diffusers)
+    stretch each axis on its own, so on a 1:2 grid a patch is twice as far apart
+    along one axis as along the other; ``isotropic`` uses one step for both axes,
+    the one a square grid with the same number of patches gets, so shapes keep
+    their proportions in position space at every aspect ratio (identical to
+    PixArt's on square grids). Token order is row-major (h, w); the first half
+    of the channels encodes the column, the second the row, exactly as
+    diffusers' ``get_2d_sincos_pos_embed``.
 
     Returns (grid_h * grid_w, dim) in float32.
     """
     assert dim % 4 == 0, "2-D sin-cos embedding needs dim divisible by 4"
-    ys = torch.arange(grid_h, dtype=torch.float64) / (grid_h / base_size) / interpolation_scale
-    xs = torch.arange(grid_w, dtype=torch.float64) / (grid_w / base_size) / interpolation_scale
+    if isotropic:
+        step_h = step_w = base_size / (grid_h * grid_w) ** 0.5 / interpolation_scale
+    else:
+        step_h, step_w = base_size / grid_h / interpolation_scale, base_size / grid_w / interpolation_scale
+    ys = torch.arange(grid_h, dtype=torch.float64) * step_h
+    xs = torch.arange(grid_w, dtype=torch.float64) * step_w
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
     emb = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1)
     return emb.float()

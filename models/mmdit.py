@@ -46,6 +46,9 @@ class MMDiTConfig(DiTShape):
         the timestep embedding through a zero-initialized output, so switching them on
         changes nothing until training does.
     pixels_per_latent (`int`): the autoencoder's downsampling; micro-conditions are in pixels.
+    pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
+        each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
+        circle in position space at every aspect ratio; the same on square grids). 3to4 picks it.
     """
 
     hidden_size: int = 1152
@@ -56,6 +59,12 @@ class MMDiTConfig(DiTShape):
     block: str = "pixart"
     micro_conditions: bool = False
     pixels_per_latent: int = 8
+    pos_grid: str = "stretch"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pos_grid not in ("stretch", "isotropic"):
+            raise ValueError(f"pos_grid={self.pos_grid!r}: expected 'stretch' (PixArt) or 'isotropic'")
 
 
 class PixArtBlock(DiTBlockLayers):
@@ -213,7 +222,8 @@ class MMDiT(nn.Module):
 
     def pos_embed(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size."""
-        return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale).to(device)[None]
+        return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale,
+                         isotropic=self.config.pos_grid == "isotropic").to(device)[None]
 
     def initialize_weights(self) -> None:
         basic_init(self)

@@ -101,11 +101,14 @@ def sd3_shift(shift: float, old_pixels: int, new_pixels: int) -> float:
 
 
 @torch.no_grad()
-def mmdit_transition(src: MMDiT, transition: str, input_size: int | None = None) -> tuple[MMDiT, dict]:
+def mmdit_transition(src: MMDiT, transition: str, input_size: int | None = None,
+                     pos_grid: str = "isotropic") -> tuple[MMDiT, dict]:
     """2to3: a larger latent grid (``input_size``); the position embedding is regenerated so the new
     grid spans the old one's range (base_size = the old grid). 3to4: PixArt-MS micro-conditions,
-    zero-initialized, so the model's function is unchanged at every size. 4to5: same model.
-    Every tensor of the source is copied. Returns (model, report)."""
+    zero-initialized, and the position grid for non-square buckets (``pos_grid``: "isotropic", the
+    default, keeps shapes' proportions; "stretch" is PixArt's and diffusers-exportable). The
+    function is unchanged on square grids, and at every size with an unchanged pos_grid.
+    4to5: same model. Every tensor of the source is copied. Returns (model, report)."""
     c = asdict(src.config)
     changed: dict = {}
     if transition == "2to3":
@@ -115,7 +118,7 @@ def mmdit_transition(src: MMDiT, transition: str, input_size: int | None = None)
             raise ValueError(f"input_size {input_size} is not divisible by the patch size {src.config.patch_size}")
         changed = {"input_size": input_size, "base_size": src.base_size}
     elif transition == "3to4":
-        changed = {"micro_conditions": True}
+        changed = {"micro_conditions": True, "pos_grid": pos_grid}
     elif transition != "4to5":
         raise ValueError(f"unknown mmDiT transition {transition!r}; expected 2to3, 3to4 or 4to5")
     dst = MMDiT(MMDiTConfig(**{**c, **changed}))

@@ -34,21 +34,43 @@ def _random_mmdit(**kw):
     return m.eval()
 
 
-def test_3to4_is_function_preserving_at_every_size():
+def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixart_positions():
     src = _random_mmdit()
-    dst, report = mmdit_transition(src, "3to4")
-    assert dst.config.micro_conditions and report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
     g = torch.Generator().manual_seed(1)
     text, mask = torch.randn(3, 5, 24, generator=g), torch.ones(3, 5, dtype=torch.bool)
-    for h, w in ((8, 8), (4, 16), (16, 4)):  # the square bucket and two others
-        x, t = torch.randn(3, 3, h, w, generator=g), torch.rand(3, generator=g)
-        with torch.no_grad():
-            a, b = dst(x, t, text, mask), src(x, t, text, mask)
-        assert ((a - b).norm() / b.norm()).item() <= 1e-5
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for pos_grid in ("isotropic", "stretch"):
+        dst, report = mmdit_transition(src, "3to4", pos_grid=pos_grid)
+        assert dst.config.micro_conditions and dst.config.pos_grid == pos_grid
+        assert report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
+        for h, w in ((8, 8), (4, 16), (16, 4)):  # the square bucket and two others
+            x, t = torch.randn(3, 3, h, w, generator=g), torch.rand(3, generator=g)
+            with torch.no_grad():
+                err = rel(dst(x, t, text, mask), src(x, t, text, mask))
+            if h == w or pos_grid == "stretch":
+                assert err <= 1e-5, (pos_grid, h, w, err)
+            else:  # isotropic positions move the non-square grids' tokens on purpose
+                assert err > 1e-3, (pos_grid, h, w, err)
     with torch.no_grad():  # once trained, the conditions do reach the model
         dst.micro_embedder.linear_2.weight.normal_(0, 0.5)
         x = torch.randn(3, 3, 8, 8, generator=g)
         assert not torch.allclose(dst(x, torch.full((3,), 0.5), text, mask), src(x, torch.full((3,), 0.5), text, mask))
+
+
+def test_isotropic_positions_use_one_step_for_both_axes():
+    from models.layers import sincos_2d
+
+    assert torch.equal(sincos_2d(32, 6, 6, 4, isotropic=True), sincos_2d(32, 6, 6, 4))  # square: PixArt's exactly
+    wide = sincos_2d(32, 4, 16, 8, isotropic=True).view(4, 16, 32)
+    square = sincos_2d(32, 8, 8, 8).view(8, 8, 32)
+    # 4x16 has the patches of an 8x8 grid: one step of 1 along both axes, so (row 2, column 5) of
+    # the wide grid has the position of (row 2, column 5) of the square one
+    assert torch.allclose(wide[2, 5], square[2, 5], atol=1e-6)
+    stretched = sincos_2d(32, 4, 16, 8).view(4, 16, 32)  # PixArt: rows step 2, columns 0.5
+    assert torch.allclose(stretched[1, 4], square[2, 2], atol=1e-6)
 
 
 def test_2to3_keeps_every_weight_and_spans_the_old_positions():

@@ -90,6 +90,8 @@ def test_non_pixart_presets_are_refused():
         to_diffusers(tiny(qk_norm=True))
     with pytest.raises(IncompatibleModel, match="mlp_ratio=2.0"):
         to_diffusers(tiny(mlp_ratio=2.0))
+    with pytest.raises(IncompatibleModel, match="pos_grid='isotropic'"):
+        to_diffusers(tiny(pos_grid="isotropic"))
 
 
 def test_export_script_from_a_reparameterized_checkpoint(tmp_path, shapes_dir):

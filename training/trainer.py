@@ -120,7 +120,7 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, caption_channels
         fields["pixels_per_latent"] = autoencoder.downsample
         if caption_channels is not None:
             fields["caption_channels"] = caption_channels
-    for key in ("block", "micro_conditions", "base_size"):
+    for key in ("block", "micro_conditions", "base_size", "pos_grid"):
         if cfg.model.get(key) is not None:
             fields[key] = cfg.model[key]
     return model_config(cfg.model.family, cfg.model.preset, **fields)
@@ -142,6 +142,8 @@ def inherit_from_init(cfg: DictConfig) -> None:
         cfg.train.timestep.shift = float((init_meta.get("sampling") or {}).get("shift", 1.0))
     if "base_size" in cfg.model and cfg.model.base_size is None and init_meta:
         cfg.model.base_size = init_meta["model_config"].get("base_size")
+    if "pos_grid" in cfg.model and cfg.model.pos_grid is None and init_meta:  # 3to4 chose it
+        cfg.model.pos_grid = init_meta["model_config"].get("pos_grid", "stretch")
 
 
 def check_family(cfg: DictConfig) -> None:
