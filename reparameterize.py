@@ -13,9 +13,9 @@ SOURCE may be a checkpoint directory, a run directory (its newest checkpoint) or
     2to3  larger latent grid (--image-size pixels): every weight copied, the position
           embedding spans the old grid's range, the timestep shift raised by SD3's rule.
     3to4  PixArt-MS size / aspect-ratio micro-conditions added, zero-initialized, and the
-          position grid for non-square buckets (--pos-grid isotropic, default: one step for
-          both axes, shapes keep their proportions; stretch: PixArt's, diffusers-exportable).
-          The same function on the square grid (checked and reported).
+          position grid for non-square buckets (--pos-grid stretch, default: PixArt's, each axis
+          spans the base range, diffusers-exportable; isotropic: one step for both axes).
+          The same function on the square grid, and everywhere with stretch (checked, reported).
     4to5  the same model, for the aesthetic fine-tune.
 The output is an init checkpoint (model.safetensors + meta.json + report.json) that the
 next stage's `stage.init_from` points at. Weights are read from safetensors only: a
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--caption-channels", type=int, help="1to2: width of the text encoder's hidden states")
     ap.add_argument("--t-ref", type=float, default=0.5, help="1to2: the time at which the fold is exact")
     ap.add_argument("--image-size", type=int, help="2to3: the new training resolution in pixels (square side)")
-    ap.add_argument("--pos-grid", choices=["isotropic", "stretch"], default="isotropic",
+    ap.add_argument("--pos-grid", choices=["stretch", "isotropic"], default="stretch",
                     help="3to4: positions on non-square grids (isotropic: shapes keep proportions; stretch: PixArt/diffusers)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = ap.parse_args(argv)

@@ -48,7 +48,8 @@ class MMDiTConfig(DiTShape):
     pixels_per_latent (`int`): the autoencoder's downsampling; micro-conditions are in pixels.
     pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
         each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
-        circle in position space at every aspect ratio; the same on square grids). 3to4 picks it.
+        circle in position space at every aspect ratio, but the long axis leaves the trained
+        range; the same on square grids). 3to4 picks it (default stretch).
     """
 
     hidden_size: int = 1152
