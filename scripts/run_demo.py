@@ -121,8 +121,12 @@ def main(argv=None) -> int:
         attrs = ", ".join(f"{a} {s[f'eval_{a}_accuracy']:.3f}" for a in ("shape", "colour", "size", "background")
                           if f"eval_{a}_accuracy" in s)
         wall = f"{dt / 60:.1f} min" if dt is not None else f"(earlier run: {s.get('seconds', 0) / 60:.1f} min)"
+        aspects = sorted(k[len(f"eval_{key}_"):] for k in s if k.startswith(f"eval_{key}_"))  # per size, e.g. 24x48
+        if aspects:
+            attrs = ", ".join(f"{a}: {s[f'eval_{key}_{a}']:.3f}" for a in aspects) + f" ({attrs})"
+        grids = s.get("eval_grid") or " ".join(s[f"eval_grid_{a}"] for a in aspects if f"eval_grid_{a}" in s)
         lines.append(f"| {stage} | {s['step']} | {wall} | {loss} | {s.get(f'eval_{key}', float('nan')):.3f} | {what} "
-                     f"| {chance} | {attrs} | {s.get('eval_grid', '')} |")
+                     f"| {chance} | {attrs} | {grids} |")
     table = "\n".join(lines)
     (ROOT / out / "eval_table.md").write_text(table + "\n")
     print("\n" + table)

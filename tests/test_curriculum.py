@@ -181,6 +181,8 @@ def test_the_curriculum_runs_resumes_after_a_kill_in_stage3_and_skips_finished_s
     table = (out / "eval_table.md").read_text()
     assert all(f"| stage{i} | {5 if i == 3 else 2} |" in table for i in range(1, 6)), table
     assert "| 1/72 |" in table and (out / "stage1" / "samples" / "step_0000002.png").exists()
+    row4 = next(line for line in table.splitlines() if line.startswith("| stage4 |"))
+    assert "24x48: " in row4 and "step_0000002_48x24.png" in row4, row4  # per-aspect scores and grids
     assert json.loads((out / "stage2_init" / "meta.json").read_text())["model_config"]["caption_channels"] == 384
     s4 = json.loads((out / "stage4" / "summary.json").read_text())
     assert {"eval_caption_accuracy_32x32", "eval_caption_accuracy_24x48", "eval_caption_accuracy_48x24"} <= set(s4)
