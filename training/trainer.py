@@ -143,7 +143,7 @@ def inherit_from_init(cfg: DictConfig) -> None:
     if "base_size" in cfg.model and cfg.model.base_size is None and init_meta:
         cfg.model.base_size = init_meta["model_config"].get("base_size")
     if "pos_grid" in cfg.model and cfg.model.pos_grid is None and init_meta:  # 3to4 chose it
-        cfg.model.pos_grid = init_meta["model_config"].get("pos_grid", "stretch")
+        cfg.model.pos_grid = init_meta["model_config"].get("pos_grid")  # absent in older checkpoints: the default
 
 
 def check_family(cfg: DictConfig) -> None:
