@@ -30,6 +30,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prompts", nargs="+", default=["held_out"], help="text checkpoints: prompts, or held_out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                    help="image size in pixels (mmDiT: any multiple of the patch, e.g. an aspect bucket); default: the trained size")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args(argv)
 
@@ -57,16 +59,25 @@ def main(argv=None) -> list[dict]:
         wanted = [parse_caption(p) for p in chosen]
         keys = ["shape", "colour", "size", "background"]
     shift = args.shift if args.shift is not None else meta["sampling"]["shift"]
+    shape = latent_shape(meta)
+    if args.size:
+        px = ae.downsample * model.config.patch_size
+        if meta["family"] != "mmdit" or any(v % px or v <= 0 for v in args.size):
+            ap.error(f"--size {args.size[0]} {args.size[1]}: an mmDiT checkpoint and positive multiples of {px} pixels "
+                     f"(autoencoder downsampling x patch size) expected; this is a {meta['family']} checkpoint")
+        px = ae.downsample
+        shape = (shape[0], args.size[0] // px, args.size[1] // px)
     rows = []
     print(f"| cfg | steps | all | {' | '.join(keys)} |\n|---|---|---|{'---|' * len(keys)}")
     for cfg_scale, steps in itertools.product(args.cfg, args.steps):
         s = SampleSettings(steps=steps, cfg_scale=cfg_scale, solver=args.solver, shift=shift, seed=args.seed)
-        images = generate(model, ae, cond, uncond, latent_shape(meta), s)
+        images = generate(model, ae, cond, uncond, shape, s)
         acc = attribute_accuracy(images, wanted)
-        rows.append({"checkpoint": str(ckpt), "cfg_scale": cfg_scale, "steps": steps, "n": args.n,
+        rows.append({"checkpoint": str(ckpt), "cfg_scale": cfg_scale, "steps": steps, "n": args.n, "latent_shape": list(shape),
                      **{f"{a}_accuracy": v for a, v in acc.items()}})
         print(f"| {cfg_scale} | {steps} | {acc['all']:.3f} | {' | '.join(f'{acc[a]:.3f}' for a in keys)} |", flush=True)
-        png = ckpt / f"eval_cfg{cfg_scale}_steps{steps}.png"
+        size = f"_{shape[1]}x{shape[2]}" if args.size else ""
+        png = ckpt / f"eval_cfg{cfg_scale}_steps{steps}{size}.png"
         save_png(make_grid(to_uint8(images[: 4 * k]), ncols=k, upscale=3), png)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

@@ -1,12 +1,15 @@
 """Stages 3-5: each transition through reparameterize.py, and a short run of each stage."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import compose, stage2_overrides
 
 import reparameterize
+from scripts import evaluate_checkpoint
 from models.presets import build_model
 from models.reparam import mmdit_transition
 from training.checkpoint import load_weights, read_meta
@@ -104,6 +107,12 @@ def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_d
                                                                                      "stage.init_from": str(tmp_path / "init4"),
                                                                                      "train.max_steps": 2}), "stage4"))
     assert read_meta(s4["checkpoint"])["model_config"]["micro_conditions"] is True
+    rows = evaluate_checkpoint.main([str(tmp_path / "s4" / "run"), "--size", "24", "40", "--n", "3", "--cfg", "2"])
+    assert rows[0]["latent_shape"] == [3, 24, 40] and 0.0 <= rows[0]["all_accuracy"] <= 1.0
+    grid = Image.open(Path(s4["checkpoint"]) / "eval_cfg2.0_steps20_24x40.png")
+    assert grid.size == (12 * (3 * 40 + 2) + 2, 3 * 24 + 2 + 2)  # one row: 12 prompt columns of 24x40 samples, upscaled 3x
+    with pytest.raises(SystemExit):
+        evaluate_checkpoint.main([str(tmp_path / "s4" / "run"), "--size", "23", "40", "--n", "3"])
 
     rep = reparameterize.main([str(tmp_path / "s4" / "run"), str(tmp_path / "init5")])
     assert rep["transition"] == "4to5" and max(rep["relative_error_by_t"].values()) == 0.0
