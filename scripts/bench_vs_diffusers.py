@@ -237,6 +237,31 @@ def sampling(ours, theirs, steps: int = 20, cfg: float = 4.0):
     return ours_sample, theirs_sample
 
 
+def memory_runs() -> list[dict]:
+    """The memory children: ours and diffusers, with and without activation checkpointing."""
+    mem = []
+    for which in ("ours", "diffusers"):
+        for ckpt in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", which, "1" if ckpt else "0"], capture_output=True,
+                                 text=True, check=True)
+            mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"memory: {which}, activation checkpointing {ckpt}: done", flush=True)
+    return mem
+
+
+def print_memory(record: dict) -> None:
+    for m in record.get("memory", []):
+        print(f"| peak tensor memory of a step, {m['model']}, activation checkpointing {m['activation_checkpointing']} | "
+              f"{m['tensor_peak'] / 2**20:.0f} MiB (weights + AdamW state {m['tensor_bytes_held'] / 2**20:.0f}) | "
+              f"peak RSS {m['peak_rss'] / 2**20:.0f} MiB, step adds {m['step_peak_above_before'] / 2**20:.0f} MiB | |")
+    for which in ("ours", "diffusers"):
+        by = {m["activation_checkpointing"]: m for m in record.get("memory", []) if m["model"] == which}
+        if len(by) == 2:
+            cut = 1 - by[True]["tensor_peak"] / by[False]["tensor_peak"]
+            record.setdefault("checkpointing_cut", {})[which] = cut
+            print(f"activation checkpointing cuts {which}'s peak tensor memory by {cut:.0%}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=5)
@@ -245,12 +270,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile-theirs", action="store_true")
     ap.add_argument("--sampling-pairs", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the four memory children (~4 min)")
     ap.add_argument("--out", default="bench/vs_diffusers.json")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], args.memory_child[1] == "1")))
         return {}
+
+    if args.memory_only:
+        import torch
+
+        record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                  "config": {**CFG, "batch": BATCH, "text_tokens": TOKENS, "dtype": "fp32"}, "memory": memory_runs()}
+        print("\n| measure | value | process | |\n|---|---|---|---|")
+        print_memory(record)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        return record
 
     import torch
 
@@ -288,13 +325,7 @@ def main(argv=None) -> dict:
                           "ours_img_s": BATCH / statistics.median(p["ours_s"] for p in sp),
                           "diffusers_img_s": BATCH / statistics.median(p["theirs_s"] for p in sp)}
     if not args.skip_memory:
-        mem = []
-        for which in ("ours", "diffusers"):
-            for ckpt in (False, True):
-                out = subprocess.run([sys.executable, __file__, "--memory-child", which, "1" if ckpt else "0"], capture_output=True,
-                                     text=True, check=True)
-                mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        record["memory"] = mem
+        record["memory"] = memory_runs()
     t = record["train_step"]
     print("\n| measure | ours | diffusers | ours vs diffusers |\n|---|---|---|---|")
     print(f"| training step img/s (median of {args.pairs} A/B pairs) | {t['ours_img_s']:.2f} | {t['diffusers_img_s']:.2f} | {ratio:.3f}x |")
@@ -302,16 +333,7 @@ def main(argv=None) -> dict:
     print(f"| model FLOP/s / same-run GEMM ({gemm / 1e9:.0f} GFLOP/s) | {f['model_over_gemm']:.0%} | {f['diffusers_over_gemm']:.0%} | |")
     s = record["sampling"]
     print(f"| sampling img/s (20 Euler steps, CFG) | {s['ours_img_s']:.2f} | {s['diffusers_img_s']:.2f} | {s['median_ratio_theirs_over_ours']:.3f}x |")
-    for m in record.get("memory", []):
-        print(f"| peak tensor memory of a step, {m['model']}, activation checkpointing {m['activation_checkpointing']} | "
-              f"{m['tensor_peak'] / 2**20:.0f} MiB (weights + AdamW state {m['tensor_bytes_held'] / 2**20:.0f}) | "
-              f"peak RSS {m['peak_rss'] / 2**20:.0f} MiB, step adds {m['step_peak_above_before'] / 2**20:.0f} MiB | |")
-    for which in ("ours", "diffusers"):
-        by = {m["activation_checkpointing"]: m for m in record.get("memory", []) if m["model"] == which}
-        if len(by) == 2:
-            cut = 1 - by[True]["tensor_peak"] / by[False]["tensor_peak"]
-            record.setdefault("checkpointing_cut", {})[which] = cut
-            print(f"activation checkpointing cuts {which}'s peak tensor memory by {cut:.0%}")
+    print_memory(record)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     return record

@@ -62,6 +62,21 @@ def finished_step(stage: str, overrides: list[str], run_dir: Path) -> int | None
     return step if step >= cfg.train.max_steps else None
 
 
+def stale_init(init: Path, previous: Path, weights: str) -> str | None:
+    """What an existing <stage>_init was built from, when that is no longer the previous stage's final
+    checkpoint (the previous stage trained further, or other weights were asked for); else None."""
+    meta_path, summary_path = ROOT / init / "meta.json", ROOT / previous / "summary.json"
+    if not meta_path.is_file() or not summary_path.is_file():
+        return None
+    built = json.loads(meta_path.read_text()).get("init", {})
+    report = ROOT / init / "report.json"
+    built_weights = json.loads(report.read_text()).get("weights", weights) if report.is_file() else weights
+    step = json.loads(summary_path.read_text()).get("step")
+    if "source_step" not in built or (built["source_step"] == step and built_weights == weights):
+        return None  # (an init from before the field existed is taken as it is)
+    return f"{built_weights} weights of step {built.get('source_step')}"
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
@@ -99,7 +114,14 @@ def main(argv=None) -> int:
         if stage != "stage1":  # start from the previous stage through reparameterize.py (once)
             init = out / f"{stage}_init"
             previous = out / STAGES[STAGES.index(stage) - 1]
-            if not (ROOT / init / "meta.json").is_file():
+            stale = stale_init(init, previous, args.weights)
+            if stale and (ROOT / run_dir / "checkpoints").is_dir():
+                raise SystemExit(f"{init} was built from {stale}, but {previous} has moved on since, and {run_dir} has already "
+                                 f"trained from the old init. Delete {run_dir} (and {init}) to train {stage} from the new "
+                                 f"{previous}, or restore {previous}.")
+            if stale or not (ROOT / init / "meta.json").is_file():
+                if stale:
+                    print(f"\n=== {init} was built from {stale}; rebuilding it from {previous}", flush=True)
                 run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *TRANSITION_ARGS[stage]])
             extra = [f"stage.init_from={init}"]
         run([sys.executable, ROOT / f"train_{stage}.py", *command, *extra, *mine])

@@ -209,3 +209,26 @@ def test_the_curriculum_runs_resumes_after_a_kill_in_stage3_and_skips_finished_s
     assert {i: (out / f"stage{i}" / "summary.json").read_text() for i in range(1, 6)} == before
     assert {i: (out / f"stage{i}" / "summary.json").stat().st_mtime_ns for i in range(1, 6)} == mtimes
     assert (out / "eval_table.md").read_text().count("(earlier run:") == 5
+
+
+def test_the_runner_rebuilds_an_init_whose_source_stage_trained_further(tmp_path):
+    """<stage>_init remembers the step (and weights) it was built from; when the previous stage has moved
+    on, the runner rebuilds it, and refuses when the stage already trained from the old one."""
+    from scripts.run_demo import main as run_demo
+    from scripts.run_demo import stale_init
+
+    out = tmp_path / "demo"
+    init, previous = out / "stage4_init", out / "stage3"
+    init.mkdir(parents=True), previous.mkdir()
+    (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4", "source_step": 600}}))
+    (init / "report.json").write_text(json.dumps({"weights": "ema"}))
+    (previous / "summary.json").write_text(json.dumps({"step": 600}))
+    assert stale_init(init, previous, "ema") is None
+    assert stale_init(init, previous, "raw") == "ema weights of step 600"
+    (previous / "summary.json").write_text(json.dumps({"step": 900}))
+    assert stale_init(init, previous, "ema") == "ema weights of step 600"
+    (out / "stage4" / "checkpoints").mkdir(parents=True)  # stage 4 already trained from the old init
+    with pytest.raises(SystemExit, match="Delete .*stage4"):
+        run_demo(["--out", str(out), "--stages", "stage4"])
+    (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4"}}))  # an init from before the field: as it is
+    assert stale_init(init, previous, "ema") is None
