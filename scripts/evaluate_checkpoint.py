@@ -76,8 +76,9 @@ def main(argv=None) -> list[dict]:
         rows.append({"checkpoint": str(ckpt), "cfg_scale": cfg_scale, "steps": steps, "n": args.n, "latent_shape": list(shape),
                      **{f"{a}_accuracy": v for a, v in acc.items()}})
         print(f"| {cfg_scale} | {steps} | {acc['all']:.3f} | {' | '.join(f'{acc[a]:.3f}' for a in keys)} |", flush=True)
-        size = f"_{shape[1]}x{shape[2]}" if args.size else ""
-        png = ckpt / f"eval_cfg{cfg_scale}_steps{steps}{size}.png"
+        tag = (f"_{shape[1]}x{shape[2]}" if args.size else "") + (f"_shift{shift:g}" if args.shift is not None else "") + \
+            ("_raw" if args.raw else "")  # one file per setting: a sweep never overwrites another's grid
+        png = ckpt / f"eval_cfg{cfg_scale}_steps{steps}{tag}.png"
         save_png(make_grid(to_uint8(images[: 4 * k]), ncols=k, upscale=3), png)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
