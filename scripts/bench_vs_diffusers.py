@@ -11,7 +11,8 @@ interleaved A/B: each pair times a few training steps of ours then of theirs, th
 taken pair by pair and its median reported (single timings on shared machines vary by 10%).
 Also: model FLOP/s (torch.utils.flop_counter) against a 2048^3 fp32 GEMM timed in the same
 run; peak memory of one training step with and without activation checkpointing (a fresh
-process each, Linux VmHWM after resetting it); sampling throughput, 20 Euler steps with CFG,
+process each: live tensor storage counted op by op, and Linux VmHWM after resetting it;
+`--memory-only` runs just these); sampling throughput, 20 Euler steps with CFG,
 ours (flow.sampling) vs the diffusers model driven by FlowMatchEulerDiscreteScheduler.
 """
 from __future__ import annotations
@@ -270,7 +271,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile-theirs", action="store_true")
     ap.add_argument("--sampling-pairs", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--memory-only", action="store_true", help="only the four memory children (~4 min)")
+    ap.add_argument("--memory-only", action="store_true", help="only the four memory children (~1 min on 2 cores)")
     ap.add_argument("--out", default="bench/vs_diffusers.json")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

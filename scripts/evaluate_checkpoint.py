@@ -62,9 +62,11 @@ def main(argv=None) -> list[dict]:
     shape = latent_shape(meta)
     if args.size:
         px = ae.downsample * model.config.patch_size
-        if meta["family"] != "mmdit" or any(v % px or v <= 0 for v in args.size):
-            ap.error(f"--size {args.size[0]} {args.size[1]}: an mmDiT checkpoint and positive multiples of {px} pixels "
-                     f"(autoencoder downsampling x patch size) expected; this is a {meta['family']} checkpoint")
+        if meta["family"] != "mmdit":
+            ap.error(f"--size needs an mmDiT checkpoint (a {meta['family']} samples only at its trained size)")
+        if any(v % px or v <= 0 for v in args.size):
+            ap.error(f"--size {args.size[0]} {args.size[1]}: expected positive multiples of {px} pixels "
+                     f"(the autoencoder's downsampling x the patch size)")
         px = ae.downsample
         shape = (shape[0], args.size[0] // px, args.size[1] // px)
     rows = []
