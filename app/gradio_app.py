@@ -134,7 +134,7 @@ class Sampler:
 
         from flow.sampling import SOLVERS
         from inference.images import make_grid, to_uint8
-        from inference.pipeline import SampleSettings, generate, prompt_conditions
+        from inference.pipeline import SampleSettings, generate, latent_shape_for, prompt_conditions
 
         model, ae, meta = self.load(path, weights)
         d = meta["sampling"]
@@ -150,16 +150,14 @@ class Sampler:
         if trajectory and settings.solver != "euler":
             raise UserError("the denoising strip needs the euler solver")
         n = _int(batch, "batch", 1, MAX_BATCH)
-        c, gh, gw = self.latent(meta)
+        _, gh, gw = self.latent(meta)
         down = int(getattr(ae, "downsample", 1))
         h = _int(gh * down if height in (None, "") else height, "height", 1, 10**5)
         w = _int(gw * down if width in (None, "") else width, "width", 1, 10**5)
-        unit = down * int(meta["model_config"]["patch_size"])
-        if h % unit or w % unit or max(h, w) > MAX_SIDE_FACTOR * max(gh, gw) * down:
-            raise UserError(f"resolution {h}x{w} is not possible here: both sides must be multiples of {unit} "
-                            f"(autoencoder x patch) and at most {MAX_SIDE_FACTOR * max(gh, gw) * down}")
-        if meta["family"] == "ccdit" and (h, w) != (gh * down, gw * down):
-            raise UserError(f"this {meta['stage']} ccDiT draws only {gh * down}x{gw * down} images (its position grid is fixed)")
+        try:
+            shape = latent_shape_for(meta, down, h, w, MAX_SIDE_FACTOR)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         cond = meta["conditioning"]
         from training.checkpoint import resolve
 
@@ -187,7 +185,7 @@ class Sampler:
                 cnd, unc = prompt_conditions(meta, [str(condition)] * n, str(negative_prompt or ""))
             record.update(prompt=str(condition), negative_prompt=str(negative_prompt or ""))
             record["warnings"] = [str(x.message) for x in caught if "truncated" in str(x.message)]
-        out = generate(model, ae, cnd, unc, (c, h // down, w // down), settings, return_trajectory=trajectory)
+        out = generate(model, ae, cnd, unc, shape, settings, return_trajectory=trajectory)
         images, traj = out if trajectory else (out, None)
         record.update(settings.to_dict(), batch=n, height=h, width=w)
         strip = None

@@ -82,6 +82,22 @@ def latent_shape(meta: dict) -> tuple[int, int, int]:
     return (mc["in_channels"], mc["input_size"], mc["input_size"])
 
 
+def latent_shape_for(meta: dict, downsample: int, height: int, width: int,
+                     max_side_factor: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) latents for a height x width pixel image from this checkpoint; ValueError, saying what
+    is possible, when both sides are not multiples of downsample x patch (or exceed ``max_side_factor``
+    x the trained side), or a ccDiT (fixed position grid) is asked for another size than its own."""
+    c, gh, gw = latent_shape(meta)
+    unit = downsample * int(meta["model_config"]["patch_size"])
+    limit = max_side_factor * max(gh, gw) * downsample if max_side_factor else None
+    if min(height, width) <= 0 or height % unit or width % unit or (limit and max(height, width) > limit):
+        raise ValueError(f"resolution {height}x{width} is not possible here: both sides must be positive multiples of {unit} "
+                         f"(autoencoder x patch)" + (f" and at most {limit}" if limit else ""))
+    if meta["family"] == "ccdit" and (height, width) != (gh * downsample, gw * downsample):
+        raise ValueError(f"this {meta['stage']} ccDiT draws only {gh * downsample}x{gw * downsample} images (its position grid is fixed)")
+    return c, height // downsample, width // downsample
+
+
 def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu"):
     """A checkpoint directory -> (model in eval mode, autoencoder, meta). Nothing else is needed:
     the checkpoint's meta.json names the model family, its full config and the autoencoder."""

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -119,12 +120,13 @@ class LiveTensorBytes:
     exist on entry (weights, optimizer state) are passed in with ``hold``."""
 
     def __init__(self, *held):
-        import weakref
-
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
+        import torch
+
         tracker = self
+        self._tensor = torch.Tensor  # hold() runs on every op's outputs: no imports there
         self.live = self.peak = 0
         self._seen = weakref.WeakSet()
 
@@ -140,11 +142,7 @@ class LiveTensorBytes:
             self.hold(t)
 
     def hold(self, t) -> None:
-        import weakref
-
-        import torch
-
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, self._tensor):
             return
         storage = t.untyped_storage()
         if storage in self._seen:
@@ -190,9 +188,8 @@ def memory_child(which: str, checkpointing: bool) -> dict:
         raise RuntimeError(f"{key} not in /proc/self/status")
 
     gc.collect()
-    state = [p for p in model.parameters()] + [buf for buf in model.buffers()]
     opt_state = [v for p in model.parameters() for v in step.optimizer.state.get(p, {}).values()]
-    tracker = LiveTensorBytes(*state, *opt_state)
+    tracker = LiveTensorBytes(*model.parameters(), *model.buffers(), *opt_state)
     held = tracker.live
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (Linux >= 4.0)
     base = status("VmRSS:")
@@ -238,6 +235,14 @@ def sampling(ours, theirs, steps: int = 20, cfg: float = 4.0):
     return ours_sample, theirs_sample
 
 
+def run_description() -> dict:
+    """The machine and the benchmark config, for every JSON this script writes."""
+    import torch
+
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "config": {**CFG, "batch": BATCH, "text_tokens": TOKENS, "dtype": "fp32"}}
+
+
 def memory_runs() -> list[dict]:
     """The memory children: ours and diffusers, with and without activation checkpointing."""
     mem = []
@@ -263,6 +268,12 @@ def print_memory(record: dict) -> None:
             print(f"activation checkpointing cuts {which}'s peak tensor memory by {cut:.0%}")
 
 
+def save(record: dict, out: str) -> dict:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=2))
+    return record
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=5)
@@ -280,17 +291,10 @@ def main(argv=None) -> dict:
         return {}
 
     if args.memory_only:
-        import torch
-
-        record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                  "config": {**CFG, "batch": BATCH, "text_tokens": TOKENS, "dtype": "fp32"}, "memory": memory_runs()}
+        record = {**run_description(), "memory": memory_runs()}
         print("\n| measure | value | process | |\n|---|---|---|---|")
         print_memory(record)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
-        return record
-
-    import torch
+        return save(record, args.out)
 
     ours, theirs = build()
     so, st = step_fns(ours, theirs, args.compile_ours, args.compile_theirs)
@@ -307,8 +311,7 @@ def main(argv=None) -> dict:
     flops = model_flops(ours)
     gemm = gemm_flops()
     record = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "config": {**CFG, "batch": BATCH, "text_tokens": TOKENS, "dtype": "fp32"},
+        **run_description(),
         "compiled": {"ours": args.compile_ours, "diffusers": args.compile_theirs},
         "train_step": {"pairs": pairs, "median_ratio_theirs_over_ours": ratio, "ours_img_s": BATCH / ours_s,
                        "diffusers_img_s": BATCH / theirs_s},
@@ -335,9 +338,7 @@ def main(argv=None) -> dict:
     s = record["sampling"]
     print(f"| sampling img/s (20 Euler steps, CFG) | {s['ours_img_s']:.2f} | {s['diffusers_img_s']:.2f} | {s['median_ratio_theirs_over_ours']:.3f}x |")
     print_memory(record)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    return record
+    return save(record, args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(argv=None) -> list[dict]:
     from data.evaluator import attribute_accuracy, class_attributes
     from data.shapes import HELD_OUT_CAPTIONS, parse_caption
     from inference.images import make_grid, save_png, to_uint8
-    from inference.pipeline import SampleSettings, generate, latent_shape, load_model, prompt_conditions
+    from inference.pipeline import SampleSettings, generate, latent_shape, latent_shape_for, load_model, prompt_conditions
     from training.checkpoint import resolve
 
     ckpt = resolve(args.checkpoint)
@@ -61,14 +61,10 @@ def main(argv=None) -> list[dict]:
     shift = args.shift if args.shift is not None else meta["sampling"]["shift"]
     shape = latent_shape(meta)
     if args.size:
-        px = ae.downsample * model.config.patch_size
-        if meta["family"] != "mmdit":
-            ap.error(f"--size needs an mmDiT checkpoint (a {meta['family']} samples only at its trained size)")
-        if any(v % px or v <= 0 for v in args.size):
-            ap.error(f"--size {args.size[0]} {args.size[1]}: expected positive multiples of {px} pixels "
-                     f"(the autoencoder's downsampling x the patch size)")
-        px = ae.downsample
-        shape = (shape[0], args.size[0] // px, args.size[1] // px)
+        try:
+            shape = latent_shape_for(meta, ae.downsample, *args.size)
+        except ValueError as e:
+            ap.error(f"--size: {e}")
     rows = []
     print(f"| cfg | steps | all | {' | '.join(keys)} |\n|---|---|---|{'---|' * len(keys)}")
     for cfg_scale, steps in itertools.product(args.cfg, args.steps):
