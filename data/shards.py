@@ -155,7 +155,10 @@ def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
     if bucketed:
         fields["latent_shape"] = None  # shapes vary: overrides the writer's first-sample shape
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # left by a writer that died mid-way
+        if not _pid_alive(stale.name.rsplit(".", 2)[-2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # per process: two runs may build the same subset at once
     shutil.rmtree(tmp, ignore_errors=True)
     n, buckets = 0, {}
     with ShardWriter(tmp, samples_per_shard, manifest_fields=fields) as w:
@@ -178,10 +181,28 @@ def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
     null = Path(src) / "null_text.npy"
     if null.is_file():
         shutil.copy(null, tmp / "null_text.npy")
+    if (dst / "manifest.json").exists():  # another process finished the same subset first
+        shutil.rmtree(tmp)
+        return n
     if dst.exists():  # an incomplete folder from an older, interrupted attempt
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)  # complete, or not there at all
+        shutil.rmtree(dst, ignore_errors=True)
+    try:
+        os.replace(tmp, dst)  # complete, or not there at all
+    except OSError:
+        if not (dst / "manifest.json").exists():
+            raise
+        shutil.rmtree(tmp)  # lost the race to an identical, complete subset
     return n
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- manifest

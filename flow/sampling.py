@@ -33,15 +33,19 @@ def concat_conditions(a: Any, b: Any) -> Any:
     return torch.cat([a, b], dim=0)
 
 
-def guided_velocity(velocity_fn: VelocityFn, cond: Any, uncond: Any, cfg_scale: float) -> Callable:
-    """v(x, t) with classifier-free guidance; t is a scalar or (N,) tensor."""
+def guided_velocity(velocity_fn: VelocityFn, cond: Any, uncond: Any, cfg_scale: float,
+                    prepare: Callable[[Any], Any] | None = None) -> Callable:
+    """v(x, t) with classifier-free guidance; t is a scalar or (N,) tensor. ``prepare`` maps the
+    (batched) condition once to what ``velocity_fn`` takes at every step (a text cache, say)."""
     use_cfg = uncond is not None and cfg_scale != 1.0
-    both = concat_conditions(cond, uncond) if use_cfg else None
+    both = concat_conditions(cond, uncond) if use_cfg else cond
+    if prepare is not None:
+        both = prepare(both)
 
     def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = t.expand(x.shape[0]) if t.dim() == 0 else t
         if not use_cfg:
-            return velocity_fn(x, tt, cond)
+            return velocity_fn(x, tt, both)
         out = velocity_fn(torch.cat([x, x]), torch.cat([tt, tt]), both)
         v_cond, v_uncond = out.chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -62,14 +66,15 @@ def sample(
     return_trajectory: bool = False,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    prepare: Callable[[Any], Any] | None = None,
 ):
     """Solve the flow ODE from ``noise`` (t = 1) to data (t = 0).
 
     Returns x0 (N, C, H, W); with ``return_trajectory`` also the list of
     predicted clean images x0_hat = x_t - t v at each Euler step (for the
-    denoising strip in the app; Euler only).
+    denoising strip in the app; Euler only). ``prepare``: see ``guided_velocity``.
     """
-    v = guided_velocity(velocity_fn, cond, uncond, cfg_scale)
+    v = guided_velocity(velocity_fn, cond, uncond, cfg_scale, prepare)
     ts = time_grid(steps, shift, noise.device).to(noise.dtype)
     if solver == "euler":
         x, traj = noise, []

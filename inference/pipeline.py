@@ -35,6 +35,20 @@ def call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) ->
     return model(x, t, **cond) if isinstance(cond, dict) else model(x, t, cond)
 
 
+TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask")
+
+
+def prepare_condition(model: nn.Module, cond: Any) -> Any:
+    """A text condition with the model's step-independent text work done once (``MMDiT.cache_text``:
+    caption projection, cross-attention keys/values), for a sampling loop that reuses it every step;
+    class ids, and models without a cache, pass through unchanged."""
+    cache_text = getattr(model, "cache_text", None)
+    if cache_text is None or not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
+        return cond
+    rest = {k: v for k, v in cond.items() if k not in TEXT_KEYS}
+    return {**rest, "text_cache": cache_text(cond["encoder_hidden_states"], cond.get("encoder_attention_mask"))}
+
+
 def initial_noise(n: int, latent_shape: tuple[int, ...], seed: int, device, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, *latent_shape), generator=g).to(device=device, dtype=dtype)
@@ -69,6 +83,7 @@ def generate(
         shift=settings.shift,
         solver=settings.solver,
         return_trajectory=return_trajectory,
+        prepare=lambda c: prepare_condition(model, c),
     )
     if return_trajectory:
         z, traj = out

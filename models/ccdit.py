@@ -47,8 +47,8 @@ class CCDiTBlock(DiTBlockLayers):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * f: (N, T, D)
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -130,7 +130,9 @@ class CCDiT(nn.Module):
         p = self.config.patch_size
         if h != self.config.input_size or w != self.config.input_size:
             raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w}")
-        x = self.x_embedder(hidden_states) + self.pos_embed  # (N, T, D), T = H * W / p**2
+        # position first: the sum takes its contiguous (N, T, D) layout, not the patch embedding's transposed one,
+        # so no norm or linear downstream copies the residual stream (diffusers' order costs ~5% on CPU)
+        x = self.pos_embed + self.x_embedder(hidden_states)  # (N, T, D), T = H * W / p**2
         c = self.condition(timestep, class_labels)  # (N, D)
         for block in self.blocks:
             x = run_block(block, self.gradient_checkpointing, x, c)  # (N, T, D)

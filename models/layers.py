@@ -19,7 +19,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """adaLN modulation: x (N, T, D), shift/scale (N, D) or (N, 1, D)."""
     if shift.dim() == 2:
         shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # shift + x * (1 + scale), one pass over x
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args) -> torch.Tensor:
@@ -221,14 +221,20 @@ class Attention(nn.Module):
         self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.to_out = make_linear(dim, dim, backend=linear_backend)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, S, D) -> keys (QK-normed) and values, (N, h, S, hd) each."""
+        n, s, _ = kv.shape
+        k = self.to_k(kv).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.to_v(kv).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)
+        return self.norm_k(k), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``kv``: this layer's ``keys_values(context)`` computed beforehand (sampling reuses a
+        constant text's across steps); ``context`` is then not needed."""
         n, t, d = x.shape
-        kv = x if context is None else context
-        h = self.num_heads
-        q = self.to_q(x).view(n, t, h, self.head_dim).transpose(1, 2)  # (N, h, T, hd)
-        k = self.to_k(kv).view(n, kv.shape[1], h, self.head_dim).transpose(1, 2)  # (N, h, S, hd)
-        v = self.to_v(kv).view(n, kv.shape[1], h, self.head_dim).transpose(1, 2)
-        q, k = self.norm_q(q), self.norm_k(k)
+        q = self.norm_q(self.to_q(x).view(n, t, self.num_heads, self.head_dim).transpose(1, 2))  # (N, h, T, hd)
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)  # (N, h, S, hd)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, h, T, hd)
         return self.to_out(out.transpose(1, 2).reshape(n, t, d))

@@ -76,15 +76,15 @@ class PixArtBlock(DiTBlockLayers):
         self.cross_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, context_dim=hidden_size, linear_backend=linear_backend)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t6.reshape(n, 6, -1)
         ).chunk(6, dim=1)  # each (N, 1, D)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + self.cross_attn(x, context, mask)  # PixArt: cross-attention on the un-normalized stream
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * f: (N, T, D)
+        x = x + self.cross_attn(x, context, mask, kv=kv)  # PixArt: cross-attention on the un-normalized stream
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(DiTBlockLayers):
@@ -129,13 +129,13 @@ class JointBlock(DiTBlockLayers):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
         out = out.reshape(n, q.shape[2], d)
         out_c, out_x = out[:, : q.shape[2] - t], out[:, q.shape[2] - t :]
-        x = x + gate_msa * self.attn.to_out(out_x)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa, self.attn.to_out(out_x))  # x + gate * f
+        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         if self.context_pre_only:
             return x, context
         _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
-        context = context + c_gate_msa * self.context_attn.to_out(out_c)
-        context = context + c_gate_mlp * self.context_mlp(modulate(self.context_norm2(context), c_shift_mlp, c_scale_mlp))
+        context = torch.addcmul(context, c_gate_msa, self.context_attn.to_out(out_c))
+        context = torch.addcmul(context, c_gate_mlp, self.context_mlp(modulate(self.context_norm2(context), c_shift_mlp, c_scale_mlp)))
         return x, context
 
 
@@ -179,6 +179,21 @@ class CaptionProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+@dataclass
+class TextCache:
+    """A text condition's share of the forward pass, which does not depend on the image or the
+    timestep: sampling computes it once (``MMDiT.cache_text``) instead of at every step.
+
+    context: projected caption tokens (N, L, D); mask: (N, L) bool key mask, None when nothing is
+    padded; kv: PixArt blocks' cross-attention keys and values, one (k, v) per block, each
+    (N, heads, L, head_dim); None for joint blocks (their text stream changes with the timestep).
+    """
+
+    context: torch.Tensor
+    mask: torch.Tensor | None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class MMDiT(nn.Module):
@@ -248,20 +263,43 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def _text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None):
+        context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
+        mask = None
+        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+            mask = encoder_attention_mask.bool()  # only pay for masking when something is padded
+        return context, mask
+
+    @torch.no_grad()
+    def cache_text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None) -> TextCache:
+        """The text's step-independent work, done once for a whole sampling run: pass the result as
+        ``forward(..., text_cache=...)``. Key positions padded in every row are dropped first (they
+        get zero attention weight anyway), so a long padded encoder output costs only its longest prompt."""
+        if encoder_attention_mask is not None and bool(encoder_attention_mask.any()):
+            last = int(encoder_attention_mask.bool().any(0).nonzero().max()) + 1
+            encoder_hidden_states, encoder_attention_mask = encoder_hidden_states[:, :last], encoder_attention_mask[:, :last]
+        context, mask = self._text(encoder_hidden_states, encoder_attention_mask)
+        kv = [block.cross_attn.keys_values(context) for block in self.blocks] if self.config.block == "pixart" else None
+        return TextCache(context, mask, kv)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
+        text_cache: TextCache | None = None,
     ) -> torch.Tensor:
+        """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
-        x = self.x_embedder(hidden_states) + self.pos_embed(h // p, w // p, hidden_states.device)  # (N, T, D)
+        # position first: the sum is contiguous (N, T, D), so no norm or linear downstream copies the
+        # residual stream (the patch embedding alone is a transposed view; diffusers adds in that order)
+        x = self.pos_embed(h // p, w // p, hidden_states.device) + self.x_embedder(hidden_states)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
         if self.config.micro_conditions:  # default: the size of the image being generated
             if resolution is None:
@@ -270,17 +308,21 @@ class MMDiT(nn.Module):
             if aspect_ratio is None:
                 aspect_ratio = resolution[:, 0].float() / resolution[:, 1].float()
             t_emb = t_emb + self.micro_embedder(resolution, aspect_ratio)
-        context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
-        mask = None
-        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
-            mask = encoder_attention_mask.bool()  # only pay for masking when something is padded
+        if text_cache is None:
+            if encoder_hidden_states is None:
+                raise TypeError("MMDiT.forward needs encoder_hidden_states (or a text_cache from cache_text)")
+            text_cache = TextCache(*self._text(encoder_hidden_states, encoder_attention_mask))
+        elif text_cache.context.shape[0] != n:
+            raise ValueError(f"text_cache holds {text_cache.context.shape[0]} conditions for a batch of {n} latents")
+        context, mask = text_cache.context, text_cache.mask
         if self.config.block == "joint":
             for block in self.blocks:
                 x, context = run_block(block, self.gradient_checkpointing, x, context, t_emb, mask)  # (N, T, D), (N, L, D)
         else:
             t6 = self.t_block(t_emb)  # (N, 6D), shared by every block
-            for block in self.blocks:
-                x = run_block(block, self.gradient_checkpointing, x, t6, context, mask)  # (N, T, D)
+            kv = text_cache.kv or [None] * len(self.blocks)
+            for block, block_kv in zip(self.blocks, kv):
+                x = run_block(block, self.gradient_checkpointing, x, t6, context, mask, block_kv)  # (N, T, D)
         x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 

@@ -205,7 +205,7 @@ def sampling(ours, theirs, steps: int = 20, cfg: float = 4.0):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from flow.sampling import sample
-    from inference.pipeline import call_model
+    from inference.pipeline import call_model, prepare_condition
 
     x, _, text, mask, _ = inputs()
     null = torch.zeros_like(text)
@@ -217,7 +217,8 @@ def sampling(ours, theirs, steps: int = 20, cfg: float = 4.0):
 
     @torch.no_grad()
     def ours_sample():
-        return sample(lambda z, t, c: call_model(ours, z, t, c), x, cond, uncond, cfg_scale=cfg, steps=steps)
+        return sample(lambda z, t, c: call_model(ours, z, t, c), x, cond, uncond, cfg_scale=cfg, steps=steps,
+                      prepare=lambda c: prepare_condition(ours, c))  # the text's K/V once per run, as inference.pipeline does
 
     @torch.no_grad()
     def theirs_sample():

@@ -1,6 +1,6 @@
 """`make demo`: train the five-stage curriculum small on CPU; sample grids and an evaluation table.
 
-    python scripts/run_demo.py [--profile quick|quality] [--out DIR] [--stages stage1 ... stage5]
+    python scripts/run_demo.py [--profile quick|quality|long] [--out DIR] [--stages stage1 ... stage5]
                                [--weights ema|raw] [Hydra overrides ...]
 
 Stage 1 (class-conditional ccDiT, 16 px), stage 2 (text mmDiT, started from stage 1),
@@ -10,7 +10,8 @@ reparameterize.py (EMA weights unless --weights raw).
 
 Profiles: `quick` (default, `make demo`: all five stages in under 30 minutes on 2 CPU
 cores, output runs/demo) and `quality` (the per-stage quality runs, each at most ~30
-minutes, output runs/quality; the same as `python train_stageN.py experiment=demo...`).
+minutes on 2 CPU cores, output runs/quality; the same as `python train_stageN.py experiment=demo...`),
+and `long` (for one GPU: stages 1-3 as in quality, then long_stage4 / long_stage5, output runs/long).
 
 Each stage runs as its own process (exactly the command a user would type). Running the
 demo again skips stages that reached their max_steps (nothing is trained or evaluated
@@ -32,6 +33,9 @@ STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
 PROFILES = {  # profile -> (experiment per stage, default output folder)
     "quick": ({s: f"quick_{s}" for s in STAGES}, "runs/demo"),
     "quality": ({s: "demo" if s == "stage1" else f"demo_{s}" for s in STAGES}, "runs/quality"),
+    # for one GPU: the quality runs of stages 1-3, then stages 4-5 long enough for non-square canvases
+    "long": ({"stage1": "demo", "stage2": "demo_stage2", "stage3": "demo_stage3", "stage4": "long_stage4", "stage5": "long_stage5"},
+             "runs/long"),
 }
 TEXT_WIDTH = 384  # the demo's text encoder (MiniLM-L6) hidden size
 TRANSITION_ARGS = {"stage2": ["--caption-channels", str(TEXT_WIDTH)], "stage3": ["--image-size", "32"], "stage4": [], "stage5": []}
@@ -80,8 +84,9 @@ def stale_init(init: Path, previous: Path, weights: str) -> str | None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                    help="quick: all five stages in < 30 min (make demo); quality: the per-stage quality runs")
-    ap.add_argument("--out", default=None, help="folder for every stage's run directory (default: runs/demo or runs/quality)")
+                    help="quick: all five stages in < 30 min (make demo); quality: the per-stage quality runs (each <= ~30 min "
+                         "on 2 CPU cores); long: quality for stages 1-3, then stages 4-5 with 5.3x / 3x the steps (for a GPU)")
+    ap.add_argument("--out", default=None, help="folder for every stage's run directory (default: runs/demo, runs/quality or runs/long)")
     ap.add_argument("--stages", nargs="+", default=STAGES, metavar="STAGE", help=f"stages to run, in order (default: all of {STAGES})")
     ap.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights of a stage start the next one")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage; 'stage2:key=value' for one stage only")

@@ -173,3 +173,35 @@ def test_exported_model_in_diffusers_pipeline_matches_our_sampler():
                    height=8 * 8, width=8 * 8, output_type="latent", use_resolution_binning=False, return_dict=False)[0]
     assert _rel(latents, ours) <= 1e-4
     assert _rel(ours, x) > 0.1  # the sampler did move
+
+
+@pytest.mark.parametrize("block", ["pixart", "joint"])
+def test_text_cache_gives_the_same_velocity_and_samples(block):
+    """Sampling computes the text's step-independent work once (MMDiT.cache_text): the caption
+    projection, each PixArt block's cross-attention keys/values, and drops key columns that are
+    padded in every row. Same velocities as the plain forward, same samples through the pipeline."""
+    from flow.sampling import sample
+    from inference.pipeline import call_model, prepare_condition
+
+    model = _randomize(tiny(block=block, qk_norm=True)).eval()
+    x, t, enc, mask = _inputs(L=7)
+    mask[:, 5:] = False  # two trailing positions padded in every caption: dropped by the cache
+    cache = model.cache_text(enc, mask)
+    assert cache.context.shape[1] == 5 and (cache.kv is None) == (block == "joint")
+    with torch.no_grad():
+        ref = model(x, t, enc, mask)
+        torch.testing.assert_close(model(x, t, text_cache=cache), ref, rtol=1e-5, atol=1e-6)
+        full = torch.ones_like(mask)
+        torch.testing.assert_close(model(x, t, text_cache=model.cache_text(enc, full)), model(x, t, enc, full), rtol=1e-5, atol=1e-6)
+        cond = {"encoder_hidden_states": enc, "encoder_attention_mask": mask}
+        uncond = {"encoder_hidden_states": torch.zeros_like(enc), "encoder_attention_mask": mask & (torch.arange(7) < 1)}
+        args = dict(cfg_scale=3.0, steps=4)
+        plain = sample(lambda z, s, c: call_model(model, z, s, c), x, cond, uncond, **args)
+        cached = sample(lambda z, s, c: call_model(model, z, s, c), x, cond, uncond, prepare=lambda c: prepare_condition(model, c), **args)
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    assert _rel(plain, x) > 0.05  # the sampler did move
+    assert prepare_condition(model, torch.tensor([1, 2])).tolist() == [1, 2]  # class ids pass through
+    with pytest.raises(ValueError, match="holds 3 conditions for a batch of 6"):
+        model(torch.cat([x, x]), torch.cat([t, t]), text_cache=cache)
+    with pytest.raises(TypeError, match="encoder_hidden_states"):
+        model(x, t)

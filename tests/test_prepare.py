@@ -284,3 +284,39 @@ def test_sparse_short_captions_batch_with_a_fallback(messy_folder, tmp_path):
     long_h, short_h = batch["text"]["long"][0], batch["text"]["short"][0]
     assert torch.equal(short_h[i], long_h[i])  # the missing short caption falls back to the long one
     assert not torch.equal(short_h[1 - i], long_h[1 - i])
+
+
+def _clean_backdrop(meta):
+    return meta["scores"]["aesthetic"] >= 5.0
+
+
+def test_score_subset_written_by_concurrent_runs(tmp_path, shapes_dir):
+    """Two stage-5 runs sharing a data folder may build the same score subset at once (this broke
+    a run: both wrote one temporary folder). Each writes its own; the first complete one stays."""
+    import multiprocessing
+
+    from data.shards import write_subset
+
+    dst = tmp_path / "shapes_16-aesthetic5"
+    stale = tmp_path / f".{dst.name}.999999999.tmp"  # from a writer that died (no such pid)
+    stale.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=write_subset, args=(shapes_dir, dst, _clean_backdrop, 200)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    want = sum(_clean_backdrop(json.loads(m)) for m in _metas(shapes_dir))
+    manifest = read_manifest(dst)
+    assert manifest["num_samples"] == want and 0.3 * 2000 < want < 0.7 * 2000
+    assert sum(s["num_samples"] for s in manifest["shards"]) == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name]  # no temporary folder left, the stale one gone
+
+
+def _metas(folder):
+    for shard in sorted(Path(folder).glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    yield tar.extractfile(member).read()

@@ -457,8 +457,11 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
         ddp_model = model
     else:
         ddp_model = DDP(model) if dist_info.enabled else model
-    if cfg.train.compile:
-        ddp_model = torch.compile(ddp_model)  # the raw module stays `model`: checkpoints and EMA read it
+    if cfg.train.compile:  # the raw module stays `model`: checkpoints and EMA read it
+        shapes = len(manifest.get("buckets") or {})
+        if shapes:  # one static graph per bucket: torch 2.13's dynamic-shape graph broke in backward on a bucket change
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
+        ddp_model = torch.compile(ddp_model, dynamic=False if shapes else None)
 
     loader = torch.utils.data.DataLoader(
         ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done,
@@ -594,7 +597,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 grad_norm = fsdp.scalar(grad_norm)
             if guard.check(float(grad_norm), step, last_ckpt):
                 optimizer.step()
-                update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay))
+                update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay) if tcfg.get("ema_warmup", True) else tcfg.ema_decay)
             else:
                 logger.write(f"step {step}: non-finite loss or gradient, update skipped ({guard.skipped_total} so far)")
             optimizer.zero_grad(set_to_none=True)
