@@ -232,3 +232,21 @@ def test_the_runner_rebuilds_an_init_whose_source_stage_trained_further(tmp_path
         run_demo(["--out", str(out), "--stages", "stage4"])
     (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4"}}))  # an init from before the field: as it is
     assert stale_init(init, previous, "ema") is None
+
+
+@pytest.mark.parametrize("profile", ["quick", "quality", "long"])
+def test_runner_profiles_compose_and_stage5_averages_slower_than_stage4(profile):
+    """Every runner profile names experiments that compose for their stage, and stage 5's EMA is
+    slower than stage 4's where stage 4 ends (the decay warm-up min(decay, (1+s)/(10+s)) counted)."""
+    from scripts.run_demo import PROFILES, STAGES
+    from training.ema import ema_decay_at
+
+    experiments, _ = PROFILES[profile]
+    cfgs = {s: compose([f"experiment={experiments[s]}"], config_name=s) for s in STAGES}
+    assert [cfgs[s].stage.name for s in STAGES] == STAGES
+    s4, s5 = cfgs["stage4"].train, cfgs["stage5"].train
+    end_of_stage4 = ema_decay_at(s4.max_steps, s4.ema_decay) if s4.get("ema_warmup", True) else s4.ema_decay
+    start_of_stage5 = ema_decay_at(0, s5.ema_decay) if s5.get("ema_warmup", True) else s5.ema_decay
+    assert start_of_stage5 > end_of_stage4
+    assert s5.lr < s4.lr and cfgs["stage5"].data.min_score is not None
+    assert cfgs["stage4"].data.buckets and cfgs["stage4"].model.micro_conditions
