@@ -245,8 +245,8 @@ def test_runner_profiles_compose_and_stage5_averages_slower_than_stage4(profile)
     cfgs = {s: compose([f"experiment={experiments[s]}"], config_name=s) for s in STAGES}
     assert [cfgs[s].stage.name for s in STAGES] == STAGES
     s4, s5 = cfgs["stage4"].train, cfgs["stage5"].train
-    end_of_stage4 = ema_decay_at(s4.max_steps, s4.ema_decay) if s4.get("ema_warmup", True) else s4.ema_decay
-    start_of_stage5 = ema_decay_at(0, s5.ema_decay) if s5.get("ema_warmup", True) else s5.ema_decay
+    end_of_stage4 = ema_decay_at(s4.max_steps, s4.ema_decay, s4.get("ema_warmup", True))
+    start_of_stage5 = ema_decay_at(0, s5.ema_decay, s5.get("ema_warmup", True))
     assert start_of_stage5 > end_of_stage4
     assert s5.lr < s4.lr and cfgs["stage5"].data.min_score is not None
     assert cfgs["stage4"].data.buckets and cfgs["stage4"].model.micro_conditions

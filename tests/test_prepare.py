@@ -315,8 +315,8 @@ def test_score_subset_written_by_concurrent_runs(tmp_path, shapes_dir):
 
 
 def _metas(folder):
-    for shard in sorted(Path(folder).glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    yield tar.extractfile(member).read()
+    from data.shards import _iter_tar
+
+    for shard in read_manifest(folder)["shards"]:
+        for _, group in _iter_tar(Path(folder) / shard["name"]):
+            yield group["json"]

@@ -20,6 +20,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(m.detach(), 1.0 - decay)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """Warm-up of the EMA decay (min(decay, (1 + s) / (10 + s))): early weights fade fast."""
-    return min(decay, (1 + step) / (10 + step))
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """The EMA decay at ``step``: with ``warmup`` min(decay, (1 + s) / (10 + s)), so early weights fade
+    fast; without (a fine-tune from trained weights, train.ema_warmup=false) ``decay`` throughout."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay

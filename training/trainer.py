@@ -597,7 +597,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 grad_norm = fsdp.scalar(grad_norm)
             if guard.check(float(grad_norm), step, last_ckpt):
                 optimizer.step()
-                update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay) if tcfg.get("ema_warmup", True) else tcfg.ema_decay)
+                update_ema(ema, model, ema_decay_at(step, tcfg.ema_decay, tcfg.get("ema_warmup", True)))
             else:
                 logger.write(f"step {step}: non-finite loss or gradient, update skipped ({guard.skipped_total} so far)")
             optimizer.zero_grad(set_to_none=True)
