@@ -32,10 +32,12 @@ from training.config import compose  # noqa: E402
 
 
 def bare_step_fn(cfg):
-    """The model step of `cfg` on a fixed batch, with the trainer's own model, loss and optimizer."""
+    """The model step of `cfg` on a fixed batch, with the trainer's own model, loss and optimizer
+    (text stages: embeddings of the width and length the prepared shards' manifest records)."""
     import torch
     import torch.nn as nn
 
+    from data.shards import read_manifest
     from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
     from inference.pipeline import call_model
     from models.autoencoder import load_autoencoder
@@ -46,14 +48,16 @@ def bare_step_fn(cfg):
     torch.manual_seed(0)
     ae = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder)
     text = cfg.stage.conditioning == "text"
-    width = 384 if text else None
+    if text:
+        encoder = read_manifest(cfg.data.path)["text_encoder"]
+        width, tokens = int(encoder["width"]), int(encoder["max_length"])
     mcfg = build_model_config(cfg, ae, caption_channels=width) if text else build_model_config(cfg, ae)
     model = build_model(cfg.model.family, mcfg).train()
     opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     n = cfg.train.global_batch_size
     x0 = torch.randn(n, mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     if text:
-        cond = {"encoder_hidden_states": torch.randn(n, 16, width), "encoder_attention_mask": torch.ones(n, 16, dtype=torch.bool)}
+        cond = {"encoder_hidden_states": torch.randn(n, tokens, width), "encoder_attention_mask": torch.ones(n, tokens, dtype=torch.bool)}
     else:
         cond = torch.randint(0, cfg.data.num_classes, (n,))
 
@@ -98,10 +102,10 @@ def main(argv=None) -> dict:
 
     overrides = [f"experiment={args.experiment}", *args.overrides]
     cfg = compose(args.stage, overrides)
+    trainer_step_s(args.stage, overrides, 25)  # builds the data on first use (the bare step reads its manifest); warms caches
     step = bare_step_fn(cfg)
     for _ in range(WARMUP):
         step()
-    trainer_step_s(args.stage, overrides, 25)  # builds the data on first use; warms caches
     pairs = []
     for i in range(args.pairs):
         t = time.perf_counter()

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from models.autoencoder import load_autoencoder
 from models.linear import fp8_context
 from models.presets import build_model, count_parameters, model_config
 from training import checkpoint as ckpt
+from training import fsdp, fused_wgrad
 from training.conditioning import ConditioningError, make_conditioning
 from training.distributed import DistInfo, all_reduce_mean, barrier, cleanup, replica_divergence, setup, shared_items
 from training.ema import ema_decay_at, make_ema, update_ema
@@ -340,6 +341,160 @@ def _evaluate_at(model, autoencoder, cfg, latent_shape, conditioning, manifest, 
 
 
 # ---------------------------------------------------------------- the run
+def load_data(cfg: DictConfig, dist_info: DistInfo, autoencoder: nn.Module, latent_shape: tuple[int, int, int]):
+    """Prepare (or find) the stage's shards, check their manifest against this config, and make
+    the stage's conditioning from them. Returns (manifest, conditioning)."""
+    manifest = prepare_data(cfg, dist_info)
+    expected = {
+        "autoencoder": cfg.data.autoencoder,
+        "latent_shape": list(latent_shape),
+        "scaling_factor": autoencoder.scaling_factor,
+        "shift_factor": autoencoder.shift_factor,
+    }
+    if manifest.get("latent_shape") is None and manifest.get("buckets"):  # aspect-ratio buckets: shapes vary
+        del expected["latent_shape"]
+    if cfg.stage.conditioning == "class":
+        expected["num_classes"] = cfg.data.num_classes
+    check_manifest(manifest, expected, where=cfg.data.path)
+    try:
+        conditioning = make_conditioning(cfg.stage.conditioning, cfg.data.path, manifest, cfg.data)
+    except ConditioningError as e:
+        raise ConfigError(str(e)) from e
+    return manifest, conditioning
+
+
+@dataclass
+class Start:
+    """Where a run starts: the checkpoint it resumes (None: a new run), the optimizer state to
+    load, the step and the number of batches already read."""
+
+    resumed_from: Path | None = None
+    optimizer_state: dict | None = None
+    step: int = 0
+    batches_done: int = 0
+
+
+def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer, ckpt_root: Path, model_config: dict,
+                   use_fsdp: bool, is_main: bool) -> Start:
+    """Load the run's latest checkpoint into model, EMA and (unless FSDP shards it later) the
+    optimizer; or, for a new run, the stage.init_from weights. Refuses a checkpoint of another
+    stage, architecture or parallel layout with what to do instead."""
+    if is_main:
+        for stale in ckpt.remove_partial_saves(ckpt_root):
+            log.info("removed %s, left by a save that was interrupted", stale)
+    resume_from = find_resume(cfg, ckpt_root)
+    if resume_from is None:
+        if cfg.stage.init_from:
+            init_weights(model, ema, cfg.stage.init_from, model_config, cfg.model.family)
+        return Start()
+    meta = ckpt.read_meta(resume_from)
+    if meta["stage"] != cfg.stage.name:
+        raise ConfigError(
+            f"cannot resume {resume_from}: it is a {meta['stage']} checkpoint and this is {cfg.stage.name}. "
+            "To start a stage from the previous one, reparameterize it and use stage.init_from."
+        )
+    changed = model_config_changes(meta, model_config)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
+            "Architecture keys must match to resume; start a new run_dir instead."
+        )
+    model.load_state_dict(ckpt.load_weights(resume_from))
+    ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
+    state = ckpt.load_train_state(resume_from)
+    saved_format = state.get("optimizer_format", "torch")
+    if saved_format != ("fsdp_full" if use_fsdp else "torch"):
+        raise ConfigError(
+            f"cannot resume {resume_from}: its optimizer state was saved by a "
+            f"{'multi-process FSDP' if saved_format == 'fsdp_full' else 'DDP or single-process'} run, and this run is "
+            f"{'multi-process FSDP' if use_fsdp else 'DDP or single-process'}. Resume with the same train.parallel and "
+            "number of processes, or start a new run_dir from its weights with stage.init_from."
+        )
+    if not use_fsdp:
+        optimizer.load_state_dict(state["optimizer"])
+    log.info("resumed from %s at step %d", resume_from, int(state["step"]))
+    return Start(resume_from, state["optimizer"], int(state["step"]), int(state["batches_done"]))
+
+
+def wrap_for_training(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer, optimizer_state: dict | None,
+                      dist_info: DistInfo, use_fsdp: bool, num_buckets: int):
+    """Activation checkpointing, fused wgrad, then FSDP2 sharding or DDP, then torch.compile.
+
+    Returns (the module the loop calls, the optimizer (rebuilt on the shards under FSDP), the
+    weights whose gradients the fused-wgrad protocol reduces). ``model`` stays the raw module:
+    checkpoints and the EMA read it."""
+    model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
+    owned = []
+    if cfg.precision.get("fuse_wgrad"):
+        if use_fsdp:
+            raise ConfigError("precision.fuse_wgrad works with DDP, not with train.parallel=fsdp")
+        try:
+            owned = fused_wgrad.enable(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if dist_info.enabled:
+            fused_wgrad.exclude_from_ddp(model, owned)
+    if use_fsdp:  # shard the loaded weights, then build the optimizer on the shards
+        fsdp.shard(model, ema, dist_info.device, dist_info.world_size)
+        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+        if optimizer_state is not None:
+            fsdp.load_optimizer_state(model, optimizer, optimizer_state)
+        wrapped = model
+    else:
+        wrapped = DDP(model) if dist_info.enabled else model
+    if cfg.train.compile:
+        if num_buckets:  # one static graph per bucket: torch 2.13's dynamic-shape graph broke in backward on a bucket change
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, num_buckets + 2)
+        wrapped = torch.compile(wrapped, dynamic=False if num_buckets else None)
+    return wrapped, optimizer, owned
+
+
+def checkpoint_meta(cfg: DictConfig, model_config: dict, conditioning, scale: float, shift: float) -> dict:
+    """What every checkpoint of this run records beside its weights (training/checkpoint.py)."""
+    return {
+        "stage": cfg.stage.name,
+        "stage_index": int(cfg.stage.index),
+        "family": cfg.model.family,
+        "preset": cfg.model.preset,
+        "model_config": model_config,
+        "code_revision": ckpt.code_revision(),
+        "autoencoder": {"name": cfg.data.autoencoder, "subfolder": cfg.data.autoencoder_subfolder,
+                        "scaling_factor": scale, "shift_factor": shift},
+        "conditioning": conditioning.meta(),
+        "sampling": {"shift": float(cfg.train.timestep.shift), **OmegaConf.to_container(cfg.train.sample)},
+        "data": {"path": cfg.data.path, "name": cfg.data.name},
+    }
+
+
+class LossStats:
+    """Loss sums between two log lines: the mean over finite micro-batches (a non-finite one is
+    left out, and counted by the guard) and the mean by timestep bin, reduced across ranks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.loss_n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.bin_sums, self.bin_counts = torch.zeros(10, device=self.device), torch.zeros(10, device=self.device)
+
+    def add(self, micro_loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        """``micro_loss``: this micro-batch's mean loss; ``per_sample`` (N,) at timesteps ``t`` (N,)."""
+        finite = torch.isfinite(micro_loss)
+        self.loss_sum += torch.where(finite, micro_loss, 0.0)
+        self.loss_n += finite
+        s, c = loss_by_bin(per_sample, t)
+        self.bin_sums += s
+        self.bin_counts += c
+
+    def reduce(self, dist_info: DistInfo) -> tuple[float, list[float]]:
+        """(mean loss (NaN if every micro-batch was non-finite), mean loss per timestep bin); then reset."""
+        mean_loss = all_reduce_mean(self.loss_sum / self.loss_n, dist_info).item()
+        bins = (all_reduce_mean(self.bin_sums, dist_info) / all_reduce_mean(self.bin_counts, dist_info).clamp(min=1e-9)).tolist()
+        self.reset()
+        return mean_loss, bins
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one stage. Returns a summary: step, loss, checkpoint, evaluation."""
     # ---- setup: processes, run directory, logging
@@ -368,22 +523,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     latent_shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
 
     # ---- data: shards whose manifest matches this config
-    manifest = prepare_data(cfg, dist_info)
-    expected = {
-        "autoencoder": cfg.data.autoencoder,
-        "latent_shape": list(latent_shape),
-        "scaling_factor": autoencoder.scaling_factor,
-        "shift_factor": autoencoder.shift_factor,
-    }
-    if manifest.get("latent_shape") is None and manifest.get("buckets"):  # aspect-ratio buckets: shapes vary
-        del expected["latent_shape"]
-    if cfg.stage.conditioning == "class":
-        expected["num_classes"] = cfg.data.num_classes
-    check_manifest(manifest, expected, where=cfg.data.path)
-    try:
-        conditioning = make_conditioning(cfg.stage.conditioning, cfg.data.path, manifest, cfg.data)
-    except ConditioningError as e:
-        raise ConfigError(str(e)) from e
+    manifest, conditioning = load_data(cfg, dist_info, autoencoder, latent_shape)
     if conditioning.type == "text":
         mcfg = build_model_config(cfg, autoencoder, caption_channels=conditioning.width)
 
@@ -395,73 +535,12 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     model = build_model(cfg.model.family, mcfg).to(device)
     ema = make_ema(model)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
-    optimizer_state = None
-    step, batches_done = 0, 0
-    if dist_info.is_main:
-        for stale in ckpt.remove_partial_saves(ckpt_root):
-            log.info("removed %s, left by a save that was interrupted", stale)
-    resume_from = find_resume(cfg, ckpt_root)
-    if resume_from is not None:
-        meta = ckpt.read_meta(resume_from)
-        if meta["stage"] != cfg.stage.name:
-            raise ConfigError(
-                f"cannot resume {resume_from}: it is a {meta['stage']} checkpoint and this is {cfg.stage.name}. "
-                "To start a stage from the previous one, reparameterize it and use stage.init_from."
-            )
-        changed = model_config_changes(meta, asdict(mcfg))
-        if changed:
-            raise ConfigError(
-                f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
-                "Architecture keys must match to resume; start a new run_dir instead."
-            )
-        model.load_state_dict(ckpt.load_weights(resume_from))
-        ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
-        state = ckpt.load_train_state(resume_from)
-        optimizer_state = state["optimizer"]
-        saved_format = state.get("optimizer_format", "torch")
-        if saved_format != ("fsdp_full" if use_fsdp else "torch"):
-            raise ConfigError(
-                f"cannot resume {resume_from}: its optimizer state was saved by a "
-                f"{'multi-process FSDP' if saved_format == 'fsdp_full' else 'DDP or single-process'} run, and this run is "
-                f"{'multi-process FSDP' if use_fsdp else 'DDP or single-process'}. Resume with the same train.parallel and "
-                "number of processes, or start a new run_dir from its weights with stage.init_from."
-            )
-        if not use_fsdp:
-            optimizer.load_state_dict(optimizer_state)
-        step, batches_done = int(state["step"]), int(state["batches_done"])
-        log.info("resumed from %s at step %d", resume_from, step)
-    elif cfg.stage.init_from:
-        init_weights(model, ema, cfg.stage.init_from, asdict(mcfg), cfg.model.family)
+    begin = resume_or_init(cfg, model, ema, optimizer, ckpt_root, asdict(mcfg), use_fsdp, dist_info.is_main)
+    resume_from, step, batches_done = begin.resumed_from, begin.step, begin.batches_done
     if dist_info.is_main:
         check_free_space(run_dir, model)
-    model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
-    owned = []  # weights whose gradient the fused-wgrad protocol reduces (training/fused_wgrad.py)
-    if cfg.precision.get("fuse_wgrad"):
-        from training import fused_wgrad
-
-        if use_fsdp:
-            raise ConfigError("precision.fuse_wgrad works with DDP, not with train.parallel=fsdp")
-        try:
-            owned = fused_wgrad.enable(model)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        if dist_info.enabled:
-            fused_wgrad.exclude_from_ddp(model, owned)
-    if use_fsdp:  # shard the loaded weights, then build the optimizer on the shards
-        from training import fsdp
-
-        fsdp.shard(model, ema, device, dist_info.world_size)
-        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
-        if optimizer_state is not None:
-            fsdp.load_optimizer_state(model, optimizer, optimizer_state)
-        ddp_model = model
-    else:
-        ddp_model = DDP(model) if dist_info.enabled else model
-    if cfg.train.compile:  # the raw module stays `model`: checkpoints and EMA read it
-        shapes = len(manifest.get("buckets") or {})
-        if shapes:  # one static graph per bucket: torch 2.13's dynamic-shape graph broke in backward on a bucket change
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 2)
-        ddp_model = torch.compile(ddp_model, dynamic=False if shapes else None)
+    ddp_model, optimizer, owned = wrap_for_training(cfg, model, ema, optimizer, begin.optimizer_state, dist_info, use_fsdp,
+                                                    len(manifest.get("buckets") or {}))
 
     loader = torch.utils.data.DataLoader(
         ShardStream(cfg.data.path, micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer, batches_done,
@@ -486,19 +565,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     if dist_info.is_main:
         log_config_changes(run_dir, config_yaml)
         (run_dir / "config.yaml").write_text(config_yaml)
-    meta = {
-        "stage": cfg.stage.name,
-        "stage_index": int(cfg.stage.index),
-        "family": cfg.model.family,
-        "preset": cfg.model.preset,
-        "model_config": asdict(mcfg),
-        "code_revision": ckpt.code_revision(),
-        "autoencoder": {"name": cfg.data.autoencoder, "subfolder": cfg.data.autoencoder_subfolder,
-                        "scaling_factor": scale, "shift_factor": shift},
-        "conditioning": conditioning.meta(),
-        "sampling": {"shift": float(cfg.train.timestep.shift), **OmegaConf.to_container(cfg.train.sample)},
-        "data": {"path": cfg.data.path, "name": cfg.data.name},
-    }
+    meta = checkpoint_meta(cfg, asdict(mcfg), conditioning, scale, shift)
     logger = RunLogger(run_dir, dist_info.is_main, cfg.train.max_steps, step, cfg.train.wandb,
                        OmegaConf.to_container(cfg, resolve=True))
 
@@ -546,8 +613,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     # ---- the loop
     tcfg = cfg.train
-    loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
-    bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    stats = LossStats(device)
     t_last, steps_since = time.time(), 0
     start_step, t_start = step, time.time()
     last_ckpt, last_loss, first_batch_overlap, bad_samples = resume_from, None, None, 0
@@ -584,12 +650,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                     per_sample = flow_loss(pred, x0, noise)  # (N,)
                     loss = per_sample.mean() / tcfg.grad_accum
                 loss.backward()
-                finite = torch.isfinite(loss.detach())
-                loss_sum += torch.where(finite, loss.detach() * tcfg.grad_accum, 0.0)
-                loss_n += finite
-                s, c = loss_by_bin(per_sample, t)
-                bin_sums += s
-                bin_counts += c
+                stats.add(loss.detach() * tcfg.grad_accum, per_sample.detach(), t)
             if owned:  # fused wgrad: average main_grad across ranks ourselves, then hand it to the optimizer
                 fused_wgrad.reduce_and_publish(owned, dist_info.world_size)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # of the all-reduced gradient
@@ -607,8 +668,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             steps_since += 1
 
             if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-                mean_loss = all_reduce_mean(loss_sum / loss_n, dist_info).item()  # NaN if every step was non-finite
-                bins = (all_reduce_mean(bin_sums, dist_info) / all_reduce_mean(bin_counts, dist_info).clamp(min=1e-9)).tolist()
+                mean_loss, bins = stats.reduce(dist_info)
                 dt = time.time() - t_last
                 it_s = steps_since / max(dt, 1e-9)
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "it_s": it_s, "skipped_steps": guard.skipped_total,
@@ -617,7 +677,6 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 logger.step(step, steps_since, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
                 if spikes.update(mean_loss):
                     logger.write(f"step {step}: loss spike {mean_loss:.4f} (running average {spikes.avg:.4f})")
-                loss_sum.zero_(), loss_n.zero_(), bin_sums.zero_(), bin_counts.zero_()
                 steps_since, t_last = 0, time.time()
                 last_loss = mean_loss
             healthy = guard.consecutive == 0  # never checkpoint in the middle of a non-finite streak
