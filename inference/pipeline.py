@@ -31,16 +31,8 @@ class SampleSettings:
 
 
 def call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-    """model(x, t, labels) for class conditions, model(x, t, **cond) for text (hidden states + mask).
-
-    A text mask with nothing padded is dropped here (the model treats it as no mask): deciding
-    that inside a torch.compile'd model is a data-dependent branch, which breaks its graph in two."""
-    if not isinstance(cond, dict):
-        return model(x, t, cond)
-    mask = cond.get("encoder_attention_mask")
-    if mask is not None and bool(mask.all()):
-        cond = {**cond, "encoder_attention_mask": None}
-    return model(x, t, **cond)
+    """model(x, t, labels) for class conditions, model(x, t, **cond) for text (hidden states + mask)."""
+    return model(x, t, **cond) if isinstance(cond, dict) else model(x, t, cond)
 
 
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask")

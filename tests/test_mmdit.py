@@ -206,28 +206,3 @@ def test_text_cache_gives_the_same_velocity_and_samples(block):
     with pytest.raises(TypeError, match="encoder_hidden_states"):
         model(x, t)
 
-
-def test_call_model_drops_an_unpadded_mask_outside_the_compiled_graph():
-    from inference.pipeline import call_model
-
-    model = _randomize(tiny()).eval()
-    x, t, enc, padded = _inputs()
-    full = torch.ones(enc.shape[:2], dtype=torch.bool)
-    seen = []
-
-    def spy(x, t, **cond):
-        seen.append(cond["encoder_attention_mask"])
-        return model(x, t, **cond)
-
-    with torch.no_grad():
-        out = call_model(spy, x, t, {"encoder_hidden_states": enc, "encoder_attention_mask": full})
-        call_model(spy, x, t, {"encoder_hidden_states": enc, "encoder_attention_mask": padded})
-        assert seen[0] is None and seen[1] is padded  # dropped only when nothing is padded
-        torch.testing.assert_close(out, model(x, t, enc, full), rtol=0, atol=0)
-        torch._dynamo.reset()
-        direct = torch._dynamo.explain(model)(x, t, enc, full)  # the "anything padded?" branch, inside the graph
-        torch._dynamo.reset()
-        via = torch._dynamo.explain(lambda *a: model(*a, encoder_attention_mask=None))(x, t, enc)  # what call_model passes
-        torch._dynamo.reset()
-    assert direct.graph_break_count >= 1
-    assert via.graph_break_count == 0 and via.graph_count == 1
