@@ -22,6 +22,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)  # shift + x * (1 + scale), one pass over x
 
 
+_GELU_2C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written as x·σ(2u), u = sqrt(2/π)·(x + 0.044715·x³): the same
+    function as 0.5·x·(1 + tanh u), since 0.5·(1 + tanh u) = σ(2u)."""
+    return x * torch.sigmoid(_GELU_2C * (x + 0.044715 * (x * x * x)))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (DiT, PixArt). Under ``torch.compile`` it is ``gelu_tanh_sigmoid``
+    (fp32 results within 5e-7 of aten's), because Inductor's CPU code for tanh is slow: on a
+    2048 x 1536 activation the σ form's fused forward + backward take 3.2 ms against 7.0 ms for
+    the tanh form. Eager mode keeps aten's single GELU kernel (the σ form would be six passes)."""
+    if torch.compiler.is_compiling():
+        return gelu_tanh_sigmoid(x)
+    return F.gelu(x, approximate="tanh")
+
+
 def run_block(block: nn.Module, checkpointing: bool, *args) -> torch.Tensor:
     """Call a transformer block, recomputing its activations in backward when ``checkpointing``
     (activation checkpointing: less memory for one extra forward per block)."""
@@ -250,7 +269,7 @@ class MLP(nn.Module):
         self.fc2 = make_linear(hidden, dim, backend=linear_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlockLayers(nn.Module):

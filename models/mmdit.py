@@ -26,6 +26,7 @@ from models.layers import (
     PatchEmbed,
     TimestepEmbedder,
     basic_init,
+    gelu_tanh,
     modulate,
     run_block,
     sincos_2d,
@@ -178,7 +179,7 @@ class CaptionProjection(nn.Module):
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+        return self.linear_2(gelu_tanh(self.linear_1(x)))
 
 
 @dataclass

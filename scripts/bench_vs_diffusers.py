@@ -2,13 +2,14 @@
 
     python scripts/bench_vs_diffusers.py                    # eager vs eager, ~5 min on 2 CPU cores
     python scripts/bench_vs_diffusers.py --compile-ours     # ours under torch.compile (say so when quoting)
-    python scripts/bench_vs_diffusers.py --pairs 7 --out bench/vs_diffusers.json
+    python scripts/bench_vs_diffusers.py --pairs 21 --out bench/vs_diffusers.json
 
 Config (the issue's): 12 blocks, hidden 384, 6 heads, 16x32x32 latents, patch 2, 64 text
 tokens of width 384, batch 8, fp32. Both models get the same weights (ours exported with
 models.diffusers_pixart.to_diffusers) and the same torch.optim.AdamW. Timings are
-interleaved A/B: each pair times a few training steps of ours then of theirs, the ratio is
-taken pair by pair and its median reported (single timings on shared machines vary by 10%).
+interleaved A/B: each pair times a few training steps of ours and of theirs (the order
+alternates pair by pair), the ratio is taken pair by pair and its median reported (single
+timings on shared machines vary by 10%; short pairs, many of them, see the least of it).
 Also: model FLOP/s (torch.utils.flop_counter) against a 2048^3 fp32 GEMM timed in the same
 run; peak memory of one training step with and without activation checkpointing (a fresh
 process each: live tensor storage counted op by op, and Linux VmHWM after resetting it;
@@ -277,8 +278,8 @@ def save(record: dict, out: str) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=5)
-    ap.add_argument("--steps-per-timing", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=15, help="A/B pairs of training-step timings (the median ratio is reported)")
+    ap.add_argument("--steps-per-timing", type=int, default=1, help="training steps per timing (one pair = this many of each)")
     ap.add_argument("--compile-ours", action="store_true")
     ap.add_argument("--compile-theirs", action="store_true")
     ap.add_argument("--sampling-pairs", type=int, default=3)
@@ -302,8 +303,11 @@ def main(argv=None) -> dict:
     for _ in range(2):  # warm-up (and compilation)
         so(), st()
     pairs = []
-    for i in range(args.pairs):
-        a, b = timed(so, args.steps_per_timing), timed(st, args.steps_per_timing)
+    for i in range(args.pairs):  # ours first in even pairs, diffusers first in odd ones: drift within a pair cancels
+        if i % 2:
+            b, a = timed(st, args.steps_per_timing), timed(so, args.steps_per_timing)
+        else:
+            a, b = timed(so, args.steps_per_timing), timed(st, args.steps_per_timing)
         pairs.append({"ours_s": a, "theirs_s": b, "ratio": b / a})
         print(f"pair {i}: ours {a * 1e3:.0f} ms, diffusers {b * 1e3:.0f} ms, ratio {b / a:.3f}", flush=True)
     ratio = statistics.median(p["ratio"] for p in pairs)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models.ccdit import CCDiT, CCDiTConfig
-from models.layers import Attention, sincos_2d, timestep_sinusoid
+from models.layers import Attention, gelu_tanh, gelu_tanh_sigmoid, sincos_2d, timestep_sinusoid
 from models.linear import make_linear
 from models.presets import PRESETS, build_model, count_parameters, model_config
 
@@ -78,6 +78,20 @@ def test_timestep_embedding_matches_diffusers():
     t = torch.tensor([0.0, 1.5, 250.0, 999.0])
     ref = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
     torch.testing.assert_close(timestep_sinusoid(t, 256), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_sigmoid_form_is_the_tanh_gelu():
+    """The form the compiled model uses (x * sigmoid(2u)) is aten's tanh GELU: values and gradients,
+    from the saturated tails (+-30) through zero; eager gelu_tanh is aten's exactly."""
+    x = torch.cat([torch.linspace(-30, 30, 2001), 3 * torch.randn(4000, generator=torch.Generator().manual_seed(0))])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, ours = torch.nn.functional.gelu(a, approximate="tanh"), gelu_tanh_sigmoid(b)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(x)
+    ref.backward(g), ours.backward(g)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)  # |grad| up to ~4.5 here
+    assert torch.equal(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    assert not torch.equal(gelu_tanh_sigmoid(x), gelu_tanh(x))  # two computations (rounding differs), one function
 
 
 def test_attention_mask_ignores_padded_keys():
