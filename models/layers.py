@@ -124,39 +124,28 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-POS_GRIDS = ("stretch", "isotropic", "fit")  # how non-square grids place their positions (sincos_2d)
-
-
 def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0,
-              grid: str = "stretch") -> torch.Tensor:
+              isotropic: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding with PixArt-style interpolation.
 
     Coordinates are rescaled so a grid of any size spans the range of a
     ``base_size`` grid (divided by ``interpolation_scale``): a model trained at
-    one resolution sees familiar positions at another. Non-square grids (``grid``;
-    the three agree exactly on square grids):
-
-    - "stretch" (PixArt, diffusers): each axis spans the base range on its own, so on
-      a 1:2 grid a patch is twice as far apart along one axis as along the other;
-    - "isotropic": one step for both axes, the one a square grid with the same number
-      of patches gets: shapes keep their proportions, the long axis runs past the range;
-    - "fit": one step for both axes, the long side spanning the base range: shapes keep
-      their proportions and every position stays inside the range a square grid covers.
-
-    Token order is row-major (h, w); the first half of the channels encodes the
-    column, the second the row, exactly as diffusers' ``get_2d_sincos_pos_embed``.
+    one resolution sees familiar positions at another. PixArt (and diffusers)
+    stretch each axis on its own, so on a 1:2 grid a patch is twice as far apart
+    along one axis as along the other; ``isotropic`` uses one step for both axes,
+    the one a square grid with the same number of patches gets, so shapes keep
+    their proportions in position space at every aspect ratio (identical to
+    PixArt's on square grids). Token order is row-major (h, w); the first half
+    of the channels encodes the column, the second the row, exactly as
+    diffusers' ``get_2d_sincos_pos_embed``.
 
     Returns (grid_h * grid_w, dim) in float32.
     """
     assert dim % 4 == 0, "2-D sin-cos embedding needs dim divisible by 4"
-    if grid == "stretch":
-        step_h, step_w = base_size / grid_h / interpolation_scale, base_size / grid_w / interpolation_scale
-    elif grid == "isotropic":
+    if isotropic:
         step_h = step_w = base_size / (grid_h * grid_w) ** 0.5 / interpolation_scale
-    elif grid == "fit":
-        step_h = step_w = base_size / max(grid_h, grid_w) / interpolation_scale
     else:
-        raise ValueError(f"position grid {grid!r}: expected one of {', '.join(POS_GRIDS)}")
+        step_h, step_w = base_size / grid_h / interpolation_scale, base_size / grid_w / interpolation_scale
     ys = torch.arange(grid_h, dtype=torch.float64) * step_h
     xs = torch.arange(grid_w, dtype=torch.float64) * step_w
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from models.ccdit import unpatchify
 from models.layers import (
     MLP,
-    POS_GRIDS,
     Attention,
     DiTBlockLayers,
     DiTShape,
@@ -48,11 +47,10 @@ class MMDiTConfig(DiTShape):
         the timestep embedding through a zero-initialized output, so switching them on
         changes nothing until training does.
     pixels_per_latent (`int`): the autoencoder's downsampling; micro-conditions are in pixels.
-    pos_grid (`str`): how non-square grids place their positions (models/layers.py ``sincos_2d``;
-        all agree on square grids): "stretch" (PixArt, diffusers: each axis spans the base range),
-        "isotropic" (one step for both axes, so a circle is a circle in position space, but the
-        long axis leaves the trained range) or "fit" (one step for both axes, the long side
-        spanning the base range). 3to4 picks it (default stretch).
+    pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
+        each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
+        circle in position space at every aspect ratio, but the long axis leaves the trained
+        range; the same on square grids). 3to4 picks it (default stretch).
     """
 
     hidden_size: int = 1152
@@ -67,8 +65,8 @@ class MMDiTConfig(DiTShape):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pos_grid not in POS_GRIDS:
-            raise ValueError(f"pos_grid={self.pos_grid!r}: expected one of {', '.join(POS_GRIDS)} (stretch: PixArt's)")
+        if self.pos_grid not in ("stretch", "isotropic"):
+            raise ValueError(f"pos_grid={self.pos_grid!r}: expected 'stretch' (PixArt) or 'isotropic'")
 
 
 class PixArtBlock(DiTBlockLayers):
@@ -242,7 +240,7 @@ class MMDiT(nn.Module):
     def pos_embed(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size."""
         return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale,
-                         grid=self.config.pos_grid).to(device)[None]
+                         isotropic=self.config.pos_grid == "isotropic").to(device)[None]
 
     def initialize_weights(self) -> None:
         basic_init(self)

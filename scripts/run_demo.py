@@ -9,7 +9,7 @@ subset, caption mix, lower LR, slower EMA); every hand-off goes through
 reparameterize.py (EMA weights unless --weights raw).
 
 Profiles: `quick` (default, `make demo`: all five stages in under 30 minutes on 2 CPU
-cores, output runs/demo; its stage 4 uses the "fit" position grid) and `quality` (the per-stage quality runs, each at most ~30
+cores, output runs/demo) and `quality` (the per-stage quality runs, each at most ~30
 minutes on 2 CPU cores, output runs/quality; the same as `python train_stageN.py experiment=demo...`),
 and `long` (for one GPU: stages 1-3 as in quality, then long_stage4 / long_stage5, output runs/long).
 
@@ -30,14 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
-PROFILES = {  # profile -> (experiment per stage, default output folder, extra reparameterize.py arguments per stage)
-    # quick: after 250 stage-4 steps the "fit" position grid draws non-square canvases better than
-    # PixArt's stretch, which is ahead by 900 steps (README, "Stages 3-5")
-    "quick": ({s: f"quick_{s}" for s in STAGES}, "runs/demo", {"stage4": ["--pos-grid", "fit"]}),
-    "quality": ({s: "demo" if s == "stage1" else f"demo_{s}" for s in STAGES}, "runs/quality", {}),
+PROFILES = {  # profile -> (experiment per stage, default output folder)
+    "quick": ({s: f"quick_{s}" for s in STAGES}, "runs/demo"),
+    "quality": ({s: "demo" if s == "stage1" else f"demo_{s}" for s in STAGES}, "runs/quality"),
     # for one GPU: the quality runs of stages 1-3, then stages 4-5 long enough for non-square canvases
     "long": ({"stage1": "demo", "stage2": "demo_stage2", "stage3": "demo_stage3", "stage4": "long_stage4", "stage5": "long_stage5"},
-             "runs/long", {}),
+             "runs/long"),
 }
 TEXT_WIDTH = 384  # the demo's text encoder (MiniLM-L6) hidden size
 TRANSITION_ARGS = {"stage2": ["--caption-channels", str(TEXT_WIDTH)], "stage3": ["--image-size", "32"], "stage4": [], "stage5": []}
@@ -104,7 +102,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    experiments, default_out, profile_args = PROFILES[args.profile]
+    experiments, default_out = PROFILES[args.profile]
     out = Path(args.out or default_out)
     rows = []
     for stage in args.stages:
@@ -129,8 +127,7 @@ def main(argv=None) -> int:
             if stale or not (ROOT / init / "meta.json").is_file():
                 if stale:
                     print(f"\n=== {init} was built from {stale}; rebuilding it from {previous}", flush=True)
-                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *TRANSITION_ARGS[stage],
-                     *profile_args.get(stage, [])])
+                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *TRANSITION_ARGS[stage]])
             extra = [f"stage.init_from={init}"]
         run([sys.executable, ROOT / f"train_{stage}.py", *command, *extra, *mine])
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())

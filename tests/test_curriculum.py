@@ -45,7 +45,7 @@ def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixa
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    for pos_grid in ("isotropic", "fit", "stretch"):
+    for pos_grid in ("isotropic", "stretch"):
         dst, report = mmdit_transition(src, "3to4", pos_grid=pos_grid)
         assert dst.config.micro_conditions and dst.config.pos_grid == pos_grid
         assert report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
@@ -55,7 +55,7 @@ def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixa
                 err = rel(dst(x, t, text, mask), src(x, t, text, mask))
             if h == w or pos_grid == "stretch":
                 assert err <= 1e-5, (pos_grid, h, w, err)
-            else:  # isotropic and fit positions move the non-square grids' tokens on purpose
+            else:  # isotropic positions move the non-square grids' tokens on purpose
                 assert err > 1e-3, (pos_grid, h, w, err)
     with torch.no_grad():  # once trained, the conditions do reach the model
         dst.micro_embedder.linear_2.weight.normal_(0, 0.5)
@@ -63,26 +63,17 @@ def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixa
         assert not torch.allclose(dst(x, torch.full((3,), 0.5), text, mask), src(x, torch.full((3,), 0.5), text, mask))
 
 
-def test_isotropic_and_fit_positions_use_one_step_for_both_axes():
+def test_isotropic_positions_use_one_step_for_both_axes():
     from models.layers import sincos_2d
 
-    for grid in ("isotropic", "fit"):  # square: PixArt's exactly
-        assert torch.equal(sincos_2d(32, 6, 6, 4, grid=grid), sincos_2d(32, 6, 6, 4))
-    wide = sincos_2d(32, 4, 16, 8, grid="isotropic").view(4, 16, 32)
+    assert torch.equal(sincos_2d(32, 6, 6, 4, isotropic=True), sincos_2d(32, 6, 6, 4))  # square: PixArt's exactly
+    wide = sincos_2d(32, 4, 16, 8, isotropic=True).view(4, 16, 32)
     square = sincos_2d(32, 8, 8, 8).view(8, 8, 32)
     # 4x16 has the patches of an 8x8 grid: one step of 1 along both axes, so (row 2, column 5) of
     # the wide grid has the position of (row 2, column 5) of the square one
     assert torch.allclose(wide[2, 5], square[2, 5], atol=1e-6)
     stretched = sincos_2d(32, 4, 16, 8).view(4, 16, 32)  # PixArt: rows step 2, columns 0.5
     assert torch.allclose(stretched[1, 4], square[2, 2], atol=1e-6)
-    # fit: the long side (16 patches) spans the base range of 8, one step of 0.5 along both axes,
-    # so every token sits where the 16x16 grid of the same range has the same (row, column)
-    fit, fine = sincos_2d(32, 4, 16, 8, grid="fit").view(4, 16, 32), sincos_2d(32, 16, 16, 8).view(16, 16, 32)
-    torch.testing.assert_close(fit, fine[:4], rtol=0, atol=1e-6)
-    tall = sincos_2d(32, 16, 4, 8, grid="fit").view(16, 4, 32)
-    torch.testing.assert_close(tall, fine[:, :4], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="expected one of stretch, isotropic, fit"):
-        sincos_2d(32, 4, 16, 8, grid="diagonal")
 
 
 def test_2to3_keeps_every_weight_and_spans_the_old_positions():
@@ -250,7 +241,7 @@ def test_runner_profiles_compose_and_stage5_averages_slower_than_stage4(profile)
     from scripts.run_demo import PROFILES, STAGES
     from training.ema import ema_decay_at
 
-    experiments, _, _ = PROFILES[profile]
+    experiments, _ = PROFILES[profile]
     cfgs = {s: compose([f"experiment={experiments[s]}"], config_name=s) for s in STAGES}
     assert [cfgs[s].stage.name for s in STAGES] == STAGES
     s4, s5 = cfgs["stage4"].train, cfgs["stage5"].train
