@@ -90,8 +90,7 @@ def test_gelu_sigmoid_form_is_the_tanh_gelu():
     g = torch.randn_like(x)
     ref.backward(g), ours.backward(g)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)  # |grad| up to ~4.5 here
-    assert torch.equal(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
-    assert not torch.equal(gelu_tanh_sigmoid(x), gelu_tanh(x))  # two computations (rounding differs), one function
+    assert torch.equal(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))  # eager: aten's kernel itself
 
 
 def test_attention_mask_ignores_padded_keys():
