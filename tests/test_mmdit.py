@@ -205,4 +205,3 @@ def test_text_cache_gives_the_same_velocity_and_samples(block):
         model(torch.cat([x, x]), torch.cat([t, t]), text_cache=cache)
     with pytest.raises(TypeError, match="encoder_hidden_states"):
         model(x, t)
-
