@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models.ccdit import CCDiT, CCDiTConfig
-from models.layers import Attention, gelu_tanh, gelu_tanh_sigmoid, sincos_2d, timestep_sinusoid
+from models.layers import MLP, Attention, gelu_tanh, gelu_tanh_sigmoid, sincos_2d, timestep_sinusoid
 from models.linear import make_linear
 from models.presets import PRESETS, build_model, count_parameters, model_config
 
@@ -91,6 +91,25 @@ def test_gelu_sigmoid_form_is_the_tanh_gelu():
     ref.backward(g), ours.backward(g)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)  # |grad| up to ~4.5 here
     assert torch.equal(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))  # eager: aten's kernel itself
+
+
+@pytest.mark.parametrize("backend", ["torch", "mxfp8_emulated"])
+def test_mlp_without_autograd_is_the_same_function_in_chunks(backend):
+    """Sampling's MLP path (in-place GELU, tokens in chunks) equals the training path; here with
+    chunks of 7 token rows over 3 x 5 tokens (7 + 7 + 1)."""
+    torch.manual_seed(0)
+    mlp = MLP(32, 4.0, linear_backend=backend)
+    mlp.INFERENCE_CHUNK_BYTES = 7 * 128 * 4  # 7 rows of the 128-wide fp32 hidden activation
+    x = torch.randn(3, 5, 32)
+    ref = mlp(x)  # autograd on: fc2(gelu(fc1(x)))
+    assert ref.requires_grad
+    with torch.no_grad():
+        out = mlp(x)
+    with torch.inference_mode():
+        out_inf = mlp(x)
+    assert out.shape == out_inf.shape == (3, 5, 32)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_inf, ref.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_mask_ignores_padded_keys():
