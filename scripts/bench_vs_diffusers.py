@@ -11,10 +11,11 @@ interleaved A/B: each pair times a few training steps of ours and of theirs (the
 alternates pair by pair), the ratio is taken pair by pair and its median reported (single
 timings on shared machines vary by 10%; short pairs, many of them, see the least of it).
 Also: model FLOP/s (torch.utils.flop_counter) against a 2048^3 fp32 GEMM timed in every
-pair (the ratio per pair, its median reported); peak memory of one training step with and without activation checkpointing (a fresh
-process each: live tensor storage counted op by op, and Linux VmHWM after resetting it;
-`--memory-only` runs just these); sampling throughput, 20 Euler steps with CFG,
-ours (flow.sampling) vs the diffusers model driven by FlowMatchEulerDiscreteScheduler.
+pair (the ratio per pair, its median reported); peak memory of one training step with and
+without activation checkpointing (a fresh process each: live tensor storage counted op by
+op, and Linux VmHWM after resetting it; `--memory-only` runs just these); sampling
+throughput, 20 Euler steps with CFG, ours (flow.sampling) vs the diffusers model driven by
+FlowMatchEulerDiscreteScheduler, in alternating pairs.
 Each timing follows one untimed step of the same model (`--settle-steps`): the first
 step after the other model's pays for that model's footprint in the caches and the heap
 (measured: diffusers' step took 9% longer straight after ours, with 4x the page
