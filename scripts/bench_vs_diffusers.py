@@ -103,6 +103,18 @@ def timed(fn, n: int, settle: int = 0) -> float:
     return (time.perf_counter() - t) / n
 
 
+def alternating(ours_fn, theirs_fn, n: int, time_one):
+    """``n`` A/B pairs of timings ``(ours_s, theirs_s)``: ours first in even pairs, theirs first in
+    odd ones, so drift within a pair cancels."""
+    for i in range(n):
+        if i % 2:
+            theirs_s = time_one(theirs_fn)
+            yield time_one(ours_fn), theirs_s
+        else:
+            ours_s = time_one(ours_fn)
+            yield ours_s, time_one(theirs_fn)
+
+
 def gemm_timer():
     """A function returning the FLOP/s of a 2048^3 fp32 GEMM (best of 3), timed anew at each call:
     the benchmark times it in every pair, beside the two models' steps, since this machine's
@@ -317,11 +329,7 @@ def main(argv=None) -> dict:
         so(), st()
     gemm_flops = gemm_timer()
     pairs = []
-    for i in range(args.pairs):  # ours first in even pairs, diffusers first in odd ones: drift within a pair cancels
-        if i % 2:
-            b, a = timed(st, args.steps_per_timing, args.settle_steps), timed(so, args.steps_per_timing, args.settle_steps)
-        else:
-            a, b = timed(so, args.steps_per_timing, args.settle_steps), timed(st, args.steps_per_timing, args.settle_steps)
+    for i, (a, b) in enumerate(alternating(so, st, args.pairs, lambda f: timed(f, args.steps_per_timing, args.settle_steps))):
         pairs.append({"ours_s": a, "theirs_s": b, "ratio": b / a, "gemm_flop_s": gemm_flops()})
         print(f"pair {i}: ours {a * 1e3:.0f} ms, diffusers {b * 1e3:.0f} ms, ratio {b / a:.3f}, "
               f"GEMM {pairs[-1]['gemm_flop_s'] / 1e9:.0f} GFLOP/s", flush=True)
@@ -342,13 +350,8 @@ def main(argv=None) -> dict:
     ours.eval(), theirs.eval()
     o_sample, t_sample = sampling(ours, theirs)
     o_sample(), t_sample()
-    sp = []
-    for i in range(args.sampling_pairs):  # alternating order, as for training (a sample is 20 model calls: no settle)
-        if i % 2:
-            b, a = timed(t_sample, 1), timed(o_sample, 1)
-        else:
-            a, b = timed(o_sample, 1), timed(t_sample, 1)
-        sp.append({"ours_s": a, "theirs_s": b, "ratio": b / a})
+    sp = [{"ours_s": a, "theirs_s": b, "ratio": b / a}  # a sample is 20 model calls: no settle step
+          for a, b in alternating(o_sample, t_sample, args.sampling_pairs, lambda f: timed(f, 1))]
     record["sampling"] = {"steps": 20, "cfg": True, "pairs": sp, "median_ratio_theirs_over_ours": statistics.median(p["ratio"] for p in sp),
                           "ours_img_s": BATCH / statistics.median(p["ours_s"] for p in sp),
                           "diffusers_img_s": BATCH / statistics.median(p["theirs_s"] for p in sp)}
