@@ -25,8 +25,10 @@ from models.layers import (
     DiTShape,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
     basic_init,
     gelu_tanh,
+    heads_dtype,
     modulate,
     run_block,
     sincos_2d,
@@ -111,7 +113,7 @@ class JointBlock(DiTBlockLayers):
 
     def _heads(self, attn: Attention, x: torch.Tensor, queries: bool = True):
         n, t, _ = x.shape
-        split = lambda y: y.view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731  (N, h, T, hd)
+        split = lambda y: heads_dtype(y).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731  (N, h, T, hd)
         q = attn.norm_q(split(attn.to_q(x))) if queries else None
         return q, attn.norm_k(split(attn.to_k(x))), split(attn.to_v(x))
 
@@ -127,7 +129,7 @@ class JointBlock(DiTBlockLayers):
         attn_mask = None
         if mask is not None:  # padded text keys are ignored; image keys always count
             attn_mask = torch.cat([mask, torch.ones(n, t, dtype=torch.bool, device=mask.device)], dim=1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+        out = attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
         out = out.reshape(n, q.shape[2], d)
         out_c, out_x = out[:, : q.shape[2] - t], out[:, q.shape[2] - t :]
         x = torch.addcmul(x, gate_msa, self.attn.to_out(out_x))  # x + gate * f

@@ -88,3 +88,25 @@ def test_wandb_without_the_package_says_how_to_install_it(tmp_path, shapes_dir):
         pytest.skip("wandb is installed here")
     with pytest.raises(RuntimeError, match=r"needs wandb: pip install -e '.\[wandb\]'"):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.wandb.mode": "offline"})))
+
+
+def test_bf16_autocast_on_cpu_only_when_asked(monkeypatch):
+    import torch
+
+    from training.trainer import autocast_enabled
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    cfg = compose().precision  # the default: torch linears, autocast bf16, autocast_cpu false
+    assert (autocast_enabled(cfg, cpu), autocast_enabled(cfg, gpu)) == (False, True)
+    on_cpu = compose(["precision.autocast_cpu=true"]).precision
+    assert autocast_enabled(on_cpu, cpu)
+    assert not autocast_enabled(compose(["precision.autocast_cpu=true", "precision.autocast=none"]).precision, cpu)
+    with pytest.raises(ValueError, match="expected 'bf16' or 'none'"):
+        autocast_enabled(compose(["precision.autocast=fp16"]).precision, gpu)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    from training.logger import log
+
+    warned = []
+    monkeypatch.setattr(log, "warning", lambda msg, *a: warned.append(msg % a))
+    assert autocast_enabled(on_cpu, cpu)  # asked for explicitly: on, with a warning that says how to turn it off
+    assert len(warned) == 1 and "precision.autocast_cpu=false" in warned[0]
