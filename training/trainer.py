@@ -508,10 +508,16 @@ def autocast_enabled(precision: DictConfig, device: torch.device) -> bool:
         return True
     if not precision.get("autocast_cpu", False):
         return False
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not cpu_has_native_bf16():
         log.warning("precision.autocast_cpu: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 matmuls are emulated and "
                     "likely slower than fp32. Set precision.autocast_cpu=false to train in fp32.")
     return True
+
+
+def cpu_has_native_bf16() -> bool:
+    """x86 AVX512-BF16 or AMX-BF16 (what PyTorch's CPU capability probe reports; False where it can't tell)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
