@@ -102,6 +102,21 @@ def test_compiled_training_matches_eager(tmp_path, shapes_dir):
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-5)
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, shapes_dir, monkeypatch):
+    """train.compile_mode is handed to torch.compile (here recorded, not compiled: the real
+    compile is the slow test above)."""
+    calls = []
+
+    def record(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.compile": True, "train.compile_mode": "max-autotune",
+                                                            "train.max_steps": 1})))
+    assert calls == [{"dynamic": None, "mode": "max-autotune"}]
+
+
 def test_init_from_starts_a_fresh_run_from_another_checkpoint(tmp_path, shapes_dir):
     from training.trainer import ConfigError
 
