@@ -222,8 +222,8 @@ def heads_dtype(y: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``scaled_dot_product_attention``; in fp32 under CPU bf16 autocast, where PyTorch's CPU flash
-    attention is slower in bf16 than in fp32 (measured on the demo's stage-4 step, batch 32 of 288
-    tokens: backward 954 ms in bf16 vs 454 ms in fp32). The matmuls around it stay in bf16."""
+    attention is slower in bf16 than in fp32 (profiled on the demo's stage-4 step, batch 32 of 288
+    tokens: its backward took 2.1x as long in bf16). The matmuls around it stay in bf16."""
     if _cpu_autocast(q):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
