@@ -7,7 +7,7 @@ Three ways to run the same step, timed in rotating order within each round (so d
 shared machine hits all three alike), each timing after one untimed step of the same kind:
 - ``fp32``: no autocast (the default on CPU);
 - ``bf16``: autocast, QK-norm and attention in fp32 (what ``autocast_cpu`` does);
-- ``bf16, bf16 attention``: autocast with attention left to autocast (bf16), for comparison.
+- ``bf16, bf16 QK-norm + attention``: autocast with QK-norm and attention left in bf16 too, for comparison.
 Reports the median of per-round speed ratios against fp32, and bf16 vs fp32 GEMM FLOP/s at
 the step's largest GEMM shape. Prints a table and writes JSON (default bench/cpu_bf16.json).
 Worth it only on CPUs that multiply bf16 natively (x86 AVX512-BF16 or AMX).
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     fp32_attention = layers._cpu_autocast
 
     def step(mode: str) -> None:
-        layers._cpu_autocast = fp32_attention if mode != "bf16, bf16 attention" else (lambda t: False)
+        layers._cpu_autocast = fp32_attention if mode != "bf16, bf16 QK-norm + attention" else (lambda t: False)
         try:
             t = sample_timesteps(n)
             noise = torch.randn_like(x0)
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         step(mode)
         return time.perf_counter() - t0
 
-    modes = ["fp32", "bf16", "bf16, bf16 attention"]
+    modes = ["fp32", "bf16", "bf16, bf16 QK-norm + attention"]
     for mode in modes:
         step(mode)
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -109,6 +109,7 @@ def main(argv=None) -> dict:
         "tokens": tokens,
         "rounds": args.pairs,
         "step_ms_median": {m: statistics.median(times[m]) * 1e3 for m in modes},
+        "step_ms_per_round": {m: [round(s * 1e3, 1) for s in times[m]] for m in modes},
         "speedup_vs_fp32_median_per_round": speedup,
         "gemm_gflop_per_s": gemm,
         "gemm_shape": [n * tokens, cfg.hidden_size, 4 * cfg.hidden_size],

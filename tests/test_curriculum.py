@@ -269,7 +269,7 @@ def test_compiled_stage4_trains_across_bucket_shapes_like_eager(tmp_path):
     eager = run("eager")
     counters.clear()
     compiled = run("compiled", **{"train.compile": True})
-    assert counters["stats"]["unique_graphs"] >= 6  # two graphs (the padding check breaks one) per bucket shape seen
+    assert 3 <= counters["stats"]["unique_graphs"] <= 5  # one graph per bucket shape seen (of 5): several, and no graph break
     wa, wb = weights_of(eager["checkpoint"]), weights_of(compiled["checkpoint"])
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

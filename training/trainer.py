@@ -498,10 +498,10 @@ class LossStats:
 def autocast_enabled(precision: DictConfig, device: torch.device) -> bool:
     """bf16 autocast for the training forward: on GPU with ``autocast: bf16``; on CPU only when
     ``autocast_cpu`` is also set, since it pays only where the CPU multiplies bf16 natively
-    (AVX512-BF16 or AMX: on 2 Zen 4 cores the demo's stage-4 step ran at 1.47x fp32's speed in
+    (AVX512-BF16 or AMX: on 2 Zen 4 cores the demo's stage-4 step ran at 1.32-1.47x fp32's speed in
     scripts/bench_cpu_bf16.py; elsewhere bf16 matmuls are emulated and slower than fp32)."""
     if precision.autocast not in ("bf16", "none"):
-        raise ValueError(f"precision.autocast={precision.autocast!r}: expected 'bf16' or 'none'")
+        raise ConfigError(f"precision.autocast={precision.autocast!r}: expected 'bf16' or 'none'")
     if precision.autocast != "bf16":
         return False
     if device.type != "cpu":
