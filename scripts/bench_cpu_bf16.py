@@ -15,7 +15,6 @@ Worth it only on CPUs that multiply bf16 natively (x86 AVX512-BF16 or AMX).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.results import write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -121,11 +122,7 @@ def main(argv=None) -> dict:
         print(f"| {m} | {result['step_ms_median'][m]:.0f} ms | {speedup[m]:.2f}x |")
     print(f"| GEMM {n * tokens}x{cfg.hidden_size}x{4 * cfg.hidden_size} | fp32 {gemm['float32']:.0f} GFLOP/s | "
           f"bf16 {gemm['bfloat16']:.0f} GFLOP/s ({gemm['bfloat16'] / gemm['float32']:.1f}x) |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    return result
+    return write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.results import write_json  # noqa: E402
 
 
 def curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -115,8 +118,7 @@ def main(argv=None) -> int:
     elif a is not None:  # scratch never got there: it needs more than `until`
         record["ratio_upper_bound"] = a / args.until
     plot({k: v["curve"] for k, v in results.items()}, args.target, ROOT / args.png)
-    Path(ROOT / args.json).parent.mkdir(parents=True, exist_ok=True)
-    (ROOT / args.json).write_text(json.dumps(record, indent=2))
+    write_json(record, ROOT / args.json)
     print(f"\n| arm | steps to {args.target:.0%} | final accuracy |\n|---|---|---|")
     for k, v in results.items():
         print(f"| {k} | {v['steps_to_target'] or f'> {args.until}'} | {v['final_accuracy']} |")

@@ -14,7 +14,6 @@ workers. The table compares the demo case to what the demo's training step consu
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.results import write_json  # noqa: E402
 
 
 def synthetic(out: Path, n: int, latent_shape, text: tuple[int, int] | None) -> Path:
@@ -85,9 +86,7 @@ def main(argv=None) -> dict:
             print(f"| {name} | {workers} | {rate:.0f} | {rate / args.train_img_s:.1f}x |", flush=True)
     record = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "batch": args.batch, "batches": args.batches,
               "train_img_s": args.train_img_s, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    return record
+    return write_json(record, args.out)
 
 
 if __name__ == "__main__":

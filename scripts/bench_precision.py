@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.results import write_json  # noqa: E402
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,12 +57,8 @@ def main(argv=None) -> dict:
     if len(rows) > 1:
         gap = 100 * (_score(rows[0]["evaluation"]) - _score(rows[1]["evaluation"]))
         print(f"\n{rows[0]['backend']} - {rows[1]['backend']}: {gap:+.1f} points")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"experiment": args.experiment, "cfg": args.cfg, "eval_samples": args.eval_samples, "arms": rows}
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
-    return record
+    return write_json(record, args.out)
 
 
 def _score(evaluation: dict) -> float:

@@ -12,7 +12,6 @@ can do, independent of the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.results import write_json  # noqa: E402
 
 
 def gemm_flops(n: int, repeats: int, device) -> float:
@@ -120,11 +121,7 @@ def main(argv=None) -> dict:
     print("| " + "what".ljust(width) + " | value |\n|" + "-" * (width + 2) + "|-------|")
     for k, v in rows:
         print(f"| {k.ljust(width)} | {v} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    return result
+    return write_json(result, args.out)
 
 
 if __name__ == "__main__":

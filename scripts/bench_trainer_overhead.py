@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WARMUP = 25
 
+from scripts.results import write_json  # noqa: E402
 from training.config import compose  # noqa: E402
 
 
@@ -125,11 +126,7 @@ def main(argv=None) -> dict:
     print(f"| bare model step (median) | {statistics.median(p['bare_step_s'] for p in pairs) * 1e3:.1f} ms |")
     print(f"| full trainer step (median) | {statistics.median(p['trainer_step_s'] for p in pairs) * 1e3:.1f} ms |")
     print(f"| trainer overhead (median of {args.pairs} pairs) | {overhead:+.1%} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
-    return record
+    return write_json(record, args.out)
 
 
 if __name__ == "__main__":

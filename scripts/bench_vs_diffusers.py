@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.results import write_json  # noqa: E402
+
 CFG = dict(depth=12, hidden_size=384, num_heads=6, input_size=32, in_channels=16, caption_channels=384, patch_size=2)
 BATCH, TOKENS = 8, 64
 
@@ -293,12 +295,6 @@ def print_memory(record: dict) -> None:
             print(f"activation checkpointing cuts {which}'s peak tensor memory by {cut:.0%}")
 
 
-def save(record: dict, out: str) -> dict:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(record, indent=2))
-    return record
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=15, help="A/B pairs of training-step timings (the median ratio is reported)")
@@ -325,7 +321,7 @@ def main(argv=None) -> dict:
         record = {**run_description(), "memory": memory_runs()}
         print("\n| measure | value | process | |\n|---|---|---|---|")
         print_memory(record)
-        return save(record, args.out)
+        return write_json(record, args.out)
 
     ours, theirs = build()
     so, st = step_fns(ours, theirs, args.compile_ours, args.compile_theirs, args.compile_mode)
@@ -369,7 +365,7 @@ def main(argv=None) -> dict:
     s = record["sampling"]
     print(f"| sampling img/s (20 Euler steps, CFG) | {s['ours_img_s']:.2f} | {s['diffusers_img_s']:.2f} | {s['median_ratio_theirs_over_ours']:.3f}x |")
     print_memory(record)
-    return save(record, args.out)
+    return write_json(record, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""What every benchmark does last: write its record as JSON and say where."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json(record: dict, out: str | Path) -> dict:
+    """``record`` as indented JSON at ``out`` (parent folders made); returns ``record``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+    return record
