@@ -269,11 +269,10 @@ class MMDiT(nn.Module):
     def _text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None):
         context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
         mask = None
-        if encoder_attention_mask is not None:
-            if torch.compiler.is_compiling():  # keep it: the data-dependent test below would break the graph
-                mask = encoder_attention_mask.bool()
-            elif not bool(encoder_attention_mask.all()):
-                mask = encoder_attention_mask.bool()  # only pay for masking when something is padded
+        # only pay for masking when something is padded; compiled, keep the mask (same result), as
+        # that data-dependent test would break the graph
+        if encoder_attention_mask is not None and (torch.compiler.is_compiling() or not bool(encoder_attention_mask.all())):
+            mask = encoder_attention_mask.bool()
         return context, mask
 
     @torch.no_grad()

@@ -445,7 +445,7 @@ def wrap_for_training(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimiz
     if cfg.train.compile:
         if num_buckets:  # one static graph per bucket: torch 2.13's dynamic-shape graph broke in backward on a bucket change
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, num_buckets + 2)
-        wrapped = torch.compile(wrapped, dynamic=False if num_buckets else None, mode=cfg.train.get("compile_mode", "default"))
+        wrapped = torch.compile(wrapped, dynamic=False if num_buckets else None, mode=cfg.train.compile_mode)
     return wrapped, optimizer, owned
 
 
