@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     from safetensors.torch import save_file
 
     from models.autoencoder import autoencoder_downsample
+    from models.linear import load_portable
     from models.presets import build_model
     from models.reparam import ccdit_to_mmdit, mmdit_transition, sd3_shift
     from training.checkpoint import FORMAT, CheckpointError, load_weights, read_meta
@@ -89,8 +90,9 @@ def main(argv=None) -> dict:
 
     use_ema = args.weights == "ema" and meta.get("has_ema", False)
     try:
-        src = build_model(meta["family"], meta["model_config"])
-        src.load_state_dict(load_weights(args.source, ema=use_ema))
+        # torch linears: the weights are the same for every precision.linear, and TE may be absent here
+        src = build_model(meta["family"], {**meta["model_config"], "linear_backend": "torch"})
+        load_portable(src, load_weights(args.source, ema=use_ema))
     except CheckpointError as e:
         raise SystemExit(str(e)) from e
     ae = meta["autoencoder"]

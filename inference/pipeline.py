@@ -117,12 +117,15 @@ def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu
     """A checkpoint directory -> (model in eval mode, autoencoder, meta). Nothing else is needed:
     the checkpoint's meta.json names the model family, its full config and the autoencoder."""
     from models.autoencoder import load_autoencoder
+    from models.linear import load_portable
     from models.presets import build_model
     from training.checkpoint import load_weights, read_meta
 
     meta = read_meta(ckpt_dir)
-    model = build_model(meta["family"], meta["model_config"])
-    model.load_state_dict(load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
+    # Plain torch linears whatever precision.linear trained it: every backend keeps the same full-precision
+    # weights, and FP8 (te, mxfp8_emulated) is a training-time choice.
+    model = build_model(meta["family"], {**meta["model_config"], "linear_backend": "torch"})
+    load_portable(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
     ae = meta["autoencoder"]
     autoencoder = load_autoencoder(ae["name"], ae.get("subfolder"))
     if (autoencoder.scaling_factor, autoencoder.shift_factor) != (ae["scaling_factor"], ae["shift_factor"]):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.linear import make_linear
+from models.linear import is_linear, make_linear
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ def check_transformer_shape(input_size: int, patch_size: int, hidden_size: int, 
 def basic_init(model: nn.Module) -> None:
     """DiT's base initialization: Xavier-uniform linears with zero bias, the patch conv like a linear."""
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if is_linear(module):  # te.Linear too, so every precision.linear starts from the same init
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

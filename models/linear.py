@@ -175,6 +175,14 @@ def fp8_context(backend: str, recipe_name: str = "auto"):
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Any backend's linear: ``nn.Linear`` (and the emulated MXFP8 one) or TE's ``te.Linear``, which is not
+    an ``nn.Linear``, so initialization that looks only for those would leave TE's own init in place."""
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Linear" and type(module).__module__.startswith("transformer_engine")
+    )
+
+
 def make_linear(in_features: int, out_features: int, bias: bool = True, backend: str = "torch") -> nn.Module:
     """Build a linear layer ``(..., in_features) -> (..., out_features)`` for ``backend``."""
     if backend == "torch":
@@ -186,4 +194,30 @@ def make_linear(in_features: int, out_features: int, bias: bool = True, backend:
     raise ValueError(f"unknown linear backend {backend!r}; expected one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "make_linear", "fp8_context", "mx_quantize", "mx_scales", "MXFP8EmulatedLinear", "transformer_engine"]
+# ---------------------------------------------------------------- weights that travel between backends
+# Every backend keeps the same full-precision ``weight`` / ``bias`` parameters, so a checkpoint trained
+# with one loads into a model built with another. TE modules add an ``_extra_state`` entry (FP8 scaling
+# history, pickled by TE): it is dropped on save (a checkpoint never carries pickle) and not expected on load.
+EXTRA_STATE = "_extra_state"
+
+
+def is_extra_state(key: str) -> bool:
+    return key == EXTRA_STATE or key.endswith("." + EXTRA_STATE)
+
+
+def portable_state_dict(state: dict) -> dict:
+    """``state`` without TE's pickled ``_extra_state`` entries."""
+    return {k: v for k, v in state.items() if not is_extra_state(k)}
+
+
+def load_portable(model: nn.Module, state: dict) -> None:
+    """``model.load_state_dict(state)``, strict except for the ``_extra_state`` entries of TE modules
+    (absent from our checkpoints, rebuilt by TE at the first FP8 step)."""
+    missing, unexpected = model.load_state_dict(portable_state_dict(state), strict=False)
+    missing = [k for k in missing if not is_extra_state(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+__all__ = ["BACKENDS", "make_linear", "fp8_context", "mx_quantize", "mx_scales", "MXFP8EmulatedLinear", "transformer_engine",
+           "portable_state_dict", "load_portable", "is_linear"]

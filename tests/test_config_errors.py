@@ -50,6 +50,14 @@ def test_global_batch_not_divisible_by_world_size(tmp_path, shapes_dir, monkeypa
         train(cfg)
 
 
+def test_te_needs_a_micro_batch_divisible_by_8(tmp_path, shapes_dir):
+    """Checked before TE is imported, so it stops the same way with or without TE installed."""
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, precision="te", **{"train.global_batch_size": 12}))
+    with pytest.raises(ConfigError, match="precision.linear=te .* multiple of 8, but it is 12 .* multiple of 8"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_manifest_disagreeing_with_config(tmp_path, shapes_dir):
     bad = tmp_path / "bad_shards"
     bad.mkdir()

@@ -3,6 +3,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn as nn
 
 from models.linear import MXFP8EmulatedLinear, make_linear, mx_quantize, mx_scales, transformer_engine
 
@@ -107,3 +108,61 @@ def test_trainer_runs_with_the_emulated_backend_and_refuses_te(tmp_path, shapes_
     with pytest.raises(RuntimeError, match="precision.linear=te needs NVIDIA Transformer Engine"):
         train(compose(tiny_overrides(tmp_path / "te", shapes_dir, precision="te")))
     assert not (tmp_path / "te" / "run" / "checkpoints").exists()
+
+
+def test_checkpoints_travel_between_linear_backends(tmp_path, shapes_dir):
+    """precision.linear is precision, not architecture: a run with one backend starts from another's
+    checkpoint, and the sampler loads any checkpoint with plain torch linears."""
+    import torch.nn as nn
+
+    from conftest import compose, tiny_overrides
+    from inference.pipeline import load_model
+    from models.linear import MXFP8EmulatedLinear
+    from training.checkpoint import load_weights
+    from training.trainer import train
+
+    plain = train(compose(tiny_overrides(tmp_path / "plain", shapes_dir)))
+    mx = train(compose(tiny_overrides(tmp_path / "mx", shapes_dir, precision="mxfp8_emulated",
+                                      **{"stage.init_from": plain["checkpoint"], "train.max_steps": 2})))
+    assert mx["step"] == 2 and mx["final_loss"] < 10
+    model, _, meta = load_model(mx["checkpoint"])
+    assert meta["model_config"]["linear_backend"] == "mxfp8_emulated"
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and not any(isinstance(m, MXFP8EmulatedLinear) for m in linears)
+    weights = load_weights(mx["checkpoint"], ema=True)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+class _WithExtraState(nn.Module):
+    """A linear that, like TE's modules, keeps extra state (TE pickles its FP8 scaling history into it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.seen = 0
+
+    def get_extra_state(self):
+        return torch.tensor([self.seen], dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        raise AssertionError("extra state must not be loaded from a checkpoint")
+
+
+def test_te_extra_state_is_neither_saved_nor_expected(tmp_path):
+    from safetensors.torch import load_file
+
+    from models.linear import load_portable
+    from training.checkpoint import save_checkpoint
+
+    model = nn.Sequential(_WithExtraState(), nn.Linear(4, 2))
+    assert "0._extra_state" in model.state_dict()
+    path = save_checkpoint(tmp_path, 1, model, model, {"step": 1}, "x: 1\n", {"stage": "stage1"})
+    saved = load_file(path / "model.safetensors")
+    assert set(saved) == {"0.proj.weight", "0.proj.bias", "1.weight", "1.bias"}
+    other = nn.Sequential(_WithExtraState(), nn.Linear(4, 2))
+    load_portable(other, saved)  # no _extra_state in the file, none set
+    assert all(torch.equal(v, saved[k]) for k, v in other.state_dict().items() if k in saved)
+    with pytest.raises(RuntimeError, match=r"missing \['1.bias'\]"):
+        load_portable(other, {k: v for k, v in saved.items() if k != "1.bias"})
+    with pytest.raises(RuntimeError, match=r"unexpected \['extra'\]"):
+        load_portable(other, {**saved, "extra": torch.zeros(1)})

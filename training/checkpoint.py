@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.linear import portable_state_dict
+
 FORMAT = "flowdit-checkpoint-v1"
 REQUIRED = ("model.safetensors", "train_state.pt", "meta.json", "config.yaml")
 
@@ -49,10 +51,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _state_dict(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
-    if isinstance(model, dict):  # already gathered (FSDP: full state dicts)
-        return {k: v.detach().contiguous().cpu() for k, v in model.items()}
-    model = getattr(model, "module", model)  # unwrap DDP
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """Tensors to save: on the CPU, contiguous, without TE's pickled FP8 state (models/linear.py)."""
+    if not isinstance(model, dict):  # a module, not an already gathered FSDP full state dict
+        model = getattr(model, "module", model).state_dict()  # unwrap DDP
+    return {k: v.detach().contiguous().cpu() for k, v in portable_state_dict(model).items()}
 
 
 def save_checkpoint(

@@ -28,7 +28,7 @@ from flow.rectified_flow import flow_loss, interpolate, loss_by_bin, sample_time
 from inference.images import make_grid, save_png, to_uint8
 from inference.pipeline import SampleSettings, call_model, generate
 from models.autoencoder import load_autoencoder
-from models.linear import fp8_context
+from models.linear import fp8_context, load_portable
 from models.presets import build_model, count_parameters, model_config
 from training import checkpoint as ckpt
 from training import fsdp, fused_wgrad
@@ -53,7 +53,16 @@ def check_batch(cfg: DictConfig, world_size: int) -> int:
             f"train.global_batch_size={gbs} is not divisible by world_size ({world_size}) x train.grad_accum ({accum}). "
             f"Pick a global batch that is a multiple of {world_size * accum}."
         )
-    return gbs // (world_size * accum)
+    micro = gbs // (world_size * accum)
+    if cfg.precision.linear == "te" and micro % 8:
+        # TE's FP8 GEMMs want the rows of every input (tokens x samples; for the per-sample adaLN linears,
+        # samples alone) divisible by 8
+        raise ConfigError(
+            f"precision.linear=te runs its GEMMs in FP8, which needs the per-rank micro-batch to be a multiple of 8, but it is "
+            f"{micro} (train.global_batch_size={gbs} / {world_size} ranks / train.grad_accum={accum}). "
+            f"Use a global batch that is a multiple of {8 * world_size * accum}."
+        )
+    return micro
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -206,7 +215,8 @@ def model_config_changes(meta: dict, model_config: dict) -> dict:
 
     _, config_cls = MODEL_CLASSES[meta["family"]]
     old = asdict(config_cls(**meta["model_config"]))
-    changed = {k: (old.get(k), v) for k, v in model_config.items() if old.get(k) != v}
+    # linear_backend is precision, not architecture: every backend holds the same weights
+    changed = {k: (old.get(k), v) for k, v in model_config.items() if old.get(k) != v and k != "linear_backend"}
     if not model_config.get("micro_conditions") and not old.get("micro_conditions"):
         changed.pop("pixels_per_latent", None)
     return changed
@@ -235,8 +245,8 @@ def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: di
             "Reparameterize it for this stage first (reparameterize.py) or fix the model config."
         )
     weights = ckpt.load_weights(source, ema=meta.get("has_ema", False))
-    model.load_state_dict(weights)
-    ema.load_state_dict(weights)
+    load_portable(model, weights)
+    load_portable(ema, weights)
     log.info("initialized from %s (%s, step %d)", source, meta["stage"], meta["step"])
 
 
@@ -399,8 +409,8 @@ def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer,
             f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
             "Architecture keys must match to resume; start a new run_dir instead."
         )
-    model.load_state_dict(ckpt.load_weights(resume_from))
-    ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
+    load_portable(model, ckpt.load_weights(resume_from))
+    load_portable(ema, ckpt.load_weights(resume_from, ema=True))
     state = ckpt.load_train_state(resume_from)
     saved_format = state.get("optimizer_format", "torch")
     if saved_format != ("fsdp_full" if use_fsdp else "torch"):
@@ -627,7 +637,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
             ema_weights = fsdp.full_state(ema)
             if dist_info.is_main:
                 sampler = build_model(cfg.model.family, mcfg).to(device).eval()
-                sampler.load_state_dict(ema_weights)
+                load_portable(sampler, ema_weights)
         if dist_info.is_main:
             result = evaluate(sampler, autoencoder, cfg, latent_shape, conditioning, manifest, device,
                               run_dir / "samples" / f"step_{at_step:07d}.png")

@@ -1,0 +1,140 @@
+"""Transformer Engine FP8 vs bf16: the mmDiT training step on one GPU.
+
+    python scripts/bench_te.py                                   # PixArt-alpha XL/2 at 256 px (32x32 latents), batch 32
+    python scripts/bench_te.py --input-size 64 --batch 16        # 512 px
+    python scripts/bench_te.py --recipes current delayed --rounds 7
+
+Every arm is the same model (same weights, loaded through load_portable) trained on the same
+batches with the same AdamW: `bf16` is precision=torch (nn.Linear under bf16 autocast), each
+recipe is precision=te (te.Linear under TE's FP8 autocast, inside the same bf16 autocast).
+The arms take turns, `--steps` timed steps each per round, and the table reports each arm's
+median step time over the rounds and its speed relative to bf16 taken round by round (median),
+so a slow spell on a shared machine hits every arm alike. Also: peak memory of one step per
+arm, and the loss each arm reached on the same batches (FP8 must train, not only run fast).
+Needs a Hopper or Blackwell GPU with TE. Prints a table and writes JSON (default bench/te.json).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.results import write_json  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="PixArt-alpha-XL/2")
+    ap.add_argument("--block", default="pixart", choices=["pixart", "joint"])
+    ap.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256 px with an 8x VAE)")
+    ap.add_argument("--channels", type=int, default=4, help="latent channels")
+    ap.add_argument("--text-tokens", type=int, default=120)
+    ap.add_argument("--caption-channels", type=int, default=4096, help="text encoder width (T5-XXL: 4096)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--recipes", nargs="+", default=["current", "delayed"], help="TE recipes (auto, current, delayed, mxfp8)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per arm per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="bench/te.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
+    from models.linear import fp8_context, load_portable, transformer_engine
+    from models.presets import build_model, count_parameters, model_config
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_te.py needs a CUDA GPU (Hopper or Blackwell) with Transformer Engine")
+    transformer_engine()  # stops with what to install where TE is missing
+    device = torch.device("cuda")
+    cfg = model_config("mmdit", args.preset, input_size=args.input_size, in_channels=args.channels,
+                       caption_channels=args.caption_channels, block=args.block)
+    torch.manual_seed(0)
+    ref = build_model("mmdit", cfg).to(device)
+    arms = {"bf16": ("torch", None)} | {f"te {r}": ("te", r) for r in args.recipes}
+    models, opts = {}, {}
+    for name, (backend, _) in arms.items():
+        m = ref if backend == "torch" else build_model("mmdit", model_config(
+            "mmdit", args.preset, input_size=args.input_size, in_channels=args.channels,
+            caption_channels=args.caption_channels, block=args.block, linear_backend=backend)).to(device)
+        if m is not ref:
+            load_portable(m, ref.state_dict())
+        models[name], opts[name] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    n = args.batch
+    g = torch.Generator(device=device).manual_seed(1)
+    x0 = torch.randn(n, args.channels, args.input_size, args.input_size, device=device, generator=g)
+    text = torch.randn(n, args.text_tokens, args.caption_channels, device=device, generator=g)
+    mask = torch.ones(n, args.text_tokens, dtype=torch.bool, device=device)
+    losses = {name: [] for name in arms}
+
+    def step(name: str, seed: int) -> None:
+        backend, recipe = arms[name]
+        model, opt = models[name], opts[name]
+        gs = torch.Generator(device=device).manual_seed(seed)  # every arm sees the same noise and timesteps
+        t = sample_timesteps(n, generator=gs, device=device)
+        noise = torch.randn(x0.shape, generator=gs, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context(backend, recipe or "auto"):
+            pred = model(interpolate(x0, noise, t), t, text, mask)
+        loss = flow_loss(pred.float(), x0, noise).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses[name].append(loss.detach())
+
+    peak = {}
+    for name in arms:
+        for i in range(args.warmup):
+            step(name, i)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(name, args.warmup)
+        torch.cuda.synchronize()
+        peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    times = {name: [] for name in arms}
+    seed = 100
+    for r in range(args.rounds):
+        order = list(arms) if r % 2 == 0 else list(arms)[::-1]
+        for name in order:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(args.steps):
+                step(name, seed + s)
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+        seed += args.steps
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in times.items()), flush=True)
+
+    base = times["bf16"]
+    rows = []
+    for name in arms:
+        ms = statistics.median(times[name]) * 1e3
+        speedup = statistics.median(b / a for a, b in zip(times[name], base))
+        tail = torch.stack(losses[name][-args.steps:]).float().mean().item()
+        rows.append({"arm": name, "step_ms_median": ms, "step_ms_rounds": [1e3 * v for v in times[name]],
+                     "img_per_s": n / (ms / 1e3), "speedup_vs_bf16": speedup, "peak_gib": peak[name],
+                     "loss_last_round": tail, "loss_first": losses[name][0].item()})
+    print(f"\n{args.preset} ({count_parameters(ref) / 1e6:.0f}M params, block {args.block}), {(args.input_size // 2) ** 2} image tokens "
+          f"+ {args.text_tokens} text tokens of width {args.caption_channels}, batch {n}, {torch.cuda.get_device_name()}")
+    print("| arm | step (median) | img/s | vs bf16 (median of rounds) | peak memory | loss, last round |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['step_ms_median']:.1f} ms | {r['img_per_s']:.0f} | {r['speedup_vs_bf16']:.3f}x | "
+              f"{r['peak_gib']:.1f} GiB | {r['loss_last_round']:.4f} |")
+    import transformer_engine
+
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformer_engine": getattr(transformer_engine, "__version__", "?"), "preset": args.preset, "block": args.block,
+              "params_M": count_parameters(ref) / 1e6, "latent": [args.channels, args.input_size, args.input_size],
+              "text_tokens": args.text_tokens, "caption_channels": args.caption_channels, "batch": n,
+              "rounds": args.rounds, "steps_per_round": args.steps, "arms": rows}
+    return write_json(record, args.out)
+
+
+if __name__ == "__main__":
+    main()
