@@ -39,6 +39,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per arm per round")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, help="also profile this many steps per arm: GPU busy time and top kernels")
     ap.add_argument("--out", default="bench/te.json")
     args = ap.parse_args(argv)
 
@@ -110,6 +111,10 @@ def main(argv=None) -> dict:
         seed += args.steps
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in times.items()), flush=True)
 
+    profiles = {}
+    for name in arms if args.profile else ():
+        print(f"{name}:")
+        profiles[name] = profile(lambda s, name=name: step(name, s), args.profile)
     base = times["bf16"]
     rows = []
     for name in arms:
@@ -132,8 +137,40 @@ def main(argv=None) -> dict:
               "transformer_engine": getattr(transformer_engine, "__version__", "?"), "preset": args.preset, "block": args.block,
               "params_M": count_parameters(ref) / 1e6, "latent": [args.channels, args.input_size, args.input_size],
               "text_tokens": args.text_tokens, "caption_channels": args.caption_channels, "batch": n,
-              "rounds": args.rounds, "steps_per_round": args.steps, "arms": rows}
+              "rounds": args.rounds, "steps_per_round": args.steps, "arms": rows, "profiles": profiles}
     return write_json(record, args.out)
+
+
+def profile(run_step, steps: int) -> dict:
+    """Wall time vs GPU kernel time per step (a GPU idle between kernels means the host can't keep up),
+    and the kernels that take the most GPU time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for s in range(steps):
+            run_step(10_000 + s)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # GPU-side events only: no double counting
+    gpu = sum(e.device_time for e in kernels) / 1e6 / steps  # us -> s
+    launches = len(kernels) / steps
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
+    result = {"wall_ms": 1e3 * wall, "gpu_kernel_ms": 1e3 * gpu, "gpu_busy": gpu / wall, "kernels_per_step": launches,
+              "top_kernels": [{"name": name[:90], "ms_per_step": sum(ts) / 1e3 / steps, "calls_per_step": len(ts) / steps}
+                              for name, ts in top]}
+    print(f"  profile: wall {result['wall_ms']:.1f} ms/step, GPU kernels {result['gpu_kernel_ms']:.1f} ms ({100 * result['gpu_busy']:.0f}% busy), "
+          f"{launches:.0f} kernels/step")
+    for k in result["top_kernels"]:
+        print(f"    {k['ms_per_step']:7.2f} ms  x{k['calls_per_step']:<5.0f} {k['name']}")
+    return result
 
 
 if __name__ == "__main__":
