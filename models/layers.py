@@ -125,7 +125,7 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0,
-              isotropic: bool = False) -> torch.Tensor:
+              isotropic: bool = False, centered: bool = False, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding with PixArt-style interpolation.
 
     Coordinates are rescaled so a grid of any size spans the range of a
@@ -135,11 +135,15 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
     along one axis as along the other; ``isotropic`` uses one step for both axes,
     the one a square grid with the same number of patches gets, so shapes keep
     their proportions in position space at every aspect ratio (identical to
-    PixArt's on square grids). Token order is row-major (h, w); the first half
-    of the channels encodes the column, the second the row, exactly as
-    diffusers' ``get_2d_sincos_pos_embed``.
+    PixArt's on square grids). ``centered`` (with ``isotropic``) puts a non-square
+    grid's centre where the square grid's is, so the long axis runs past the base
+    range by the same amount at both ends instead of all at the far end. Token
+    order is row-major (h, w); the first half of the channels encodes the column,
+    the second the row, exactly as diffusers' ``get_2d_sincos_pos_embed``.
 
-    Returns (grid_h * grid_w, dim) in float32.
+    ``offset`` (N, 2): per-sample shifts (rows, columns) in tokens of this grid
+    (position jitter in training); then the result is (N, grid_h * grid_w, dim).
+    Returns (grid_h * grid_w, dim) in float32 otherwise.
     """
     assert dim % 4 == 0, "2-D sin-cos embedding needs dim divisible by 4"
     if isotropic:
@@ -148,9 +152,18 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
         step_h, step_w = base_size / grid_h / interpolation_scale, base_size / grid_w / interpolation_scale
     ys = torch.arange(grid_h, dtype=torch.float64) * step_h
     xs = torch.arange(grid_w, dtype=torch.float64) * step_w
+    if isotropic and centered:  # zero shift on square grids, where grid * step spans the base range
+        span = base_size / interpolation_scale
+        ys, xs = ys + (span - grid_h * step_h) / 2, xs + (span - grid_w * step_w) / 2
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-    emb = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1)
-    return emb.float()
+    if offset is None:
+        return torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1).float()
+    off = offset.detach().to("cpu", torch.float64)
+    yy = yy.reshape(1, -1) + off[:, :1] * step_h  # (N, T)
+    xx = xx.reshape(1, -1) + off[:, 1:] * step_w
+    n, t = yy.shape
+    emb = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1)  # (N * T, dim)
+    return emb.float().view(n, t, dim)
 
 
 # ---------------------------------------------------------------- embedders

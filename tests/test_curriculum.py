@@ -45,7 +45,7 @@ def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixa
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    for pos_grid in ("isotropic", "stretch"):
+    for pos_grid in ("isotropic", "centered", "stretch"):
         dst, report = mmdit_transition(src, "3to4", pos_grid=pos_grid)
         assert dst.config.micro_conditions and dst.config.pos_grid == pos_grid
         assert report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
@@ -74,6 +74,30 @@ def test_isotropic_positions_use_one_step_for_both_axes():
     assert torch.allclose(wide[2, 5], square[2, 5], atol=1e-6)
     stretched = sincos_2d(32, 4, 16, 8).view(4, 16, 32)  # PixArt: rows step 2, columns 0.5
     assert torch.allclose(stretched[1, 4], square[2, 2], atol=1e-6)
+
+
+def test_centered_grid_and_position_jitter():
+    """pos_grid=centered: isotropic, about the square grid's centre (the same on square grids); a
+    per-sample offset of k tokens moves the grid by k steps, and zero offsets change nothing."""
+    from models.layers import sincos_2d
+
+    square = sincos_2d(32, 8, 8, 8).view(8, 8, 32)
+    assert torch.equal(sincos_2d(32, 8, 8, 8, isotropic=True, centered=True), square.view(64, 32))
+    wide = sincos_2d(32, 4, 16, 8, isotropic=True, centered=True).view(4, 16, 32)
+    # step 1 on both axes; rows 0..3 sit at 2..5 and columns 0..15 at -4..11: centred on 3.5 like the 8x8 grid
+    assert torch.allclose(wide[0, 4], square[2, 0], atol=1e-6) and torch.allclose(wide[3, 11], square[5, 7], atol=1e-6)
+    offset = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -2.0]])
+    jittered = sincos_2d(32, 8, 8, 8, offset=offset).view(3, 8, 8, 32)
+    assert torch.equal(jittered[0], square)
+    assert torch.allclose(jittered[1, :7], square[1:], atol=1e-6)  # one row down
+    assert torch.allclose(jittered[2, :, 2:], square[:, :6], atol=1e-6)  # two columns left
+
+    model = _random_mmdit()
+    g = torch.Generator().manual_seed(3)
+    x, text, mask = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    t = torch.full((2,), 0.5)
+    assert torch.equal(model(x, t, text, mask, pos_offset=torch.zeros(2, 2)), model(x, t, text, mask))
+    assert not torch.allclose(model(x, t, text, mask, pos_offset=torch.ones(2, 2)), model(x, t, text, mask))
 
 
 def test_2to3_keeps_every_weight_and_spans_the_old_positions():
