@@ -125,7 +125,8 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0,
-              isotropic: bool = False, centered: bool = False, offset: torch.Tensor | None = None) -> torch.Tensor:
+              isotropic: bool = False, centered: bool = False, offset: torch.Tensor | None = None,
+              short_side: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding with PixArt-style interpolation.
 
     Coordinates are rescaled so a grid of any size spans the range of a
@@ -135,9 +136,12 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
     along one axis as along the other; ``isotropic`` uses one step for both axes,
     the one a square grid with the same number of patches gets, so shapes keep
     their proportions in position space at every aspect ratio (identical to
-    PixArt's on square grids). ``centered`` (with ``isotropic``) puts a non-square
-    grid's centre where the square grid's is, so the long axis runs past the base
-    range by the same amount at both ends instead of all at the far end. Token
+    PixArt's on square grids). ``short_side`` (with ``isotropic``) takes the step that
+    makes the short side span the base range instead, so sizes that scale with the
+    short side (as the demo's shapes do) come out as on the square grid. ``centered``
+    (with ``isotropic``) puts a non-square grid's centre where the square grid's is,
+    so the long axis runs past the base range by the same amount at both ends
+    instead of all at the far end. Token
     order is row-major (h, w); the first half of the channels encodes the column,
     the second the row, exactly as diffusers' ``get_2d_sincos_pos_embed``.
 
@@ -147,7 +151,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
     """
     assert dim % 4 == 0, "2-D sin-cos embedding needs dim divisible by 4"
     if isotropic:
-        step_h = step_w = base_size / (grid_h * grid_w) ** 0.5 / interpolation_scale
+        step_h = step_w = base_size / (min(grid_h, grid_w) if short_side else (grid_h * grid_w) ** 0.5) / interpolation_scale
     else:
         step_h, step_w = base_size / grid_h / interpolation_scale, base_size / grid_w / interpolation_scale
     ys = torch.arange(grid_h, dtype=torch.float64) * step_h

@@ -36,7 +36,7 @@ from models.layers import (
 )
 
 
-POS_GRIDS = ("stretch", "isotropic", "centered")  # MMDiTConfig.pos_grid
+POS_GRIDS = ("stretch", "isotropic", "centered", "shortside")  # MMDiTConfig.pos_grid
 
 
 @dataclass
@@ -57,8 +57,10 @@ class MMDiTConfig(DiTShape):
         circle in position space at every aspect ratio, but the long axis leaves the trained
         range at its far end) or "centered" (isotropic, centred on the square grid's centre, so
         the long axis leaves the range by half as much at each end: what position jitter in
-        stage 3, ``train.pos_jitter``, prepares a model for). All three are the same on square
-        grids. 3to4 picks it (default stretch).
+        stage 3, ``train.pos_jitter``, prepares a model for) or "shortside" (centred, one step
+        for both axes, the short side spanning the base range: sizes relative to the short side
+        come out as on the square grid, and the long axis runs furthest past the range). All
+        are the same on square grids. 3to4 picks it (default stretch).
     """
 
     hidden_size: int = 1152
@@ -249,7 +251,8 @@ class MMDiT(nn.Module):
         """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size; (N, T, D) with
         per-sample ``offset`` (N, 2) in tokens (position jitter)."""
         emb = sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale,
-                        isotropic=self.config.pos_grid != "stretch", centered=self.config.pos_grid == "centered", offset=offset)
+                        isotropic=self.config.pos_grid != "stretch", centered=self.config.pos_grid in ("centered", "shortside"),
+                        short_side=self.config.pos_grid == "shortside", offset=offset)
         return emb.to(device) if offset is not None else emb.to(device)[None]
 
     def initialize_weights(self) -> None:

@@ -45,7 +45,7 @@ def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixa
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    for pos_grid in ("isotropic", "centered", "stretch"):
+    for pos_grid in ("isotropic", "centered", "shortside", "stretch"):
         dst, report = mmdit_transition(src, "3to4", pos_grid=pos_grid)
         assert dst.config.micro_conditions and dst.config.pos_grid == pos_grid
         assert report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
@@ -86,6 +86,9 @@ def test_centered_grid_and_position_jitter():
     wide = sincos_2d(32, 4, 16, 8, isotropic=True, centered=True).view(4, 16, 32)
     # step 1 on both axes; rows 0..3 sit at 2..5 and columns 0..15 at -4..11: centred on 3.5 like the 8x8 grid
     assert torch.allclose(wide[0, 4], square[2, 0], atol=1e-6) and torch.allclose(wide[3, 11], square[5, 7], atol=1e-6)
+    # shortside: the short side spans the base range (step 2 here), centred: columns 0..15 at -12..18
+    short = sincos_2d(32, 4, 16, 8, isotropic=True, centered=True, short_side=True).view(4, 16, 32)
+    assert torch.allclose(short[1, 7], square[2, 2], atol=1e-6) and torch.allclose(short[3, 8], square[6, 4], atol=1e-6)
     offset = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -2.0]])
     jittered = sincos_2d(32, 8, 8, 8, offset=offset).view(3, 8, 8, 32)
     assert torch.equal(jittered[0], square)
