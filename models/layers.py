@@ -125,8 +125,7 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0,
-              isotropic: bool = False, centered: bool = False, offset: torch.Tensor | None = None,
-              short_side: bool = False) -> torch.Tensor:
+              isotropic: bool = False, short_side: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding with PixArt-style interpolation.
 
     Coordinates are rescaled so a grid of any size spans the range of a
@@ -135,39 +134,32 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
     stretch each axis on its own, so on a 1:2 grid a patch is twice as far apart
     along one axis as along the other; ``isotropic`` uses one step for both axes,
     the one a square grid with the same number of patches gets, so shapes keep
-    their proportions in position space at every aspect ratio (identical to
-    PixArt's on square grids). ``short_side`` (with ``isotropic``) takes the step that
-    makes the short side span the base range instead, so sizes that scale with the
-    short side (as the demo's shapes do) come out as on the square grid. ``centered``
-    (with ``isotropic``) puts a non-square grid's centre where the square grid's is,
-    so the long axis runs past the base range by the same amount at both ends
-    instead of all at the far end. Token
-    order is row-major (h, w); the first half of the channels encodes the column,
-    the second the row, exactly as diffusers' ``get_2d_sincos_pos_embed``.
+    their proportions in position space at every aspect ratio. ``short_side``
+    uses one step for both axes too, the one that makes the short side span the
+    base range, and centres the grid on the square grid's centre: sizes that
+    scale with the short side (as the demo's shapes do) come out as on the square
+    grid, and the long axis runs past the base range equally at both ends. All
+    three are PixArt's grid on square grids. Token order is row-major (h, w); the
+    first half of the channels encodes the column, the second the row, exactly as
+    diffusers' ``get_2d_sincos_pos_embed``.
 
-    ``offset`` (N, 2): per-sample shifts (rows, columns) in tokens of this grid
-    (position jitter in training); then the result is (N, grid_h * grid_w, dim).
-    Returns (grid_h * grid_w, dim) in float32 otherwise.
+    Returns (grid_h * grid_w, dim) in float32.
     """
     assert dim % 4 == 0, "2-D sin-cos embedding needs dim divisible by 4"
-    if isotropic:
-        step_h = step_w = base_size / (min(grid_h, grid_w) if short_side else (grid_h * grid_w) ** 0.5) / interpolation_scale
+    if short_side:
+        step_h = step_w = base_size / min(grid_h, grid_w) / interpolation_scale
+    elif isotropic:
+        step_h = step_w = base_size / (grid_h * grid_w) ** 0.5 / interpolation_scale
     else:
         step_h, step_w = base_size / grid_h / interpolation_scale, base_size / grid_w / interpolation_scale
     ys = torch.arange(grid_h, dtype=torch.float64) * step_h
     xs = torch.arange(grid_w, dtype=torch.float64) * step_w
-    if isotropic and centered:  # zero shift on square grids, where grid * step spans the base range
+    if short_side:  # centred: zero shift on square grids, where grid * step spans the base range
         span = base_size / interpolation_scale
         ys, xs = ys + (span - grid_h * step_h) / 2, xs + (span - grid_w * step_w) / 2
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-    if offset is None:
-        return torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1).float()
-    off = offset.detach().to("cpu", torch.float64)
-    yy = yy.reshape(1, -1) + off[:, :1] * step_h  # (N, T)
-    xx = xx.reshape(1, -1) + off[:, 1:] * step_w
-    n, t = yy.shape
-    emb = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1)  # (N * T, dim)
-    return emb.float().view(n, t, dim)
+    emb = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1)
+    return emb.float()
 
 
 # ---------------------------------------------------------------- embedders

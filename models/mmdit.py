@@ -36,7 +36,7 @@ from models.layers import (
 )
 
 
-POS_GRIDS = ("stretch", "isotropic", "centered", "shortside")  # MMDiTConfig.pos_grid
+POS_GRIDS = ("stretch", "isotropic", "shortside")  # MMDiTConfig.pos_grid
 
 
 @dataclass
@@ -55,11 +55,9 @@ class MMDiTConfig(DiTShape):
     pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
         each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
         circle in position space at every aspect ratio, but the long axis leaves the trained
-        range at its far end) or "centered" (isotropic, centred on the square grid's centre, so
-        the long axis leaves the range by half as much at each end: what position jitter in
-        stage 3, ``train.pos_jitter``, prepares a model for) or "shortside" (centred, one step
-        for both axes, the short side spanning the base range: sizes relative to the short side
-        come out as on the square grid, and the long axis runs furthest past the range). All
+        range at its far end) or "shortside" (one step for both axes, the short side spanning the
+        base range, centred on the square grid's centre: sizes relative to the short side come
+        out as on the square grid; the long axis runs past the range at both ends). All three
         are the same on square grids. 3to4 picks it (default stretch).
     """
 
@@ -247,13 +245,10 @@ class MMDiT(nn.Module):
     def base_size(self) -> int:
         return self.config.base_size if self.config.base_size is not None else self.config.grid_size
 
-    def pos_embed(self, grid_h: int, grid_w: int, device, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size; (N, T, D) with
-        per-sample ``offset`` (N, 2) in tokens (position jitter)."""
-        emb = sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale,
-                        isotropic=self.config.pos_grid != "stretch", centered=self.config.pos_grid in ("centered", "shortside"),
-                        short_side=self.config.pos_grid == "shortside", offset=offset)
-        return emb.to(device) if offset is not None else emb.to(device)[None]
+    def pos_embed(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size."""
+        return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale,
+                         isotropic=self.config.pos_grid == "isotropic", short_side=self.config.pos_grid == "shortside").to(device)[None]
 
     def initialize_weights(self) -> None:
         basic_init(self)
@@ -307,17 +302,15 @@ class MMDiT(nn.Module):
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
         text_cache: TextCache | None = None,
-        pos_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask.
-        ``pos_offset`` (N, 2): position jitter in tokens (training only; ``train.pos_jitter``)."""
+        """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         # position first: the sum is contiguous (N, T, D), so no norm or linear downstream copies the
         # residual stream (the patch embedding alone is a transposed view; diffusers adds in that order)
-        x = self.pos_embed(h // p, w // p, hidden_states.device, pos_offset) + self.x_embedder(hidden_states)  # (N, T, D)
+        x = self.pos_embed(h // p, w // p, hidden_states.device) + self.x_embedder(hidden_states)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
         if self.config.micro_conditions:  # default: the size of the image being generated
             if resolution is None:

@@ -66,13 +66,31 @@ def finished_step(stage: str, overrides: list[str], run_dir: Path) -> int | None
     return step if step >= cfg.train.max_steps else None
 
 
-def stale_init(init: Path, previous: Path, weights: str) -> str | None:
+def transition_args(stage: str, overrides: list[str]) -> list[str]:
+    """reparameterize.py's arguments for the hand-off into ``stage``; 3to4 takes the position grid
+    the stage's config asks for (``model.pos_grid``; the quick profile's stage 4 sets shortside)."""
+    args = list(TRANSITION_ARGS[stage])
+    if stage == "stage4":
+        from training.config import compose
+
+        grid = compose(stage, overrides).model.get("pos_grid")
+        if grid:
+            args += ["--pos-grid", str(grid)]
+    return args
+
+
+def stale_init(init: Path, previous: Path, weights: str, pos_grid: str | None = None) -> str | None:
     """What an existing <stage>_init was built from, when that is no longer the previous stage's final
-    checkpoint (the previous stage trained further, or other weights were asked for); else None."""
+    checkpoint (the previous stage trained further, or other weights or another position grid were
+    asked for); else None."""
     meta_path, summary_path = ROOT / init / "meta.json", ROOT / previous / "summary.json"
     if not meta_path.is_file() or not summary_path.is_file():
         return None
-    built = json.loads(meta_path.read_text()).get("init", {})
+    meta = json.loads(meta_path.read_text())
+    built_grid = meta.get("model_config", {}).get("pos_grid", "stretch")
+    if pos_grid and built_grid != pos_grid:
+        return f"pos_grid {built_grid}"
+    built = meta.get("init", {})
     report = ROOT / init / "report.json"
     built_weights = json.loads(report.read_text()).get("weights", weights) if report.is_file() else weights
     step = json.loads(summary_path.read_text()).get("step")
@@ -119,15 +137,18 @@ def main(argv=None) -> int:
         if stage != "stage1":  # start from the previous stage through reparameterize.py (once)
             init = out / f"{stage}_init"
             previous = out / STAGES[STAGES.index(stage) - 1]
-            stale = stale_init(init, previous, args.weights)
+            reparam_args = transition_args(stage, [*command, *mine])
+            grid = reparam_args[reparam_args.index("--pos-grid") + 1] if "--pos-grid" in reparam_args else None
+            stale = stale_init(init, previous, args.weights, grid)
             if stale and (ROOT / run_dir / "checkpoints").is_dir():
-                raise SystemExit(f"{init} was built from {stale}, but {previous} has moved on since, and {run_dir} has already "
-                                 f"trained from the old init. Delete {run_dir} (and {init}) to train {stage} from the new "
-                                 f"{previous}, or restore {previous}.")
+                raise SystemExit(f"{init} was built from {stale}, which is no longer what {stage} starts from ({previous} has "
+                                 f"moved on, or other weights or another position grid are asked for), and {run_dir} has already "
+                                 f"trained from it. Delete {run_dir} (and {init}) to train {stage} from a new init, or restore "
+                                 f"{previous} and the settings.")
             if stale or not (ROOT / init / "meta.json").is_file():
                 if stale:
                     print(f"\n=== {init} was built from {stale}; rebuilding it from {previous}", flush=True)
-                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *TRANSITION_ARGS[stage]])
+                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *reparam_args, "--force"])
             extra = [f"stage.init_from={init}"]
         run([sys.executable, ROOT / f"train_{stage}.py", *command, *extra, *mine])
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())

@@ -45,7 +45,7 @@ def test_3to4_is_function_preserving_on_the_square_grid_and_everywhere_with_pixa
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    for pos_grid in ("isotropic", "centered", "shortside", "stretch"):
+    for pos_grid in ("isotropic", "shortside", "stretch"):
         dst, report = mmdit_transition(src, "3to4", pos_grid=pos_grid)
         assert dst.config.micro_conditions and dst.config.pos_grid == pos_grid
         assert report["new"] == sorted(k for k in dst.state_dict() if k.startswith("micro_embedder."))
@@ -76,31 +76,18 @@ def test_isotropic_positions_use_one_step_for_both_axes():
     assert torch.allclose(stretched[1, 4], square[2, 2], atol=1e-6)
 
 
-def test_centered_grid_and_position_jitter():
-    """pos_grid=centered: isotropic, about the square grid's centre (the same on square grids); a
-    per-sample offset of k tokens moves the grid by k steps, and zero offsets change nothing."""
+def test_shortside_positions_span_the_base_range_with_the_short_side_centred():
+    """pos_grid=shortside: one step for both axes, the short side spanning the base range, centred on
+    the square grid's centre (so PixArt's grid on square grids)."""
     from models.layers import sincos_2d
 
     square = sincos_2d(32, 8, 8, 8).view(8, 8, 32)
-    assert torch.equal(sincos_2d(32, 8, 8, 8, isotropic=True, centered=True), square.view(64, 32))
-    wide = sincos_2d(32, 4, 16, 8, isotropic=True, centered=True).view(4, 16, 32)
-    # step 1 on both axes; rows 0..3 sit at 2..5 and columns 0..15 at -4..11: centred on 3.5 like the 8x8 grid
-    assert torch.allclose(wide[0, 4], square[2, 0], atol=1e-6) and torch.allclose(wide[3, 11], square[5, 7], atol=1e-6)
-    # shortside: the short side spans the base range (step 2 here), centred: columns 0..15 at -12..18
-    short = sincos_2d(32, 4, 16, 8, isotropic=True, centered=True, short_side=True).view(4, 16, 32)
+    assert torch.equal(sincos_2d(32, 8, 8, 8, short_side=True), square.view(64, 32))
+    # 4x16 with base 8: step 2 on both axes, rows at 0..6, columns at -12..18 (centred on 3.5 like the 8x8 grid)
+    short = sincos_2d(32, 4, 16, 8, short_side=True).view(4, 16, 32)
     assert torch.allclose(short[1, 7], square[2, 2], atol=1e-6) and torch.allclose(short[3, 8], square[6, 4], atol=1e-6)
-    offset = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -2.0]])
-    jittered = sincos_2d(32, 8, 8, 8, offset=offset).view(3, 8, 8, 32)
-    assert torch.equal(jittered[0], square)
-    assert torch.allclose(jittered[1, :7], square[1:], atol=1e-6)  # one row down
-    assert torch.allclose(jittered[2, :, 2:], square[:, :6], atol=1e-6)  # two columns left
-
-    model = _random_mmdit()
-    g = torch.Generator().manual_seed(3)
-    x, text, mask = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g), torch.ones(2, 5, dtype=torch.bool)
-    t = torch.full((2,), 0.5)
-    assert torch.equal(model(x, t, text, mask, pos_offset=torch.zeros(2, 2)), model(x, t, text, mask))
-    assert not torch.allclose(model(x, t, text, mask, pos_offset=torch.ones(2, 2)), model(x, t, text, mask))
+    tall = sincos_2d(32, 16, 4, 8, short_side=True).view(16, 4, 32)
+    assert torch.allclose(tall[7, 1], square[2, 2], atol=1e-6)
 
 
 def test_2to3_keeps_every_weight_and_spans_the_old_positions():
@@ -259,6 +246,14 @@ def test_the_runner_rebuilds_an_init_whose_source_stage_trained_further(tmp_path
         run_demo(["--out", str(out), "--stages", "stage4"])
     (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4"}}))  # an init from before the field: as it is
     assert stale_init(init, previous, "ema") is None
+    # the position grid the stage asks for: the quick profile's stage 4 wants shortside, the quality one the default
+    from scripts.run_demo import transition_args
+
+    assert transition_args("stage4", ["experiment=quick_stage4"]) == ["--pos-grid", "shortside"]
+    assert transition_args("stage4", ["experiment=demo_stage4"]) == []
+    assert stale_init(init, previous, "ema", "shortside") == "pos_grid stretch"
+    (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4"}, "model_config": {"pos_grid": "shortside"}}))
+    assert stale_init(init, previous, "ema", "shortside") is None
 
 
 @pytest.mark.parametrize("profile", ["quick", "quality", "long"])

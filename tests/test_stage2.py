@@ -152,18 +152,3 @@ def test_missing_init_says_how_to_make_it(tmp_path, text_shapes_dir):
     with pytest.raises(ConfigError, match="does not exist. Make it from the previous stage's run with `python reparameterize.py"):
         train(compose(stage2_overrides(tmp_path, text_shapes_dir, **{"stage.init_from": str(tmp_path / "nope")}), "stage2"))
 
-
-def test_position_jitter_trains_resumes_exactly_and_needs_an_mmdit(tmp_path, shapes_dir, text_shapes_dir):
-    """train.pos_jitter draws its offsets from the step's generator: a resumed run ends at the same
-    weights, and the jitter does change training; a ccDiT (fixed grid) refuses it."""
-    jitter = {"train.pos_jitter": 2.0}
-    a = train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **jitter), "stage2"))
-    train(compose(stage2_overrides(tmp_path / "b", text_shapes_dir, **jitter, **{"train.max_steps": 3}), "stage2"))
-    b = train(compose(stage2_overrides(tmp_path / "b", text_shapes_dir, **jitter), "stage2"))
-    plain = train(compose(stage2_overrides(tmp_path / "plain", text_shapes_dir), "stage2"))
-    wa, wb, wp = (load_weights(s["checkpoint"], ema=True) for s in (a, b, plain))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
-    assert max((wa[k] - wp[k]).abs().max().item() for k in wa) > 1e-4
-    with pytest.raises(ConfigError, match="train.pos_jitter=2.0 shifts the mmDiT's position grid; the ccdit has a fixed one"):
-        train(compose(tiny_overrides(tmp_path / "cc", shapes_dir, **jitter)))

@@ -588,10 +588,6 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
     batches = iter(loader)
     scale, shift = float(manifest["scaling_factor"]), float(manifest["shift_factor"])
     use_autocast = autocast_enabled(cfg.precision, device)
-    pos_jitter = float(cfg.train.get("pos_jitter") or 0.0)
-    if pos_jitter and cfg.model.family != "mmdit":
-        raise ConfigError(f"train.pos_jitter={pos_jitter} shifts the mmDiT's position grid; the {cfg.model.family} has a fixed one. "
-                          "Set it to 0.")
     precision_ctx = lambda: fp8_context(cfg.precision.linear, cfg.precision.te_recipe)  # noqa: E731
     precision_ctx()  # an FP8 recipe this GPU can't run stops here, before training
 
@@ -678,8 +674,6 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
                 cond = conditioning.train_condition(batch, gen, tcfg.cond_dropout, device)  # with CFG dropout to null
                 t = sample_timesteps(x0.shape[0], tcfg.timestep.logit_mean, tcfg.timestep.logit_std, tcfg.timestep.shift, gen, device)
                 noise = torch.randn(x0.shape, generator=gen, device=device)
-                if pos_jitter:  # drawn last: runs without jitter draw exactly as before
-                    cond = {**cond, "pos_offset": (torch.rand(x0.shape[0], 2, generator=gen, device=device) * 2 - 1) * pos_jitter}
                 last_micro = micro == tcfg.grad_accum - 1
                 if use_fsdp:  # reduce-scatter only on the last micro-batch
                     model.set_requires_gradient_sync(last_micro)
