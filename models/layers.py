@@ -138,7 +138,8 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_
     uses one step for both axes too, the one that makes the short side span the
     base range, and centres the grid on the square grid's centre: sizes that
     scale with the short side (as the demo's shapes do) come out as on the square
-    grid, and the long axis runs past the base range equally at both ends. All
+    grid, and the long axis runs past the base range equally at both ends (it takes
+    precedence over ``isotropic``). All
     three are PixArt's grid on square grids. Token order is row-major (h, w); the
     first half of the channels encodes the column, the second the row, exactly as
     diffusers' ``get_2d_sincos_pos_embed``.

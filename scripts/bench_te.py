@@ -9,8 +9,10 @@ batches with the same AdamW: `bf16` is precision=torch (nn.Linear under bf16 aut
 recipe is precision=te (te.Linear under TE's FP8 autocast, inside the same bf16 autocast).
 The arms take turns, `--steps` timed steps each per round, and the table reports each arm's
 median step time over the rounds and its speed relative to bf16 taken round by round (median),
-so a slow spell on a shared machine hits every arm alike. Also: peak memory of one step per
-arm, and the loss each arm reached on the same batches (FP8 must train, not only run fast).
+so a slow spell on a shared machine hits every arm alike. Also: the memory one step of each arm
+needs on top of what is resident (every arm's weights and AdamW state stay on the GPU, so a
+plain peak would count the other arms too), and the loss each arm reached on the same batches
+(FP8 must train, not only run fast).
 Needs a Hopper or Blackwell GPU with TE. Prints a table and writes JSON (default bench/te.json).
 """
 from __future__ import annotations
@@ -88,15 +90,16 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         losses[name].append(loss.detach())
 
-    peak = {}
+    step_mem = {}
     for name in arms:
-        for i in range(args.warmup):
+        for i in range(args.warmup):  # the first step also creates the arm's AdamW state
             step(name, i)
         torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step(name, args.warmup)
         torch.cuda.synchronize()
-        peak[name] = torch.cuda.max_memory_allocated() / 2**30
+        step_mem[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
     times = {name: [] for name in arms}
     seed = 100
     for r in range(args.rounds):
@@ -111,10 +114,6 @@ def main(argv=None) -> dict:
         seed += args.steps
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in times.items()), flush=True)
 
-    profiles = {}
-    for name in arms if args.profile else ():
-        print(f"{name}:")
-        profiles[name] = profile(lambda s, name=name: step(name, s), args.profile)
     base = times["bf16"]
     rows = []
     for name in arms:
@@ -122,22 +121,29 @@ def main(argv=None) -> dict:
         speedup = statistics.median(b / a for a, b in zip(times[name], base))
         tail = torch.stack(losses[name][-args.steps:]).float().mean().item()
         rows.append({"arm": name, "step_ms_median": ms, "step_ms_rounds": [1e3 * v for v in times[name]],
-                     "img_per_s": n / (ms / 1e3), "speedup_vs_bf16": speedup, "peak_gib": peak[name],
+                     "img_per_s": n / (ms / 1e3), "speedup_vs_bf16": speedup, "step_memory_gib": step_mem[name],
                      "loss_last_round": tail, "loss_first": losses[name][0].item()})
+    profiles = {}  # after the losses are read: profiled steps train too
+    for name in arms if args.profile else ():
+        print(f"{name}:")
+        profiles[name] = profile(lambda s, name=name: step(name, s), args.profile)
+    weights_and_adam = sum(p.numel() * 4 * 3 for p in ref.parameters()) / 2**30  # fp32 weights + 2 AdamW moments, per arm
     print(f"\n{args.preset} ({count_parameters(ref) / 1e6:.0f}M params, block {args.block}), {(args.input_size // 2) ** 2} image tokens "
           f"+ {args.text_tokens} text tokens of width {args.caption_channels}, batch {n}, {torch.cuda.get_device_name()}")
-    print("| arm | step (median) | img/s | vs bf16 (median of rounds) | peak memory | loss, last round |")
+    print(f"(weights + AdamW state: {weights_and_adam:.1f} GiB per arm; 'step memory' is what one step needs on top)")
+    print("| arm | step (median) | img/s | vs bf16 (median of rounds) | step memory | loss, last round |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['step_ms_median']:.1f} ms | {r['img_per_s']:.0f} | {r['speedup_vs_bf16']:.3f}x | "
-              f"{r['peak_gib']:.1f} GiB | {r['loss_last_round']:.4f} |")
+              f"{r['step_memory_gib']:.1f} GiB | {r['loss_last_round']:.4f} |")
     import transformer_engine
 
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformer_engine": getattr(transformer_engine, "__version__", "?"), "preset": args.preset, "block": args.block,
               "params_M": count_parameters(ref) / 1e6, "latent": [args.channels, args.input_size, args.input_size],
               "text_tokens": args.text_tokens, "caption_channels": args.caption_channels, "batch": n,
-              "rounds": args.rounds, "steps_per_round": args.steps, "arms": rows, "profiles": profiles}
+              "rounds": args.rounds, "steps_per_round": args.steps, "weights_and_adam_gib_per_arm": weights_and_adam,
+              "arms": rows, "profiles": profiles}
     return write_json(record, args.out)
 
 
