@@ -295,3 +295,32 @@ def test_compiled_stage4_trains_across_bucket_shapes_like_eager(tmp_path):
     wa, wb = weights_of(eager["checkpoint"]), weights_of(compiled["checkpoint"])
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_runner_rebuilds_an_init_with_another_grid_through_reparameterize(tmp_path, monkeypatch):
+    """An existing stage-4 init built with stretch, while make demo's stage 4 asks for shortside and has not
+    trained yet: the runner rebuilds it with --pos-grid shortside --force, then trains from it."""
+    import scripts.run_demo as runner
+
+    out = tmp_path / "demo"
+    init, previous = out / "stage4_init", out / "stage3"
+    init.mkdir(parents=True), previous.mkdir()
+    (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4", "source_step": 150},
+                                                "model_config": {"pos_grid": "stretch"}}))
+    (previous / "summary.json").write_text(json.dumps({"step": 150}))
+    commands = []
+
+    def fake_run(cmd):
+        cmd = [str(c) for c in cmd]
+        commands.append(cmd)
+        if cmd[1].endswith("train_stage4.py"):
+            run_dir = Path(next(c.split("=", 1)[1] for c in cmd if c.startswith("run_dir=")))
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text(json.dumps({"step": 250, "final_loss": 0.1, "eval_caption_accuracy": 0.2}))
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert runner.main(["--out", str(out), "--stages", "stage4"]) == 0
+    reparam, train = commands
+    assert reparam[1].endswith("reparameterize.py") and reparam[2:4] == [str(previous), str(init)]
+    assert reparam[-3:] == ["--pos-grid", "shortside", "--force"]
+    assert train[1].endswith("train_stage4.py") and f"stage.init_from={init}" in train

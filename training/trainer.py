@@ -240,9 +240,12 @@ def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: di
         )
     changed = model_config_changes(meta, model_config)
     if changed:
+        grid = changed.get("pos_grid")
         raise ConfigError(
             f"stage.init_from={source} holds a different model (checkpoint, this run): {changed}. "
-            "Reparameterize it for this stage first (reparameterize.py) or fix the model config."
+            + (f"Rebuild it with reparameterize.py ... --pos-grid {grid[1]}, or set model.pos_grid={grid[0]}."
+               if grid and len(changed) == 1 else
+               "Reparameterize it for this stage first (reparameterize.py) or fix the model config.")
         )
     weights = ckpt.load_weights(source, ema=meta.get("has_ema", False))
     load_portable(model, weights)
