@@ -67,11 +67,10 @@ def main(argv=None) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from inference.pipeline import checkpoint_model
     from models.autoencoder import autoencoder_downsample
-    from models.linear import load_portable
-    from models.presets import build_model
     from models.reparam import ccdit_to_mmdit, mmdit_transition, sd3_shift
-    from training.checkpoint import FORMAT, CheckpointError, load_weights, read_meta
+    from training.checkpoint import FORMAT, CheckpointError, read_meta
 
     meta = read_meta(args.source)
     transition = TRANSITIONS.get(meta["stage"]) if args.transition == "auto" else args.transition
@@ -92,9 +91,7 @@ def main(argv=None) -> dict:
 
     use_ema = args.weights == "ema" and meta.get("has_ema", False)
     try:
-        # torch linears: the weights are the same for every precision.linear, and TE may be absent here
-        src = build_model(meta["family"], {**meta["model_config"], "linear_backend": "torch"})
-        load_portable(src, load_weights(args.source, ema=use_ema))
+        src = checkpoint_model(args.source, meta, use_ema)
     except CheckpointError as e:
         raise SystemExit(str(e)) from e
     ae = meta["autoencoder"]

@@ -113,19 +113,27 @@ def latent_shape_for(meta: dict, downsample: int, height: int, width: int,
     return c, height // downsample, width // downsample
 
 
+def checkpoint_model(ckpt_dir, meta: dict, use_ema: bool = True) -> nn.Module:
+    """The model a checkpoint (with its ``meta``) describes, its weights loaded: EMA when asked and saved.
+    Plain torch linears whatever precision.linear trained it: every backend keeps the same full-precision
+    weights, FP8 (te, mxfp8_emulated) is a training-time choice, and TE need not be installed here."""
+    from models.linear import load_portable
+    from models.presets import build_model
+    from training.checkpoint import load_weights
+
+    model = build_model(meta["family"], {**meta["model_config"], "linear_backend": "torch"})
+    load_portable(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
+    return model
+
+
 def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu"):
     """A checkpoint directory -> (model in eval mode, autoencoder, meta). Nothing else is needed:
     the checkpoint's meta.json names the model family, its full config and the autoencoder."""
     from models.autoencoder import load_autoencoder
-    from models.linear import load_portable
-    from models.presets import build_model
-    from training.checkpoint import load_weights, read_meta
+    from training.checkpoint import read_meta
 
     meta = read_meta(ckpt_dir)
-    # Plain torch linears whatever precision.linear trained it: every backend keeps the same full-precision
-    # weights, and FP8 (te, mxfp8_emulated) is a training-time choice.
-    model = build_model(meta["family"], {**meta["model_config"], "linear_backend": "torch"})
-    load_portable(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
+    model = checkpoint_model(ckpt_dir, meta, use_ema)
     ae = meta["autoencoder"]
     autoencoder = load_autoencoder(ae["name"], ae.get("subfolder"))
     if (autoencoder.scaling_factor, autoencoder.shift_factor) != (ae["scaling_factor"], ae["shift_factor"]):
