@@ -54,47 +54,58 @@ def run(cmd: list[str]) -> None:
     subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
 
 
-def finished_step(stage: str, overrides: list[str], run_dir: Path) -> int | None:
+def stage_config(stage: str, overrides: list[str]):
+    """The stage's composed Hydra config, as its training script will see it."""
+    from training.config import compose
+
+    return compose(stage, overrides)
+
+
+def finished_step(cfg, run_dir: Path) -> int | None:
     """The step a stage's run stopped at when it already reached the configured max_steps, else None."""
     summary = ROOT / run_dir / "summary.json"
     if not summary.is_file():
         return None
-    from training.config import compose
-
-    cfg = compose(stage, overrides)
     step = json.loads(summary.read_text()).get("step", -1)
     return step if step >= cfg.train.max_steps else None
 
 
-def transition_args(stage: str, overrides: list[str]) -> list[str]:
-    """reparameterize.py's arguments for the hand-off into ``stage``; 3to4 takes the position grid
-    the stage's config asks for (``model.pos_grid``; the quick profile's stage 4 sets shortside)."""
-    args = list(TRANSITION_ARGS[stage])
-    if stage == "stage4":
-        from training.config import compose
+def asked_grid(stage: str, cfg) -> str | None:
+    """The position grid 3to4 builds stage 4 with (``model.pos_grid``; the quick profile sets shortside);
+    None for the other hand-offs, which carry the previous stage's grid."""
+    grid = cfg.model.get("pos_grid") if stage == "stage4" else None
+    return str(grid) if grid else None
 
-        grid = compose(stage, overrides).model.get("pos_grid")
-        if grid:
-            args += ["--pos-grid", str(grid)]
-    return args
+
+def transition_args(stage: str, cfg) -> list[str]:
+    """reparameterize.py's arguments for the hand-off into ``stage``."""
+    grid = asked_grid(stage, cfg)
+    return [*TRANSITION_ARGS[stage], *(["--pos-grid", grid] if grid else [])]
+
+
+def _built_grid(meta: dict) -> str:
+    return meta.get("model_config", {}).get("pos_grid") or "stretch"  # absent in older checkpoints: the default
 
 
 def stale_init(init: Path, previous: Path, weights: str, pos_grid: str | None = None) -> str | None:
     """What an existing <stage>_init was built from, when that is no longer the previous stage's final
     checkpoint (the previous stage trained further, or other weights or another position grid were
-    asked for); else None."""
+    asked for); else None. An init that carries the grid (every hand-off but 3to4, which builds the
+    one asked for) must hold the grid of the previous stage's final checkpoint: a stage 4 retrained
+    with another grid makes stage5_init stale."""
     meta_path, summary_path = ROOT / init / "meta.json", ROOT / previous / "summary.json"
     if not meta_path.is_file() or not summary_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    built_grid = meta.get("model_config", {}).get("pos_grid", "stretch")
-    if pos_grid and built_grid != pos_grid:
-        return f"pos_grid {built_grid}"
+    meta, summary = json.loads(meta_path.read_text()), json.loads(summary_path.read_text())
     built = meta.get("init", {})
+    if pos_grid is None and built.get("transition") != "3to4" and summary.get("checkpoint"):
+        source_meta = ROOT / summary["checkpoint"] / "meta.json"
+        pos_grid = _built_grid(json.loads(source_meta.read_text())) if source_meta.is_file() else None
+    if pos_grid and _built_grid(meta) != pos_grid:
+        return f"pos_grid {_built_grid(meta)}"
     report = ROOT / init / "report.json"
     built_weights = json.loads(report.read_text()).get("weights", weights) if report.is_file() else weights
-    step = json.loads(summary_path.read_text()).get("step")
-    if "source_step" not in built or (built["source_step"] == step and built_weights == weights):
+    if "source_step" not in built or (built["source_step"] == summary.get("step") and built_weights == weights):
         return None  # (an init from before the field existed is taken as it is)
     return f"{built_weights} weights of step {built.get('source_step')}"
 
@@ -128,7 +139,8 @@ def main(argv=None) -> int:
         mine = [o.split(":", 1)[1] if o.startswith(f"{stage}:") else o for o in args.overrides
                 if ":" not in o.split("=", 1)[0] or o.startswith(f"{stage}:")]
         command = [f"experiment={experiments[stage]}", f"run_dir={run_dir}"]
-        done = finished_step(stage, [*command, *mine], run_dir)
+        cfg = stage_config(stage, [*command, *mine])
+        done = finished_step(cfg, run_dir)
         if done is not None:
             print(f"\n=== {stage}: finished earlier at step {done} ({run_dir}/summary.json); nothing to train", flush=True)
             continue
@@ -137,9 +149,7 @@ def main(argv=None) -> int:
         if stage != "stage1":  # start from the previous stage through reparameterize.py (once)
             init = out / f"{stage}_init"
             previous = out / STAGES[STAGES.index(stage) - 1]
-            reparam_args = transition_args(stage, [*command, *mine])
-            grid = reparam_args[reparam_args.index("--pos-grid") + 1] if "--pos-grid" in reparam_args else None
-            stale = stale_init(init, previous, args.weights, grid)
+            stale = stale_init(init, previous, args.weights, asked_grid(stage, cfg))
             if stale and (ROOT / run_dir / "checkpoints").is_dir():
                 raise SystemExit(f"{init} was built from {stale}, which is no longer what {stage} starts from ({previous} has "
                                  f"moved on, or other weights or another position grid are asked for), and {run_dir} has already "
@@ -148,7 +158,8 @@ def main(argv=None) -> int:
             if stale or not (ROOT / init / "meta.json").is_file():
                 if stale:
                     print(f"\n=== {init} was built from {stale}; rebuilding it from {previous}", flush=True)
-                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights, *reparam_args, "--force"])
+                run([sys.executable, ROOT / "reparameterize.py", previous, init, "--weights", args.weights,
+                     *transition_args(stage, cfg), "--force"])
             extra = [f"stage.init_from={init}"]
         run([sys.executable, ROOT / f"train_{stage}.py", *command, *extra, *mine])
         summary = json.loads((ROOT / run_dir / "summary.json").read_text())

@@ -247,13 +247,24 @@ def test_the_runner_rebuilds_an_init_whose_source_stage_trained_further(tmp_path
     (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4"}}))  # an init from before the field: as it is
     assert stale_init(init, previous, "ema") is None
     # the position grid the stage asks for: the quick profile's stage 4 wants shortside, the quality one the default
-    from scripts.run_demo import transition_args
+    from scripts.run_demo import stage_config, transition_args
 
-    assert transition_args("stage4", ["experiment=quick_stage4"]) == ["--pos-grid", "shortside"]
-    assert transition_args("stage4", ["experiment=demo_stage4"]) == []
+    assert transition_args("stage4", stage_config("stage4", ["experiment=quick_stage4"])) == ["--pos-grid", "shortside"]
+    assert transition_args("stage4", stage_config("stage4", ["experiment=demo_stage4"])) == []
+    assert transition_args("stage5", stage_config("stage5", ["experiment=quick_stage5"])) == []
     assert stale_init(init, previous, "ema", "shortside") == "pos_grid stretch"
     (init / "meta.json").write_text(json.dumps({"init": {"transition": "3to4"}, "model_config": {"pos_grid": "shortside"}}))
     assert stale_init(init, previous, "ema", "shortside") is None
+    # 4to5 carries stage 4's grid: a stage 4 retrained with another grid to the same step makes stage5_init stale
+    init5, stage4_ckpt = out / "stage5_init", out / "stage4" / "checkpoints" / "step_0000900"
+    init5.mkdir(), stage4_ckpt.mkdir()
+    (init5 / "meta.json").write_text(json.dumps({"init": {"transition": "4to5", "source_step": 900},
+                                                 "model_config": {"pos_grid": "shortside"}}))
+    (out / "stage4" / "summary.json").write_text(json.dumps({"step": 900, "checkpoint": str(stage4_ckpt)}))
+    (stage4_ckpt / "meta.json").write_text(json.dumps({"model_config": {"pos_grid": "shortside"}}))
+    assert stale_init(init5, out / "stage4", "ema") is None
+    (stage4_ckpt / "meta.json").write_text(json.dumps({"model_config": {"pos_grid": "stretch"}}))
+    assert stale_init(init5, out / "stage4", "ema") == "pos_grid shortside"
 
 
 @pytest.mark.parametrize("profile", ["quick", "quality", "long"])
