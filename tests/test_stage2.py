@@ -153,7 +153,6 @@ def test_missing_init_says_how_to_make_it(tmp_path, text_shapes_dir):
         train(compose(stage2_overrides(tmp_path, text_shapes_dir, **{"stage.init_from": str(tmp_path / "nope")}), "stage2"))
 
 
-
 def test_init_from_a_checkpoint_with_another_position_grid_names_the_fix(tmp_path, text_shapes_dir):
     first = train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **{"train.max_steps": 2}), "stage2"))
     with pytest.raises(ConfigError, match=r"pos_grid.*--pos-grid shortside, or set model.pos_grid=stretch"):
