@@ -19,7 +19,8 @@ throughput, 20 Euler steps with CFG, ours (flow.sampling) vs the diffusers model
 FlowMatchEulerDiscreteScheduler, in alternating pairs.
 The kernel floor, timed in every pair: one step's matrix products and attention kernels
 replayed alone, plus AdamW's step (``kernel_floor``). No implementation of this model with
-this optimizer steps faster, so diffusers' step over it is the most any could gain.
+this optimizer steps faster with PyTorch's kernels, so diffusers' step over it is about the
+most any could gain (the README: ~1% more with oneDNN's forward GEMMs).
 Each timing follows one untimed step of the same model (`--settle-steps`): the first
 step after the other model's pays for that model's footprint in the caches and the heap
 (measured: diffusers' step took 9% longer straight after ours, with 4x the page
@@ -152,18 +153,19 @@ def model_flops(ours) -> float:
 def kernel_floor(ours):
     """A callable replaying the matrix products and attention kernels of one training step of
     ``ours`` (eager), and AdamW's step: the work any implementation of this model must do with
-    the benchmark's optimizer. Its time bounds the ratio from above: no implementation's step
-    is faster than its own kernels, so diffusers' step / this is the most ``ours`` could reach.
+    the benchmark's optimizer. With PyTorch's kernels no step is faster than its own kernels, so
+    diffusers' step / this bounds what ``ours`` could reach (the README: oneDNN's forward GEMMs
+    would lower it by ~1%).
 
     Recorded with a TorchDispatchMode (forward and backward): every aten mm / addmm / bmm /
     baddbmm / convolution and CPU flash attention (forward, backward) with its arguments' shapes
-    and strides.
-    Replayed on tensors of those layouts filled with N(0, 1), one set per distinct call (the
-    blocks' identical calls share theirs, so inputs are as warm in the caches as they can be:
-    measured 2-5% faster than fresh tensors for every call). addmm replays as mm: its bias could
-    be added in a pass the step makes anyway, so the floor leaves it out. Flash attention's backward gets the output and log-sum-exp of a forward
-    on its own inputs (random ones would overflow). AdamW steps on a copy of the parameters with
-    random gradients (its state allocated by one untimed step first)."""
+    and strides. Replayed on tensors of those layouts filled with N(0, 1), one set per distinct
+    call (the blocks' identical calls share theirs, so inputs are as warm in the caches as they
+    can be: measured 2-5% faster than fresh tensors for every call). addmm replays as mm: its
+    bias could be added in a pass the step makes anyway, so the floor leaves it out. Flash
+    attention's backward gets the output and log-sum-exp of a forward on its own inputs (random
+    ones would overflow). AdamW steps on a copy of the parameters with random gradients (its
+    state allocated by one untimed step first; ``floor.optimizer``)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -216,6 +218,7 @@ def kernel_floor(ours):
             func(*args, **kwargs)
         opt.step()
 
+    floor.optimizer = opt
     floor.counts = {str(f.overloadpacket.__name__): sum(1 for g, _, _ in calls if g is f) for f in shared if any(g is f for g, _, _ in calls)}
     return floor
 

@@ -31,7 +31,10 @@ def test_kernel_floor_replays_every_flop_of_the_step(tiny_bench):
     assert floor.counts["_scaled_dot_product_flash_attention_for_cpu"] == 2 * blocks  # self- and cross-attention
     assert floor.counts["_scaled_dot_product_flash_attention_for_cpu_backward"] == 2 * blocks
     # it also steps AdamW: on its own copy of the parameters, leaving the model's alone
-    before = [p.detach().clone() for p in ours.parameters()]
+    copies = [p for group in floor.optimizer.param_groups for p in group["params"]]
+    assert len(copies) == len(list(ours.parameters()))
+    before, copies_before = [p.detach().clone() for p in ours.parameters()], [p.detach().clone() for p in copies]
     floor()
     assert all(torch.equal(a, p) for a, p in zip(before, ours.parameters()))
     assert all(p.grad is None for p in ours.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(copies_before, copies))
