@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -140,13 +141,20 @@ def gemm_timer():
     return lambda: 2 * 2048**3 / min(timed(lambda: a @ b, 1) for _ in range(3))
 
 
+def backward_once(ours, mode) -> None:
+    """One forward + backward of ``ours`` on the benchmark's inputs under ``mode`` (a dispatch
+    mode that watches it), gradients dropped after."""
+    x, t, text, mask, target = inputs()
+    with mode:
+        (ours(x, t, text, mask) - target).square().mean().backward()
+    ours.zero_grad(set_to_none=True)
+
+
 def model_flops(ours) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    x, t, text, mask, target = inputs()
-    with FlopCounterMode(display=False) as fc:
-        (ours(x, t, text, mask) - target).square().mean().backward()
-    ours.zero_grad(set_to_none=True)
+    fc = FlopCounterMode(display=False)
+    backward_once(ours, fc)
     return float(fc.get_total_flops())
 
 
@@ -184,17 +192,14 @@ def kernel_floor(ours):
                 calls.append((func, [layout(a) for a in args], {k: layout(v) for k, v in (kwargs or {}).items()}))
             return func(*args, **(kwargs or {}))
 
-    x, t, text, mask, target = inputs()
-    with Record():
-        (ours(x, t, text, mask) - target).square().mean().backward()
-    ours.zero_grad(set_to_none=True)
+    backward_once(ours, Record())
 
     def make(a):
         if isinstance(a, tuple) and a and a[0] == "T":
             return torch.empty_strided(a[1], a[2], dtype=a[3]).normal_()
         return a
 
-    materialized = {}  # one set of tensors per distinct call: the same block's calls reuse them
+    materialized, replay = {}, []  # one set of tensors per distinct call: the same block's calls reuse them
     for func, args, kwargs in calls:
         key = repr((func, args, sorted(kwargs.items())))
         if key not in materialized:
@@ -206,7 +211,7 @@ def kernel_floor(ours):
                 args[4], args[5] = args[4].copy_(out), args[5].copy_(lse)
                 args[0].mul_(1e-3)
             materialized[key] = (func, args, kwargs)
-    replay = [materialized[repr((func, args, sorted(kwargs.items())))] for func, args, kwargs in calls]
+        replay.append(materialized[key])
     params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -219,7 +224,7 @@ def kernel_floor(ours):
         opt.step()
 
     floor.optimizer = opt
-    floor.counts = {str(f.overloadpacket.__name__): sum(1 for g, _, _ in calls if g is f) for f in shared if any(g is f for g, _, _ in calls)}
+    floor.counts = dict(Counter(func.overloadpacket.__name__ for func, _, _ in calls))
     return floor
 
 
