@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
+from dataclasses import asdict
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TRANSITIONS = {"stage1": "1to2", "stage2": "2to3", "stage3": "3to4", "stage4": "4to5"}
 NEXT = {"1to2": 2, "2to3": 3, "3to4": 4, "4to5": 5}
@@ -65,14 +62,15 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import torch
-    from safetensors.torch import save_file
 
-    from inference.pipeline import checkpoint_model
     from models.autoencoder import autoencoder_downsample
+    from models.checkpoint import CheckpointError, checkpoint_meta, checkpoint_model, read_meta, write_checkpoint
     from models.reparam import ccdit_to_mmdit, mmdit_transition, sd3_shift
-    from training.checkpoint import FORMAT, CheckpointError, read_meta
 
-    meta = read_meta(args.source)
+    try:
+        meta = read_meta(args.source)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from e
     transition = TRANSITIONS.get(meta["stage"]) if args.transition == "auto" else args.transition
     if transition is None:
         raise SystemExit(f"{args.source} is a {meta['stage']} checkpoint; no transition starts there (known: {TRANSITIONS})")
@@ -130,36 +128,16 @@ def main(argv=None) -> dict:
     report.update(transition=transition, source=str(Path(args.source).resolve()), weights="ema" if use_ema else "raw",
                   relative_error_by_t=errors)
 
-    from dataclasses import asdict
-
     stage = NEXT[transition]
-    new_meta = {
-        "format": FORMAT,
-        "stage": f"stage{stage}",
-        "stage_index": stage,
-        "kind": "init",
-        "family": "mmdit",
-        "preset": meta["preset"],
-        "model_config": asdict(model.config),
-        "step": 0,
-        "has_ema": False,
-        "code_revision": meta.get("code_revision"),
-        "autoencoder": meta["autoencoder"],
-        "conditioning": ({"type": "text", "caption_channels": args.caption_channels} if transition == "1to2"
-                         else meta["conditioning"]),
-        "sampling": sampling,
-        "init": {"transition": transition, "source": report["source"], "source_step": meta["step"],
-                 **({"t_ref": args.t_ref} if transition == "1to2" else {})},
-    }
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    (tmp / "meta.json").write_text(json.dumps(new_meta, indent=2))
-    (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    new_meta = checkpoint_meta(
+        stage=f"stage{stage}", stage_index=stage, family="mmdit", preset=meta["preset"], model_config=asdict(model.config),
+        autoencoder=meta["autoencoder"],
+        conditioning=({"type": "text", "caption_channels": args.caption_channels} if transition == "1to2" else meta["conditioning"]),
+        sampling=sampling, kind="init", step=0, code_revision=meta.get("code_revision"),  # the code that trained these weights
+        init={"transition": transition, "source": report["source"], "source_step": meta["step"],
+              **({"t_ref": args.t_ref} if transition == "1to2" else {})},
+    )
+    write_checkpoint(out, new_meta, model, files={"report.json": json.dumps(report, indent=2)})
     print(f"{transition}: {len(report['copied'])} tensors copied, {len(report['folded'])} folded, {len(report['new'])} new"
           + (f"; config {report['config_changes']}" if report.get("config_changes") else "")
           + (f"; timestep shift {report['shift'][0]} -> {report['shift'][1]:.3f}" if "shift" in report else ""))

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MAX_STEPS, MAX_BATCH, MAX_SIDE_FACTOR = 1000, 64, 4
 DISPLAY = 256  # samples are shown upscaled (nearest) to about this many pixels
@@ -68,20 +65,20 @@ class Sampler:
     """Checkpoints (cached by path and weights) -> images, for the UI and its tests."""
 
     def __init__(self):
-        self._cache: dict[tuple[str, str], tuple] = {}
+        self._cache: dict[tuple[str, str], Any] = {}
 
     def load(self, path: str, weights: str = "ema"):
-        from inference.pipeline import load_model
-        from training.checkpoint import resolve
+        """The checkpoint's Pipeline (inference/pipeline.py); UserError when it cannot be used."""
+        from inference.pipeline import Pipeline
+        from models.checkpoint import resolve
 
         if not path:
             raise UserError("no checkpoint chosen")
-        ckpt = resolve(path)
-        key = (str(ckpt), weights)
+        key = (str(resolve(path)), weights)
         if key not in self._cache:
             try:
-                self._cache[key] = load_model(ckpt, use_ema=weights == "ema")
-            except Exception as e:  # missing, truncated, pickled, another project's: say so, keep serving
+                self._cache[key] = Pipeline.load(key[0], use_ema=weights == "ema")
+            except Exception as e:  # missing, truncated, pickled, another project's, an init without an encoder: say so, keep serving
                 raise UserError(f"cannot load checkpoint {path}: {e}") from e
             if len(self._cache) > 4:
                 self._cache.pop(next(iter(self._cache)))
@@ -89,21 +86,20 @@ class Sampler:
 
     def info(self, path: str) -> str:
         from models.presets import count_parameters
-        from training.checkpoint import resolve
 
-        model, _, meta = self.load(path)
+        pipe = self.load(path)
+        meta, s = pipe.meta, pipe.defaults()
         cond = meta["conditioning"]
         lines = [
             f"**{meta['stage']}** · step {meta['step']} · {meta['family']} `{meta['preset']}` · "
-            f"{count_parameters(model) / 1e6:.2f}M parameters · EMA {'yes' if meta.get('has_ema') else 'no'}",
+            f"{count_parameters(pipe.model) / 1e6:.2f}M parameters · EMA {'yes' if meta.get('has_ema') else 'no'}",
             f"conditioning: {cond['type']}"
-            + (f" ({cond['num_classes']} classes)" if cond["type"] == "class" else f" ({cond['text_encoder']['name']}, "
+            + (f" ({cond['num_classes']} classes)" if "num_classes" in cond else f" ({cond['text_encoder']['name']}, "
                f"{cond['text_encoder']['max_length']} tokens)"),
-            f"latent {tuple(self.latent(meta))} · autoencoder {meta['autoencoder']['name']} · "
-            f"sampling defaults: {meta['sampling']['steps']} {meta['sampling']['solver']} steps, CFG {meta['sampling']['cfg_scale']}, "
-            f"shift {meta['sampling']['shift']}",
+            f"latent {tuple(pipe.latent_shape())} · autoencoder {meta['autoencoder']['name']} · "
+            f"sampling defaults: {s.steps} {s.solver} steps, CFG {s.cfg_scale}, shift {s.shift}",
         ]
-        config = resolve(path) / "config.yaml"
+        config = pipe.path / "config.yaml"
         if config.is_file():
             from omegaconf import OmegaConf
 
@@ -113,36 +109,29 @@ class Sampler:
                          f"lr {t.get('lr')} · max steps {t.get('max_steps')} · precision {c.get('precision', {}).get('linear')}")
         return "  \n".join(lines)
 
-    @staticmethod
-    def latent(meta: dict) -> tuple[int, int, int]:
-        from inference.pipeline import latent_shape
-
-        return latent_shape(meta)
-
-    def choices(self, path: str) -> tuple[str, list[str]]:
-        """(conditioning type, class names) of a checkpoint."""
-        _, _, meta = self.load(path)
-        cond = meta["conditioning"]
-        names = cond.get("class_names") or [str(i) for i in range(cond.get("num_classes", 0))]
-        return cond["type"], names if cond["type"] == "class" else []
+    def choices(self, path: str) -> list[str] | None:
+        """The classes to pick from, or None for a checkpoint that takes free text."""
+        return self.load(path).conditioning.choices()
 
     def sample(self, path: str, weights: str = "ema", condition: str = "", negative_prompt: str = "", cfg_scale: Any = None,
                steps: Any = None, solver: str | None = None, shift: Any = None, seed: Any = 0, batch: Any = 4,
                height: Any = None, width: Any = None, trajectory: bool = False):
         """-> (images (N, H, W, 3) uint8, trajectory strip uint8 or None, record of every setting)."""
+        import warnings
+
         import torch
 
         from flow.sampling import SOLVERS
+        from inference.conditioning import ConditioningError
         from inference.images import make_grid, to_uint8
-        from inference.pipeline import SampleSettings, generate, latent_shape_for, prompt_conditions
 
-        model, ae, meta = self.load(path, weights)
-        d = meta["sampling"]
-        settings = SampleSettings(
-            steps=_int(d["steps"] if steps in (None, "") else steps, "steps", 1, MAX_STEPS),
-            cfg_scale=_float(d["cfg_scale"] if cfg_scale in (None, "") else cfg_scale, "CFG scale", 0.0, 100.0),
-            solver=solver or d["solver"],
-            shift=_float(d["shift"] if shift in (None, "") else shift, "shift", 0.01, 100.0),
+        pipe = self.load(path, weights)
+        d = pipe.defaults()
+        settings = pipe.defaults(
+            steps=_int(d.steps if steps in (None, "") else steps, "steps", 1, MAX_STEPS),
+            cfg_scale=_float(d.cfg_scale if cfg_scale in (None, "") else cfg_scale, "CFG scale", 0.0, 100.0),
+            solver=solver or None,
+            shift=_float(d.shift if shift in (None, "") else shift, "shift", 0.01, 100.0),
             seed=_int(seed, "seed", 0, 2**63 - 1),
         )
         if settings.solver not in SOLVERS:
@@ -150,42 +139,25 @@ class Sampler:
         if trajectory and settings.solver != "euler":
             raise UserError("the denoising strip needs the euler solver")
         n = _int(batch, "batch", 1, MAX_BATCH)
-        _, gh, gw = self.latent(meta)
-        down = int(getattr(ae, "downsample", 1))
-        h = _int(gh * down if height in (None, "") else height, "height", 1, 10**5)
-        w = _int(gw * down if width in (None, "") else width, "width", 1, 10**5)
+        _, gh, gw = pipe.latent_shape()
+        h = _int(gh * pipe.downsample if height in (None, "") else height, "height", 1, 10**5)
+        w = _int(gw * pipe.downsample if width in (None, "") else width, "width", 1, 10**5)
         try:
-            shape = latent_shape_for(meta, down, h, w, MAX_SIDE_FACTOR)
-        except ValueError as e:
+            shape = pipe.latent_shape(h, w, MAX_SIDE_FACTOR)
+            [value] = pipe.conditioning.parse([str(condition)])
+        except (ValueError, ConditioningError) as e:
             raise UserError(str(e)) from None
-        cond = meta["conditioning"]
-        from training.checkpoint import resolve
-
-        record: dict[str, Any] = {"checkpoint": str(resolve(path)), "stage": meta["stage"], "step": meta["step"], "weights": weights}
-        if cond["type"] == "class":
-            names = cond.get("class_names") or []
-            raw = str(condition).strip()
-            if raw in names:  # a class name first (names may contain underscores or be digits)
-                label = names.index(raw)
-            elif raw.replace("_", " ") in names:
-                label = names.index(raw.replace("_", " "))
-            elif raw.isdigit() and int(raw) < cond["num_classes"]:
-                label = int(raw)
-            else:
-                raise UserError(f"this is a class-conditional ({meta['stage']}) checkpoint: pick a class "
-                                f"({', '.join(names[:4])}, ...), not {condition!r}")
-            labels = torch.full((n,), label)
-            cnd, unc = labels, torch.full_like(labels, cond["num_classes"])
-            record.update(class_id=label, class_name=names[label] if names else None)
+        meta, text = pipe.meta, pipe.conditioning.choices() is None
+        record: dict[str, Any] = {"checkpoint": str(pipe.path), "stage": meta["stage"], "step": meta["step"], "weights": weights}
+        if text:
+            record.update(prompt=value, negative_prompt=str(negative_prompt or ""))
         else:
-            import warnings
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                cnd, unc = prompt_conditions(meta, [str(condition)] * n, str(negative_prompt or ""))
-            record.update(prompt=str(condition), negative_prompt=str(negative_prompt or ""))
+            record.update(class_id=value, class_name=pipe.conditioning.describe(value) if pipe.conditioning.class_names else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = pipe([value] * n, settings, negative=str(negative_prompt or ""), shape=shape, return_trajectory=trajectory)
+        if text:
             record["warnings"] = [str(x.message) for x in caught if "truncated" in str(x.message)]
-        out = generate(model, ae, cnd, unc, shape, settings, return_trajectory=trajectory)
         images, traj = out if trajectory else (out, None)
         record.update(settings.to_dict(), batch=n, height=h, width=w)
         strip = None
@@ -209,26 +181,29 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
 
     sampler = sampler or Sampler()
     first = checkpoints[0] if checkpoints else None
-    kind, classes = "class", []
+    classes = []
     try:
         if first:
-            kind, classes = sampler.choices(first)
+            classes = sampler.choices(first)
             first_info = first_info or sampler.info(first)
     except UserError as e:  # a broken first checkpoint: say so, the others stay pickable
         first_info = f"⚠️ {e}"
+    text = classes is None  # free text: a prompt box instead of the class picker
 
     def on_pick(path):
         try:
-            kind, classes = sampler.choices(path)
-            return (sampler.info(path), gr.update(choices=classes, value=classes[0] if classes else None, visible=kind == "class"),
-                    gr.update(visible=kind == "text"), gr.update(visible=kind == "text"), "")
+            classes = sampler.choices(path)
+            return (sampler.info(path), gr.update(choices=classes or [], value=classes[0] if classes else None, visible=classes is not None),
+                    gr.update(visible=classes is None), gr.update(visible=classes is None), "")
         except UserError as e:
-            return "", gr.update(), gr.update(), gr.update(), f"⚠️ {e}"
+            return f"⚠️ {e}", gr.update(), gr.update(), gr.update(), f"⚠️ {e}"
+
+    def condition(path, klass, prompt):
+        return prompt if sampler.choices(path) is None else klass
 
     def run(path, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory):
         try:
-            kind, _ = sampler.choices(path)
-            images, strip, record = sampler.sample(path, weights, klass if kind == "class" else prompt, negative, cfg, steps,
+            images, strip, record = sampler.sample(path, weights, condition(path, klass, prompt), negative, cfg, steps,
                                                    solver, shift, seed, batch, height, width, trajectory)
             note = "; ".join(record.get("warnings", [])) or f"{len(images)} samples, seed {record['seed']}"
             return _display(images), strip, record, note
@@ -241,8 +216,7 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
         outs = []
         for path, weights in ((path_a, weights_a), (path_b, weights_b)):
             try:
-                kind, _ = sampler.choices(path)
-                images, _, record = sampler.sample(path, weights, klass if kind == "class" else prompt, negative, cfg, steps,
+                images, _, record = sampler.sample(path, weights, condition(path, klass, prompt), negative, cfg, steps,
                                                    solver, shift, seed, batch)
                 outs += [_display(images), f"{record['stage']} step {record['step']} ({weights})"]
             except UserError as e:
@@ -256,10 +230,10 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
             weights = gr.Radio(["ema", "raw"], value="ema", label="weights", scale=1)
         info = gr.Markdown(first_info or "no checkpoint found")
         with gr.Row():
-            klass = gr.Dropdown(classes, value=classes[0] if classes else None, label="class", visible=kind == "class",
+            klass = gr.Dropdown(classes or [], value=classes[0] if classes else None, label="class", visible=not text,
                                 allow_custom_value=True)
-            prompt = gr.Textbox(label="prompt", visible=kind == "text", value="")
-            negative = gr.Textbox(label="negative prompt (empty = the null condition)", visible=kind == "text", value="")
+            prompt = gr.Textbox(label="prompt", visible=text, value="")
+            negative = gr.Textbox(label="negative prompt (empty = the null condition)", visible=text, value="")
         with gr.Row():
             cfg = gr.Textbox(label="CFG scale", value="")
             steps = gr.Textbox(label="steps", value="")

@@ -114,3 +114,36 @@ def attribute_accuracy(images, attributes: list[dict[str, str]]) -> dict[str, fl
         hits["all"] += all(ok)
     n = max(len(attributes), 1)
     return {k: v / n for k, v in hits.items()}
+
+
+class ShapesEvaluator:
+    """Scores images of the shapes demo against what each should show, given in words: a class name
+    ("red circle") or a caption ("a small red circle on a black background"). Returns 'all' (every
+    named attribute right) and per-attribute accuracy."""
+
+    name = "shapes"
+
+    @staticmethod
+    def targets(descriptions: list[str]) -> list[dict[str, str]]:
+        from data.shapes import parse_caption
+
+        targets = [parse_caption(d) for d in descriptions]
+        unreadable = [d for d, t in zip(descriptions, targets) if "shape" not in t or "colour" not in t]
+        if unreadable:
+            raise ValueError(f"the shapes evaluator reads a shape and a colour from each description; these name none: {unreadable[:3]}")
+        return targets
+
+    def score(self, images, descriptions: list[str]) -> dict[str, float]:
+        return attribute_accuracy(images, self.targets(descriptions))
+
+
+EVALUATORS = {"shapes": ShapesEvaluator}
+
+
+def make_evaluator(name: str | None):
+    """The evaluator a data config names (``data.evaluator``); None: sample grids only."""
+    if name is None:
+        return None
+    if name not in EVALUATORS:
+        raise ValueError(f"data.evaluator={name!r}: expected one of {sorted(EVALUATORS)} or null (grids only)")
+    return EVALUATORS[name]()

@@ -278,8 +278,7 @@ class Preparer:
         self.ae = load_autoencoder(args.autoencoder, args.autoencoder_subfolder).to(self.device)
         self.text = None
         if args.text_encoder:
-            from data.text_embeddings import CachedEncoder
-            from models.text_encoder import TextEncoder
+            from models.text_encoder import CachedEncoder, TextEncoder
 
             self.text = CachedEncoder(TextEncoder(args.text_encoder, max_length=args.max_length).to(self.device))
         self.captioner = make_captioner(args.captioner, args)
@@ -310,11 +309,12 @@ class Preparer:
 
     def run_unit(self, u: int, items: list[Item], out: Path) -> dict:
         """Turn one unit of inputs into one shard, atomically. Returns the unit's summary."""
-        from data.shards import _add_member, _npy_bytes, atomic_write_text
+        from data.shards import add_member, npy_bytes
+        from models.atomic import AtomicFile, atomic_write_text
 
         a = self.args
         name = UNIT_FORMAT.format(u)
-        tmp = out / f".{name}.tar.tmp"
+        shard = AtomicFile(out / f"{name}.tar", tmp=out / f".{name}.tar.tmp")
         skipped, ready = [], []
         for item in items:
             try:
@@ -349,34 +349,23 @@ class Preparer:
                 chunk = idx[j : j + a.batch_size]
                 for i, z in zip(chunk, self.encode([to_tensor(ready[i][1]) for i in chunk])):
                     latents[i] = z
-        with tarfile.open(tmp, "w") as tar:
+        with tarfile.open(shard.tmp, "w") as tar:
             for i, ((item, _, meta), caps, z) in enumerate(zip(ready, captions, latents)):
                 meta = {**meta, "source": item.source, "captions": caps, "caption": caps.get("long", next(iter(caps.values()), "")),
                         **({"label": item.label} if item.label is not None else {}), **item.extra}
-                _add_member(tar, f"{item.key}.latent.npy", _npy_bytes(z))
-                _add_member(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                add_member(tar, f"{item.key}.latent.npy", npy_bytes(z))
+                add_member(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
                 if self.text is not None:
                     for cname in caps:
-                        _add_member(tar, f"{item.key}.text_{cname}.npy", _npy_bytes(embeddings[(i, cname)]))
+                        add_member(tar, f"{item.key}.text_{cname}.npy", npy_bytes(embeddings[(i, cname)]))
                 samples.append(meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _fault_injection_pause()
-        os.replace(tmp, out / f"{name}.tar")
+        shard.commit()
         buckets = {f"{h}x{w}": len(v) for (h, w), v in sorted(by_bucket.items())}
         summary = {"name": f"{name}.tar", "num_samples": len(samples), "inputs": len(items), "skipped": skipped, "buckets": buckets,
                    "caption_names": sorted({k for s in samples for k in s["captions"]}),
                    "latent_shapes": sorted({tuple(z.shape) for z in latents if z is not None})}
         atomic_write_text(out / f"{name}.json", json.dumps(summary, indent=1))
         return summary
-
-
-def _fault_injection_pause() -> None:
-    """Tests only: FLOWDIT_PREPARE_UNIT_PAUSE=seconds holds each unit just before its rename, so a
-    test can kill the run with a half-written shard on disk."""
-    pause = float(os.environ.get("FLOWDIT_PREPARE_UNIT_PAUSE", "0") or 0)
-    if pause:
-        time.sleep(pause)
 
 
 def unit_done(out: Path, u: int) -> bool:
@@ -386,7 +375,8 @@ def unit_done(out: Path, u: int) -> bool:
 
 def write_manifest(out: Path, units: int, fields: dict) -> dict | None:
     """Once every unit is done (by any worker), the manifest: idempotent, same content whoever writes it."""
-    from data.shards import FORMAT, MANIFEST, atomic_write_text
+    from data.shards import FORMAT, MANIFEST
+    from models.atomic import atomic_write_text
 
     if not all(unit_done(out, u) for u in range(units)):
         return None
@@ -468,7 +458,7 @@ def main(argv=None) -> dict:
         "held_out_captions": [],
     }
     if prep.text is not None:
-        from data.text_embeddings import write_null
+        from data.shards import write_null
 
         write_null(out, prep.text([""])[0])
     t0, done_inputs, written = time.time(), 0, 0

@@ -206,8 +206,8 @@ def build_shards(
     if canvases:
         fields["latent_shape"] = None  # several shapes (overrides the writer's first-sample shape)
     if text_encoder:
-        from data.text_embeddings import CachedEncoder, write_null
-        from models.text_encoder import TextEncoder
+        from data.shards import write_null
+        from models.text_encoder import CachedEncoder, TextEncoder
 
         encode = CachedEncoder(TextEncoder(text_encoder, max_length=max_length))
         fields["text_encoder"] = {"name": text_encoder, "max_length": max_length, "width": encode.width, "captions": ["long", "short"]}

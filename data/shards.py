@@ -6,7 +6,12 @@ A shard is a plain tar whose members are grouped by key (WebDataset layout):
 size, bucket, scores) and optional ``<key>.text.npy`` / ``<key>.mask.npy``.
 ``manifest.json`` beside the shards records what produced them (autoencoder and
 its scaling, text encoder, token length, latent shape, per-shard counts); the
-trainer refuses shards whose manifest disagrees with its config.
+trainer refuses shards whose manifest disagrees with its config. Text shards keep
+the empty prompt's embedding (the CFG null condition) beside them as ``null_text.npy``.
+Caption embeddings are stored trimmed to their real tokens (models/text_encoder.py).
+
+This is the project's one reader and writer of shard folders: data preparation, the
+demo data, subsets and the trainer's loader all go through it.
 
 The reader is an ``IterableDataset`` yielding whole batches. Each (rank,
 dataloader worker) slot reads a disjoint part of the data: whole shards when
@@ -21,6 +26,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +36,12 @@ from zlib import error as zlib_error
 import numpy as np
 import torch
 
+from models.atomic import AtomicFile, atomic_directory, atomic_write_bytes, atomic_write_text
+from models.text_encoder import pad
+
 MANIFEST = "manifest.json"
 FORMAT = "flowdit-shards-v1"
+NULL_TEXT = "null_text.npy"
 
 
 class ShardError(RuntimeError):
@@ -39,34 +49,29 @@ class ShardError(RuntimeError):
 
 
 # ---------------------------------------------------------------- writing
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = 0  # byte-identical shards for identical inputs
     tar.addfile(info, io.BytesIO(payload))
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write, fsync, rename; the temporary name is unique, so concurrent writers never share it."""
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_null(data_dir, embedding: np.ndarray) -> None:
+    """The empty prompt's embedding, atomically (several preparation workers may write the same, identical file)."""
+    atomic_write_bytes(Path(data_dir) / NULL_TEXT, npy_bytes(np.asarray(embedding, dtype=np.float16)))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def read_null(data_dir) -> np.ndarray:
+    path = Path(data_dir) / NULL_TEXT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: text shards keep the empty prompt's embedding there (the CFG null condition)")
+    return np.load(path, allow_pickle=False)
 
 
 class ShardWriter:
@@ -89,16 +94,14 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tmp = self.out_dir / (name + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w")
+        self._file = AtomicFile(self.out_dir / name, tmp=self.out_dir / (name + ".tmp"))
+        self._tar = tarfile.open(self._file.tmp, "w")
         self._name, self._count = name, 0
 
     def _close_shard(self) -> None:
         assert self._tar is not None
         self._tar.close()
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self._tmp, self.out_dir / self._name)
+        self._file.commit()
         self.shards.append({"name": self._name, "num_samples": self._count})
         self._tar = None
 
@@ -110,10 +113,10 @@ class ShardWriter:
         latent = np.asarray(latent, dtype=np.float16)
         if self._latent_shape is None:
             self._latent_shape = list(latent.shape)
-        _add_member(self._tar, f"{key}.latent.npy", _npy_bytes(latent))
-        _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        add_member(self._tar, f"{key}.latent.npy", npy_bytes(latent))
+        add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         for ext, arr in (arrays or {}).items():
-            _add_member(self._tar, f"{key}.{ext}.npy", _npy_bytes(np.asarray(arr)))
+            add_member(self._tar, f"{key}.{ext}.npy", npy_bytes(np.asarray(arr)))
         self._count += 1
         if self._count >= self.samples_per_shard:
             self._close_shard()
@@ -139,15 +142,13 @@ class ShardWriter:
             self.close()
         elif self._tar is not None:  # never leave a half-written shard that looks finished
             self._tar.close()
-            self._tmp.unlink(missing_ok=True)
+            self._file.abort()
 
 
 def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
     """Copy the samples whose metadata passes ``keep(meta)`` into a new shard folder (atomic shards,
     a manifest with the source's fields, the null text embedding), built in a temporary folder
     that is renamed when complete. Returns the number kept."""
-    import shutil
-
     manifest = read_manifest(src)
     fields = {k: v for k, v in manifest.items() if k not in ("format", "latent_shape", "num_samples", "shards", "buckets")}
     fields["subset_of"] = str(src)
@@ -158,40 +159,31 @@ def write_subset(src, dst, keep, samples_per_shard: int = 2000) -> int:
     for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # left by a writer that died mid-way
         if not _pid_alive(stale.name.rsplit(".", 2)[-2]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # per process: two runs may build the same subset at once
-    shutil.rmtree(tmp, ignore_errors=True)
-    n, buckets = 0, {}
-    with ShardWriter(tmp, samples_per_shard, manifest_fields=fields) as w:
-        for s in manifest["shards"]:
-            for key, group in _iter_tar(Path(src) / s["name"]):
-                meta = json.loads(group["json"])
-                if not keep(meta):
-                    continue
-                arrays = {ext[: -len(".npy")]: np.load(io.BytesIO(b), allow_pickle=False)
-                          for ext, b in group.items() if ext.endswith(".npy") and ext != "latent.npy"}
-                w.write(key, np.load(io.BytesIO(group["latent.npy"]), allow_pickle=False), meta, arrays)
-                n += 1
-                if bucketed:
-                    b = "x".join(str(v) for v in meta.get("bucket", []))
-                    buckets[b] = buckets.get(b, 0) + 1
-        if n == 0:
-            raise ShardError(f"no sample of {src} passes the subset filter: lower the threshold")
-        if bucketed:
-            w.manifest_fields["buckets"] = buckets
-    null = Path(src) / "null_text.npy"
-    if null.is_file():
-        shutil.copy(null, tmp / "null_text.npy")
-    if (dst / "manifest.json").exists():  # another process finished the same subset first
-        shutil.rmtree(tmp)
-        return n
-    if dst.exists():  # an incomplete folder from an older, interrupted attempt
+    if dst.exists() and not (dst / MANIFEST).exists():  # an incomplete folder from an older, interrupted attempt
         shutil.rmtree(dst, ignore_errors=True)
-    try:
-        os.replace(tmp, dst)  # complete, or not there at all
-    except OSError:
-        if not (dst / "manifest.json").exists():
-            raise
-        shutil.rmtree(tmp)  # lost the race to an identical, complete subset
+    n, buckets = 0, {}
+    # built per process (two runs may build the same subset at once: the first to finish wins)
+    with atomic_directory(dst, tmp=dst.with_name(f".{dst.name}.{os.getpid()}.tmp"), replace=False) as tmp:
+        with ShardWriter(tmp, samples_per_shard, manifest_fields=fields) as w:
+            for s in manifest["shards"]:
+                for key, group in _iter_tar(Path(src) / s["name"]):
+                    meta = json.loads(group["json"])
+                    if not keep(meta):
+                        continue
+                    arrays = {ext[: -len(".npy")]: np.load(io.BytesIO(b), allow_pickle=False)
+                              for ext, b in group.items() if ext.endswith(".npy") and ext != "latent.npy"}
+                    w.write(key, np.load(io.BytesIO(group["latent.npy"]), allow_pickle=False), meta, arrays)
+                    n += 1
+                    if bucketed:
+                        b = "x".join(str(v) for v in meta.get("bucket", []))
+                        buckets[b] = buckets.get(b, 0) + 1
+            if n == 0:
+                raise ShardError(f"no sample of {src} passes the subset filter: lower the threshold")
+            if bucketed:
+                w.manifest_fields["buckets"] = buckets
+        null = Path(src) / NULL_TEXT
+        if null.is_file():
+            shutil.copy(null, tmp / NULL_TEXT)
     return n
 
 
@@ -347,8 +339,6 @@ def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> di
         batch["label"] = torch.tensor([int(s["meta"]["label"]) for s in samples])
     names = sorted({k[len("text_") :] for s in samples for k in s if k.startswith("text_")})
     if names:
-        from data.text_embeddings import pad
-
         length = text_length or max(s[f"text_{n}"].shape[0] for s in samples for n in names)
         batch["text"] = {}
         for n in names:  # a sample without this caption uses one it has (captions are optional per sample)

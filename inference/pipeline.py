@@ -1,19 +1,22 @@
 """The one sampling function: model + autoencoder + condition -> images.
 
-Training previews, the command-line sampler and the Gradio app all call
-:func:`generate`, so the same checkpoint, condition, seed and settings give the
-same pixels everywhere. Initial noise comes from a CPU generator seeded with
-``seed`` (then moved to the device), so it does not depend on the device.
+Training previews, the command-line sampler, the evaluator and the Gradio app all call
+:func:`generate`, so the same checkpoint, condition, seed and settings give the same pixels
+everywhere. Initial noise comes from a CPU generator seeded with ``seed`` (then moved to the
+device), so it does not depend on the device. :class:`Pipeline` is a checkpoint made ready to
+sample: its model, autoencoder, conditioning and sampling defaults, all read from its meta.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from flow.sampling import sample
+from inference.conditioning import Conditioning, from_meta
 
 
 @dataclass
@@ -26,24 +29,31 @@ class SampleSettings:
     shift: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def from_meta(cls, sampling: dict, **overrides: Any) -> "SampleSettings":
+        """A checkpoint's sampling defaults (meta["sampling"]), with every override that is not None."""
+        names = {f.name for f in fields(cls)}
+        base = cls(**{k: v for k, v in (sampling or {}).items() if k in names})
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-    """model(x, t, labels) for class conditions, model(x, t, **cond) for text (hidden states + mask)."""
-    return model(x, t, **cond) if isinstance(cond, dict) else model(x, t, cond)
+def call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    """``model(x, t, **cond)``: a condition is the model's keyword arguments (inference/conditioning.py)."""
+    return model(x, t, **cond)
 
 
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask")
 
 
-def prepare_condition(model: nn.Module, cond: Any) -> Any:
+def prepare_condition(model: nn.Module, cond: dict[str, Any]) -> dict[str, Any]:
     """A text condition with the model's step-independent text work done once (``MMDiT.cache_text``:
     caption projection, cross-attention keys/values), for a sampling loop that reuses it every step;
-    class ids, and models without a cache, pass through unchanged."""
+    other conditions, and models without a cache, pass through unchanged."""
     cache_text = getattr(model, "cache_text", None)
-    if cache_text is None or not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
+    if cache_text is None or "encoder_hidden_states" not in cond:
         return cond
     rest = {k: v for k, v in cond.items() if k not in TEXT_KEYS}
     return {**rest, "text_cache": cache_text(cond["encoder_hidden_states"], cond.get("encoder_attention_mask"))}
@@ -58,8 +68,8 @@ def initial_noise(n: int, latent_shape: tuple[int, ...], seed: int, device, dtyp
 def generate(
     model: nn.Module,
     autoencoder: nn.Module,
-    cond: Any,
-    uncond: Any,
+    cond: dict[str, Any],
+    uncond: dict[str, Any] | None,
     latent_shape: tuple[int, int, int],
     settings: SampleSettings,
     device: torch.device | str = "cpu",
@@ -67,11 +77,11 @@ def generate(
 ):
     """Sample images (N, 3, H, W) in [-1, 1] for a batch of conditions.
 
-    ``cond`` / ``uncond`` are what the model takes as its condition: class ids
-    (N,) for ccDiT; {encoder_hidden_states (N, L, D), encoder_attention_mask (N, L)}
-    for mmDiT. ``uncond`` (the null condition) is used when cfg_scale != 1.
+    ``cond`` / ``uncond`` are the model's condition keyword arguments (inference/conditioning.py):
+    ``{class_labels (N,)}`` for ccDiT; ``{encoder_hidden_states (N, L, D), encoder_attention_mask
+    (N, L)}`` for mmDiT. ``uncond`` (the null condition) is used when cfg_scale != 1.
     """
-    n = cond.shape[0] if torch.is_tensor(cond) else len(next(iter(cond.values())))
+    n = len(next(iter(cond.values())))
     noise = initial_noise(n, latent_shape, settings.seed, device)
     out = sample(
         lambda x, t, c: call_model(model, x, t, c).float(),
@@ -113,24 +123,11 @@ def latent_shape_for(meta: dict, downsample: int, height: int, width: int,
     return c, height // downsample, width // downsample
 
 
-def checkpoint_model(ckpt_dir, meta: dict, use_ema: bool = True) -> nn.Module:
-    """The model a checkpoint (with its ``meta``) describes, its weights loaded: EMA when asked and saved.
-    Plain torch linears whatever precision.linear trained it: every backend keeps the same full-precision
-    weights, FP8 (te, mxfp8_emulated) is a training-time choice, and TE need not be installed here."""
-    from models.linear import load_portable
-    from models.presets import build_model
-    from training.checkpoint import load_weights
-
-    model = build_model(meta["family"], {**meta["model_config"], "linear_backend": "torch"})
-    load_portable(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
-    return model
-
-
 def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu"):
     """A checkpoint directory -> (model in eval mode, autoencoder, meta). Nothing else is needed:
     the checkpoint's meta.json names the model family, its full config and the autoencoder."""
     from models.autoencoder import load_autoencoder
-    from training.checkpoint import read_meta
+    from models.checkpoint import checkpoint_model, read_meta
 
     meta = read_meta(ckpt_dir)
     model = checkpoint_model(ckpt_dir, meta, use_ema)
@@ -144,33 +141,46 @@ def load_model(ckpt_dir, use_ema: bool = True, device: torch.device | str = "cpu
     return model.to(device).eval(), autoencoder.to(device), meta
 
 
-_ENCODERS: dict = {}
+@dataclass
+class Pipeline:
+    """A checkpoint ready to sample: ``Pipeline.load(path)(inputs, settings)`` -> images.
 
+    ``inputs`` are what a user types, parsed by the checkpoint's conditioning (class names or ids,
+    prompts); ``settings`` default to the checkpoint's own (``defaults``)."""
 
-def text_encoder_for(meta: dict):
-    """The frozen text encoder a text checkpoint was trained with (its meta names it), cached."""
-    te = meta["conditioning"].get("text_encoder")
-    if not te:
-        raise ValueError(f"this is a {meta['conditioning']['type']}-conditioned checkpoint: it takes no prompts")
-    key = (te["name"], te["max_length"])
-    if key not in _ENCODERS:
-        from data.text_embeddings import CachedEncoder
-        from models.text_encoder import TextEncoder
+    path: Path
+    model: nn.Module
+    autoencoder: nn.Module
+    meta: dict
+    conditioning: Conditioning
+    device: torch.device | str = "cpu"
 
-        enc = CachedEncoder(TextEncoder(te["name"], max_length=te["max_length"]))
-        if enc.width != te["width"]:
-            raise ValueError(f"text encoder {te['name']} now has width {enc.width}; the model was trained on width {te['width']}")
-        _ENCODERS[key] = enc
-    return _ENCODERS[key]
+    @classmethod
+    def load(cls, ckpt, use_ema: bool = True, device: torch.device | str = "cpu") -> "Pipeline":
+        """Raises models.checkpoint.CheckpointError (a missing or damaged checkpoint) or ConditioningError."""
+        from models.checkpoint import resolve
 
+        model, autoencoder, meta = load_model(ckpt, use_ema, device)
+        return cls(resolve(ckpt), model, autoencoder, meta, from_meta(meta), device)
 
-def prompt_conditions(meta: dict, prompts: list[str], negative_prompt: str = "", device="cpu") -> tuple[dict, dict]:
-    """Prompts -> (cond, uncond) for a text checkpoint. The negative prompt (default: the empty
-    prompt, the null condition the model was trained with) takes the unconditional branch of CFG.
-    Embeddings are rounded through fp16 as in the shards, so samples match the training previews."""
-    enc = text_encoder_for(meta)
-    hidden, mask = enc.batch(list(prompts) + [negative_prompt])
-    n = len(prompts)
-    cond = {"encoder_hidden_states": hidden[:n].to(device), "encoder_attention_mask": mask[:n].to(device)}
-    uncond = {"encoder_hidden_states": hidden[n:].expand(n, -1, -1).to(device), "encoder_attention_mask": mask[n:].expand(n, -1).to(device)}
-    return cond, uncond
+    def defaults(self, **overrides: Any) -> SampleSettings:
+        return SampleSettings.from_meta(self.meta.get("sampling") or {}, **overrides)
+
+    @property
+    def downsample(self) -> int:
+        return int(getattr(self.autoencoder, "downsample", 1))
+
+    def latent_shape(self, height: int | None = None, width: int | None = None, max_side_factor: int | None = None):
+        """(C, H, W) for a height x width pixel image (ValueError saying what is possible); the trained size by default."""
+        if height is None and width is None:
+            return latent_shape(self.meta)
+        _, gh, gw = latent_shape(self.meta)
+        return latent_shape_for(self.meta, self.downsample, height or gh * self.downsample, width or gw * self.downsample,
+                                max_side_factor)
+
+    def __call__(self, values: list, settings: SampleSettings, negative: str | None = None,
+                 shape: tuple[int, int, int] | None = None, return_trajectory: bool = False):
+        """Images (N, 3, H, W) in [-1, 1] for parsed ``values`` (``conditioning.parse``), one per value."""
+        cond, uncond = self.conditioning.guided(values, self.device, negative)
+        return generate(self.model, self.autoencoder, cond, uncond, shape or self.latent_shape(), settings, self.device,
+                        return_trajectory)

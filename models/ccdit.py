@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from models.layers import (
     DiTBlockLayers,
-    DiTShape,
+    DiTConfig,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
@@ -24,13 +24,13 @@ from models.layers import (
     modulate,
     run_block,
     sincos_2d,
+    unpatchify,
 )
-from models.linear import make_linear
 
 
 @dataclass
-class CCDiTConfig(DiTShape):
-    """A ccDiT: the shared DiT shape (models/layers.py ``DiTShape``) plus
+class CCDiTConfig(DiTConfig):
+    """A ccDiT: the shared DiT shape (models/layers.py ``DiTConfig``) plus
 
     num_classes (`int`): real classes; id ``num_classes`` is the null class.
     """
@@ -41,9 +41,9 @@ class CCDiTConfig(DiTShape):
 class CCDiTBlock(DiTBlockLayers):
     """adaLN-Zero block: x += gate * f(modulate(norm(x))) for f in (attention, MLP)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
-        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, linear_backend)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), make_linear(hidden_size, 6 * hidden_size, backend=linear_backend))
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -66,15 +66,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """(N, T, p*p*C) -> (N, C, H, W) with H = grid_h * p."""
-    n = x.shape[0]
-    p = patch_size
-    x = x.reshape(n, grid_h, grid_w, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, channels, grid_h * p, grid_w * p)
-
-
 class CCDiT(nn.Module):
     """Class-conditional DiT predicting the flow velocity v = noise - x0.
 
@@ -82,7 +73,7 @@ class CCDiT(nn.Module):
     """
 
     family = "ccdit"
-    # Kept in high precision whatever precision.linear says (built with nn.Linear / Conv2d).
+    # Left alone by the precision converter (models/linear.py convert): embedders and the output projection.
     _keep_in_high_precision = ("x_embedder", "t_embedder", "y_embedder", "final_layer")
 
     def __init__(self, config: CCDiTConfig):
@@ -98,7 +89,7 @@ class CCDiT(nn.Module):
             "pos_embed", sincos_2d(c.hidden_size, c.grid_size, c.grid_size, base, c.interpolation_scale)[None], persistent=False
         )
         self.blocks = nn.ModuleList(
-            CCDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
+            CCDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm) for _ in range(c.depth)
         )
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
@@ -131,7 +122,7 @@ class CCDiT(nn.Module):
         if h != self.config.input_size or w != self.config.input_size:
             raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w}")
         # position first: the sum takes its contiguous (N, T, D) layout, not the patch embedding's transposed one,
-        # so no norm or linear downstream copies the residual stream (diffusers' order costs ~5% on CPU)
+        # so no norm or linear downstream copies the residual stream
         x = self.pos_embed + self.x_embedder(hidden_states)  # (N, T, D), T = H * W / p**2
         c = self.condition(timestep, class_labels)  # (N, D)
         for block in self.blocks:

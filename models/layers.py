@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.linear import is_linear, make_linear
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -52,7 +51,7 @@ def run_block(block: nn.Module, checkpointing: bool, *args) -> torch.Tensor:
 
 
 @dataclass
-class DiTShape:
+class DiTConfig:
     """What every DiT here shares; the model families' configs extend it. All fields are saved with
     each checkpoint.
 
@@ -65,7 +64,7 @@ class DiTShape:
     base_size (`int` or None): grid size whose coordinate range the position embedding
         spans (PixArt interpolation); None = this model's own grid.
     interpolation_scale (`float`): PixArt's pos-embed interpolation scale.
-    linear_backend (`str`): the linear factory backend (``precision.linear``).
+    Precision is not part of it: models are built with nn.Linear (models/linear.py converts them).
     """
 
     input_size: int = 32
@@ -78,7 +77,6 @@ class DiTShape:
     qk_norm: bool = True
     base_size: int | None = None
     interpolation_scale: float = 1.0
-    linear_backend: str = "torch"
 
     def __post_init__(self):
         check_transformer_shape(self.input_size, self.patch_size, self.hidden_size, self.num_heads)
@@ -104,7 +102,7 @@ def check_transformer_shape(input_size: int, patch_size: int, hidden_size: int, 
 def basic_init(model: nn.Module) -> None:
     """DiT's base initialization: Xavier-uniform linears with zero bias, the patch conv like a linear."""
     for module in model.modules():
-        if is_linear(module):  # te.Linear too, so every precision.linear starts from the same init
+        if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -174,6 +172,15 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(N, T, p*p*C) -> (N, C, H, W) with H = grid_h * p: PatchEmbed's layout undone."""
+    n = x.shape[0]
+    p = patch_size
+    x = x.reshape(n, grid_h, grid_w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, grid_h * p, grid_w * p)
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -254,7 +261,6 @@ class Attention(nn.Module):
         num_heads: int,
         qk_norm: bool = True,
         context_dim: int | None = None,
-        linear_backend: str = "torch",
     ):
         super().__init__()
         if dim % num_heads:
@@ -263,12 +269,12 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
         kv_dim = context_dim if context_dim is not None else dim
-        self.to_q = make_linear(dim, dim, backend=linear_backend)
-        self.to_k = make_linear(kv_dim, dim, backend=linear_backend)
-        self.to_v = make_linear(kv_dim, dim, backend=linear_backend)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(kv_dim, dim)
+        self.to_v = nn.Linear(kv_dim, dim)
         self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.to_out = make_linear(dim, dim, backend=linear_backend)
+        self.to_out = nn.Linear(dim, dim)
 
     def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, S, D) -> keys (QK-normed) and values, (N, h, S, hd) each."""
@@ -301,11 +307,11 @@ class MLP(nn.Module):
 
     INFERENCE_CHUNK_BYTES = 16 << 20
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, linear_backend: str = "torch"):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.fc1 = make_linear(dim, hidden, backend=linear_backend)
-        self.fc2 = make_linear(hidden, dim, backend=linear_backend)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # autograd keeps both activations
@@ -330,9 +336,9 @@ class DiTBlockLayers(nn.Module):
     (``norm1``, ``attn``, ``norm2``, ``mlp``): the 1->2 reparameterization copies them by name.
     Each family's block adds its own conditioning and writes its own forward."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
+        self.mlp = MLP(hidden_size, mlp_ratio)

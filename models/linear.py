@@ -1,7 +1,9 @@
-"""The linear-layer factory: the one place a model's matmul precision is decided.
+"""Linear-layer precision: the backends and the converter that applies one to a built model.
 
-Model files never construct ``nn.Linear`` for their heavy projections themselves;
-they call :func:`make_linear` with the backend named by ``precision.linear``:
+Models are built with plain ``nn.Linear`` and know nothing of precision. After construction,
+:func:`convert` swaps every linear outside the modules the model class declares high precision
+(its ``_keep_in_high_precision`` tuple: embedders, the final projection) for the backend named
+by ``precision.linear``:
 
 - ``torch``: plain ``nn.Linear`` (bf16 autocast on GPU is the trainer's business).
 - ``mxfp8_emulated``: MXFP8 in pure PyTorch (runs on CPU): both GEMM operands are
@@ -11,11 +13,13 @@ they call :func:`make_linear` with the backend named by ``precision.linear``:
 - ``te``: Transformer Engine's ``te.Linear``, run under TE's FP8 autocast by the
   trainer. Asking for it where TE is not installed is an error, never a fallback.
 
-Layers that must stay in high precision (embedders, the final projection) are
-built with ``nn.Linear`` directly and named in the model class's
-``_keep_in_high_precision`` tuple.
+The swap keeps the model's parameters (the same tensors move into the new module), so the
+weights, their initialization and a checkpoint are the same whatever the backend. Adapters
+(LoRA) attach by the same after-construction mechanism, :func:`swap_linears`.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -97,17 +101,25 @@ class MXFP8EmulatedLinear(nn.Linear):
 
     fuse_wgrad_accumulation = False
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        for name, size in (("in_features", in_features), ("out_features", out_features)):
-            if size % MX_BLOCK:
-                raise ValueError(
-                    f"MXFP8 needs linear dimensions divisible by {MX_BLOCK}, but {name}={size}; choose a hidden size "
-                    f"(and MLP ratio) that keep every projection a multiple of {MX_BLOCK}, or use precision.linear=torch"
-                )
-        super().__init__(in_features, out_features, bias=bias)
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "MXFP8EmulatedLinear":
+        """The same layer (the same parameter tensors) computing in MXFP8."""
+        check_dims(linear, MX_BLOCK, "MXFP8", "(and MLP ratio) that keep every projection a multiple of 32, or use precision.linear=torch")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _MXFP8LinearFn.apply(x, self.weight, self.bias, self.fuse_wgrad_accumulation)
+
+
+def check_dims(linear: nn.Linear, multiple: int, what: str, advice: str) -> None:
+    for name in ("in_features", "out_features"):
+        size = getattr(linear, name)
+        if size % multiple:
+            raise ValueError(f"{what} needs linear dimensions divisible by {multiple}, but {name}={size}; choose a hidden size {advice}")
 
 
 # ---------------------------------------------------------------- Transformer Engine
@@ -124,12 +136,18 @@ def transformer_engine():
     return te
 
 
-def _te_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
-    for name, size in (("in_features", in_features), ("out_features", out_features)):
-        if size % 16:
-            raise ValueError(f"FP8 GEMMs need linear dimensions divisible by 16, but {name}={size}")
+def te_linear(linear: nn.Linear) -> nn.Module:
+    """A ``te.Linear`` holding a copy of ``linear``'s weights (TE allocates its own parameters)."""
+    check_dims(linear, 16, "FP8 GEMMs", "that keeps every projection a multiple of 16")
+    w = linear.weight
     # fuse_wgrad_accumulation is switched on later, per module, by training/fused_wgrad.py
-    return transformer_engine().Linear(in_features, out_features, bias=bias)
+    new = transformer_engine().Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      params_dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
 
 
 TE_RECIPES = ("auto", "mxfp8", "current", "delayed")
@@ -175,23 +193,37 @@ def fp8_context(backend: str, recipe_name: str = "auto"):
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
-def is_linear(module: nn.Module) -> bool:
-    """Any backend's linear: ``nn.Linear`` (and the emulated MXFP8 one) or TE's ``te.Linear``, which is not
-    an ``nn.Linear``, so initialization that looks only for those would leave TE's own init in place."""
-    return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Linear" and type(module).__module__.startswith("transformer_engine")
-    )
+# ---------------------------------------------------------------- the converter
+def high_precision(model: nn.Module) -> tuple[str, ...]:
+    """The submodule names a model class keeps in high precision (``_keep_in_high_precision``)."""
+    names = getattr(type(model), "_keep_in_high_precision", None)
+    if names is None:
+        raise TypeError(f"{type(model).__name__} declares no _keep_in_high_precision: say which modules stay in high precision")
+    return tuple(names)
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = True, backend: str = "torch") -> nn.Module:
-    """Build a linear layer ``(..., in_features) -> (..., out_features)`` for ``backend``."""
-    if backend == "torch":
-        return nn.Linear(in_features, out_features, bias=bias)
+def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> list[str]:
+    """Replace every plain ``nn.Linear`` outside the model's high-precision modules by ``make(name, linear)``
+    and return the names replaced: how a precision backend, and an adapter, attach to a built model."""
+    keep = high_precision(model)
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not any(name == k or name.startswith(k + ".") for k in keep)]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, make(name, linear))
+    return [name for name, _ in targets]
+
+
+def convert(model: nn.Module, backend: str) -> nn.Module:
+    """``model`` with its linears computing in ``backend`` (in place; returned for chaining). ``torch``
+    changes nothing. The parameters stay the same tensors (MXFP8) or are copied (TE)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear backend {backend!r}; expected one of {BACKENDS}")
     if backend == "mxfp8_emulated":
-        return MXFP8EmulatedLinear(in_features, out_features, bias=bias)
-    if backend == "te":
-        return _te_linear(in_features, out_features, bias)
-    raise ValueError(f"unknown linear backend {backend!r}; expected one of {BACKENDS}")
+        swap_linears(model, lambda name, linear: MXFP8EmulatedLinear.from_linear(linear))
+    elif backend == "te":
+        swap_linears(model, lambda name, linear: te_linear(linear))
+    return model
 
 
 # ---------------------------------------------------------------- weights that travel between backends
@@ -219,5 +251,5 @@ def load_portable(model: nn.Module, state: dict) -> None:
         raise RuntimeError(f"weights do not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
-__all__ = ["BACKENDS", "make_linear", "fp8_context", "mx_quantize", "mx_scales", "MXFP8EmulatedLinear", "transformer_engine",
-           "portable_state_dict", "load_portable", "is_linear"]
+__all__ = ["BACKENDS", "convert", "swap_linears", "high_precision", "fp8_context", "mx_quantize", "mx_scales", "MXFP8EmulatedLinear",
+           "transformer_engine", "portable_state_dict", "load_portable"]

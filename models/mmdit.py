@@ -17,12 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.ccdit import unpatchify
 from models.layers import (
     MLP,
     Attention,
     DiTBlockLayers,
-    DiTShape,
+    DiTConfig,
     PatchEmbed,
     TimestepEmbedder,
     attention,
@@ -33,6 +32,7 @@ from models.layers import (
     run_block,
     sincos_2d,
     timestep_sinusoid,
+    unpatchify,
 )
 
 
@@ -40,8 +40,8 @@ POS_GRIDS = ("stretch", "isotropic", "shortside")  # MMDiTConfig.pos_grid
 
 
 @dataclass
-class MMDiTConfig(DiTShape):
-    """An mmDiT: the shared DiT shape (models/layers.py ``DiTShape``; QK-norm off for diffusers
+class MMDiTConfig(DiTConfig):
+    """An mmDiT: the shared DiT shape (models/layers.py ``DiTConfig``; QK-norm off for diffusers
     compatibility) plus
 
     out_channels (`int` or None): predicted channels; None = in_channels.
@@ -80,16 +80,16 @@ class MMDiTConfig(DiTShape):
 class PixArtBlock(DiTBlockLayers):
     """adaLN-single block: modulation = shared t-MLP output + this block's table (6, D)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str):
-        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, linear_backend)
-        self.cross_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, context_dim=hidden_size, linear_backend=linear_backend)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm)
+        self.cross_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, context_dim=hidden_size)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, t_modulation: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t6.reshape(n, 6, -1)
+            self.scale_shift_table[None] + t_modulation.reshape(n, 6, -1)
         ).chunk(6, dim=1)  # each (N, 1, D)
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * f: (N, T, D)
         x = x + self.cross_attn(x, context, mask, kv=kv)  # PixArt: cross-attention on the un-normalized stream
@@ -103,19 +103,18 @@ class JointBlock(DiTBlockLayers):
     ``context_*``. The last block only feeds text into attention (``context_pre_only``),
     so every parameter gets a gradient (DDP requires it)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, linear_backend: str,
-                 context_pre_only: bool = False):
-        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, linear_backend)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, context_pre_only: bool = False):
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm)
         self.context_pre_only = context_pre_only
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.context_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (2 if context_pre_only else 6) * hidden_size))
         self.context_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.context_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, linear_backend=linear_backend)
+        self.context_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
         if context_pre_only:  # text is only attended to: no text queries, outputs or MLP
             del self.context_attn.to_q, self.context_attn.norm_q, self.context_attn.to_out
         else:
             self.context_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-            self.context_mlp = MLP(hidden_size, mlp_ratio, linear_backend=linear_backend)
+            self.context_mlp = MLP(hidden_size, mlp_ratio)
 
     def _heads(self, attn: Attention, x: torch.Tensor, queries: bool = True):
         n, t, _ = x.shape
@@ -228,11 +227,11 @@ class MMDiT(nn.Module):
         if c.block == "pixart":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))  # adaLN-single
             self.blocks = nn.ModuleList(
-                PixArtBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend) for _ in range(c.depth)
+                PixArtBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm) for _ in range(c.depth)
             )
         elif c.block == "joint":
             self.blocks = nn.ModuleList(
-                JointBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, c.linear_backend, context_pre_only=i == c.depth - 1)
+                JointBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm, context_pre_only=i == c.depth - 1)
                 for i in range(c.depth)
             )
         else:
@@ -330,10 +329,10 @@ class MMDiT(nn.Module):
             for block in self.blocks:
                 x, context = run_block(block, self.gradient_checkpointing, x, context, t_emb, mask)  # (N, T, D), (N, L, D)
         else:
-            t6 = self.t_block(t_emb)  # (N, 6D), shared by every block
+            t_modulation = self.t_block(t_emb)  # (N, 6D): adaLN-single, shared by every block
             kv = text_cache.kv or [None] * len(self.blocks)
             for block, block_kv in zip(self.blocks, kv):
-                x = run_block(block, self.gradient_checkpointing, x, t6, context, mask, block_kv)  # (N, T, D)
+                x = run_block(block, self.gradient_checkpointing, x, t_modulation, context, mask, block_kv)  # (N, T, D)
         x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 

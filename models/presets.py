@@ -49,11 +49,22 @@ def model_config(family: str, preset: str, **fields: Any):
     return config_cls(**{**PRESETS[family][preset], **fields})
 
 
+# Keys older checkpoints' model configs carry that are no longer architecture: precision.linear
+# (now applied after construction, models/linear.py convert).
+RETIRED_KEYS = ("linear_backend",)
+
+
+def config_from_dict(family: str, config: dict[str, Any]):
+    """The config dataclass from the dict a checkpoint saved (any version of it)."""
+    _, config_cls = MODEL_CLASSES[family]
+    return config_cls(**{k: v for k, v in config.items() if k not in RETIRED_KEYS})
+
+
 def build_model(family: str, config: dict[str, Any] | Any) -> nn.Module:
-    """Instantiate ``family`` from a config dataclass or the dict saved in a checkpoint."""
-    model_cls, config_cls = MODEL_CLASSES[family]
+    """Instantiate ``family`` (plain nn.Linear layers) from a config dataclass or the dict saved in a checkpoint."""
+    model_cls, _ = MODEL_CLASSES[family]
     if isinstance(config, dict):
-        config = config_cls(**config)
+        config = config_from_dict(family, config)
     return model_cls(config)
 
 

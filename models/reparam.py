@@ -41,7 +41,7 @@ def ccdit_to_mmdit(src: CCDiT, caption_channels: int, t_ref: float = 0.5, seed: 
             input_size=c.input_size, patch_size=c.patch_size, in_channels=c.in_channels, hidden_size=c.hidden_size,
             depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, caption_channels=caption_channels,
             qk_norm=c.qk_norm, base_size=c.base_size, interpolation_scale=c.interpolation_scale,
-            linear_backend=c.linear_backend, pixels_per_latent=pixels_per_latent,
+            pixels_per_latent=pixels_per_latent,
         )
     )
     s, d = src.state_dict(), dst.state_dict()

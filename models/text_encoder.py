@@ -5,11 +5,19 @@ padded to ``max_length`` tokens (the shape stored in shards). Prompts longer tha
 the limit are truncated with a warning, never an error; the empty prompt is a valid
 input and is the null condition for classifier-free guidance. Remote code is never
 run unless ``trust_remote_code=True`` is asked for explicitly.
+
+Embeddings as shards store them: a caption's embedding trimmed to its real tokens, (L_i, D)
+fp16. Tokenizers pad on the right, so the mask is implied by the length: the first L_i
+tokens are real. :func:`pad` rebuilds the fixed-length (N, max_length, D) batch and its key
+mask. Embeddings are rounded through fp16 everywhere (stored, online, at sampling:
+:class:`CachedEncoder`), so a model sees the same numbers whichever way its text was encoded.
 """
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -86,3 +94,61 @@ class TextEncoder(nn.Module):
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden.float(), mask.bool()
+
+
+# ---------------------------------------------------------------- stored form and the cache
+def trim(hidden: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    """(N, L, D) hidden states + (N, L) mask -> N arrays (L_i, D) fp16 of the real tokens."""
+    lengths = mask.sum(dim=1).tolist()
+    return [hidden[i, : int(n)].to(torch.float16).cpu().numpy() for i, n in enumerate(lengths)]
+
+
+def pad(arrays: list[np.ndarray], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """N arrays (L_i, D) -> (N, max_length, D) float32 zero-padded, (N, max_length) bool mask."""
+    if not arrays:
+        raise ValueError("pad() needs at least one embedding")
+    width = arrays[0].shape[-1]
+    out = np.zeros((len(arrays), max_length, width), dtype=np.float32)
+    lengths = np.zeros(len(arrays), dtype=np.int64)
+    for i, a in enumerate(arrays):
+        if a.ndim != 2 or a.shape[-1] != width:
+            raise ValueError(f"text embedding {i} has shape {a.shape}; expected (tokens, {width})")
+        n = min(a.shape[0], max_length)
+        out[i, :n] = a[:n]
+        lengths[i] = n
+    mask = torch.arange(max_length)[None, :] < torch.from_numpy(lengths)[:, None]
+    return torch.from_numpy(out), mask
+
+
+class CachedEncoder:
+    """A frozen TextEncoder with an LRU cache of trimmed fp16 embeddings keyed by caption."""
+
+    def __init__(self, encoder, capacity: int = 65536):
+        self.encoder, self.capacity = encoder, capacity
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @property
+    def width(self) -> int:
+        return self.encoder.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    def __call__(self, captions: list[str], batch_size: int = 256) -> list[np.ndarray]:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i : i + batch_size]
+            for caption, emb in zip(chunk, trim(*self.encoder.encode(chunk))):
+                self._cache[caption] = emb
+        out = []
+        for c in captions:
+            self._cache.move_to_end(c)
+            out.append(self._cache[c])
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return out
+
+    def batch(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> padded (N, max_length, D), (N, max_length) mask, fp16-rounded."""
+        return pad(self(captions), self.max_length)

@@ -40,10 +40,10 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
     from models import layers
     from models.presets import build_model, count_parameters, model_config
-    from training.trainer import cpu_has_native_bf16
+    from training.precision import cpu_has_native_bf16
+    from training.step import Local, MicroBatch, train_step
 
     torch.manual_seed(0)
     cfg = model_config("mmdit", args.preset, input_size=args.input_size, in_channels=3, caption_channels=384,
@@ -56,18 +56,16 @@ def main(argv=None) -> dict:
     x0 = torch.randn(n, 3, args.height, args.width)
     text = torch.randn(n, args.text_tokens, 384)
     mask = torch.ones(n, args.text_tokens, dtype=torch.bool)
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+    parallel = Local(model)
     fp32_attention = layers._cpu_autocast
 
     def step(mode: str) -> None:
+        """The trainer's step (training/step.py), forward under this mode's autocast."""
         layers._cpu_autocast = fp32_attention if mode != "bf16, bf16 QK-norm + attention" else (lambda t: False)
         try:
-            t = sample_timesteps(n)
-            noise = torch.randn_like(x0)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
-                loss = flow_loss(model(interpolate(x0, noise, t), t, text, mask), x0, noise).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(parallel, opt, [MicroBatch.draw(x0, cond)], 1, grad_clip=1.0,
+                       forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"))
         finally:
             layers._cpu_autocast = fp32_attention
 

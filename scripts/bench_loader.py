@@ -29,7 +29,7 @@ def synthetic(out: Path, n: int, latent_shape, text: tuple[int, int] | None) -> 
     import numpy as np
 
     from data.shards import ShardWriter
-    from data.text_embeddings import write_null
+    from data.shards import write_null
 
     if (out / "manifest.json").is_file():
         return out

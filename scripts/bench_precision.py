@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
 
 
 def _score(evaluation: dict) -> float:
-    return float(evaluation["all_accuracy"])  # shape and colour right: the class
+    return float(evaluation["class_accuracy"])  # shape and colour right: the class
 
 
 if __name__ == "__main__":

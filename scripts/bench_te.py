@@ -47,9 +47,11 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
-    from models.linear import fp8_context, load_portable, transformer_engine
+    import contextlib
+
+    from models.linear import convert, fp8_context, load_portable, transformer_engine
     from models.presets import build_model, count_parameters, model_config
+    from training.step import Local, MicroBatch, train_step
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_te.py needs a CUDA GPU (Hopper or Blackwell) with Transformer Engine")
@@ -62,12 +64,10 @@ def main(argv=None) -> dict:
     arms = {"bf16": ("torch", None)} | {f"te {r}": ("te", r) for r in args.recipes}
     models, opts = {}, {}
     for name, (backend, _) in arms.items():
-        m = ref if backend == "torch" else build_model("mmdit", model_config(
-            "mmdit", args.preset, input_size=args.input_size, in_channels=args.channels,
-            caption_channels=args.caption_channels, block=args.block, linear_backend=backend)).to(device)
+        m = ref if backend == "torch" else convert(build_model("mmdit", cfg).to(device), backend)
         if m is not ref:
             load_portable(m, ref.state_dict())
-        models[name], opts[name] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
+        models[name], opts[name] = Local(m), torch.optim.AdamW(m.parameters(), lr=1e-4)
 
     n = args.batch
     g = torch.Generator(device=device).manual_seed(1)
@@ -76,19 +76,21 @@ def main(argv=None) -> dict:
     mask = torch.ones(n, args.text_tokens, dtype=torch.bool, device=device)
     losses = {name: [] for name in arms}
 
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+
     def step(name: str, seed: int) -> None:
+        """The trainer's step (training/step.py) under bf16 autocast and, for TE arms, TE's FP8 autocast."""
         backend, recipe = arms[name]
-        model, opt = models[name], opts[name]
+
+        def context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            stack.enter_context(fp8_context(backend, recipe or "auto"))
+            return stack
+
         gs = torch.Generator(device=device).manual_seed(seed)  # every arm sees the same noise and timesteps
-        t = sample_timesteps(n, generator=gs, device=device)
-        noise = torch.randn(x0.shape, generator=gs, device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context(backend, recipe or "auto"):
-            pred = model(interpolate(x0, noise, t), t, text, mask)
-        loss = flow_loss(pred.float(), x0, noise).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses[name].append(loss.detach())
+        out = train_step(models[name], opts[name], [MicroBatch.draw(x0, cond, gen=gs)], 1, grad_clip=1.0, forward_context=context)
+        losses[name].append(out.losses[0][0])
 
     step_mem = {}
     for name in arms:

@@ -3,6 +3,7 @@
     python scripts/bench_train_step.py                        # the demo model on 32x32 pixels
     python scripts/bench_train_step.py --preset S/2 --channels 16 --input-size 32 --batch 8
 
+The step is the trainer's own (training/step.py train_step, with gradient clipping at 1.0).
 Prints a table and writes JSON (default bench/train_step.json). Model FLOPs are
 counted by torch's FlopCounterMode on one forward + backward (matmuls and
 attention); the GEMM reference is a square fp32 matmul timed in the same run,
@@ -56,8 +57,8 @@ def main(argv=None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
     from models.presets import build_model, count_parameters, model_config
+    from training.step import Local, MicroBatch, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -65,15 +66,11 @@ def main(argv=None) -> dict:
     model = build_model(args.family, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
-    y = torch.randint(0, args.num_classes + 1, (args.batch,), device=device)
+    cond = {"class_labels": torch.randint(0, args.num_classes + 1, (args.batch,), device=device)}
+    parallel = Local(model)
 
-    def step():
-        t = sample_timesteps(args.batch, device=device)
-        noise = torch.randn_like(x0)
-        loss = flow_loss(model(interpolate(x0, noise, t), t, y), x0, noise).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # the trainer's step (training/step.py): draws, forward, loss, backward, clipping, AdamW
+        train_step(parallel, opt, [MicroBatch.draw(x0, cond)], 1, grad_clip=1.0)
 
     with FlopCounterMode(display=False) as counter:
         step()

@@ -1,10 +1,11 @@
-"""What the trainer costs on top of the bare model step (issue: at most 5%).
+"""What the trainer costs on top of the bare model step (the target: at most 5%).
 
     python scripts/bench_trainer_overhead.py                  # the stage-1 demo config, ~5 min on 2 CPU cores
     python scripts/bench_trainer_overhead.py --experiment demo_stage2 --stage stage2 --pairs 5
 
-Bare step: forward, flow loss, backward, gradient clipping and the trainer's AdamW on one
-fixed batch of the same shape, model and optimizer settings: what any implementation pays.
+Bare step: the trainer's own training step (training/step.py train_step: forward, flow loss,
+backward, gradient clipping and the trainer's AdamW) on one fixed batch of the same shape, model
+and optimizer settings, without a data loader, EMA or logging: what any implementation pays.
 Trainer step: the real trainer (`train_<stage>.py experiment=...` run in this process) with
 everything it does per step: reading shards, condition dropout, timestep and noise draws,
 loss-by-timestep bins, the non-finite guard, EMA, logging every 25 steps (checkpoints and
@@ -33,45 +34,35 @@ from training.config import compose  # noqa: E402
 
 
 def bare_step_fn(cfg):
-    """The model step of `cfg` on a fixed batch, with the trainer's own model, loss and optimizer
+    """The model step of `cfg` on a fixed batch, with the trainer's own model, step and optimizer
     (text stages: embeddings of the width and length the prepared shards' manifest records)."""
     import torch
-    import torch.nn as nn
 
     from data.shards import read_manifest
-    from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
-    from inference.pipeline import call_model
+    from inference.conditioning import ClassConditioning, TextConditioning
     from models.autoencoder import load_autoencoder
     from models.presets import build_model
     from training.optim import make_optimizer
-    from training.trainer import build_model_config
+    from training.setup import build_model_config
+    from training.step import Local, MicroBatch, train_step
 
     torch.manual_seed(0)
     ae = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder)
-    text = cfg.stage.conditioning == "text"
-    if text:
+    n = cfg.train.global_batch_size
+    if cfg.stage.conditioning == "text":
         encoder = read_manifest(cfg.data.path)["text_encoder"]
         width, tokens = int(encoder["width"]), int(encoder["max_length"])
-    mcfg = build_model_config(cfg, ae, caption_channels=width) if text else build_model_config(cfg, ae)
-    model = build_model(cfg.model.family, mcfg).train()
-    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
-    n = cfg.train.global_batch_size
-    x0 = torch.randn(n, mcfg.in_channels, mcfg.input_size, mcfg.input_size)
-    if text:
+        conditioning = TextConditioning(encoder["name"], tokens, width)
         cond = {"encoder_hidden_states": torch.randn(n, tokens, width), "encoder_attention_mask": torch.ones(n, tokens, dtype=torch.bool)}
     else:
-        cond = torch.randint(0, cfg.data.num_classes, (n,))
-
-    def step():
-        t = sample_timesteps(n)
-        noise = torch.randn_like(x0)
-        loss = flow_loss(call_model(model, interpolate(x0, noise, t), t, cond), x0, noise).mean()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+        conditioning = ClassConditioning(cfg.data.num_classes)
+        cond = {"class_labels": torch.randint(0, cfg.data.num_classes, (n,))}
+    mcfg = build_model_config(cfg, ae, conditioning)
+    model = build_model(cfg.model.family, mcfg).train()
+    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    x0 = torch.randn(n, mcfg.in_channels, mcfg.input_size, mcfg.input_size)
+    parallel = Local(model)
+    return lambda: train_step(parallel, opt, [MicroBatch.draw(x0, cond)], 1, grad_clip=cfg.train.grad_clip)
 
 
 def trainer_step_s(stage: str, overrides: list[str], steps: int) -> float:

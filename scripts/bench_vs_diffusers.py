@@ -5,9 +5,11 @@
     python scripts/bench_vs_diffusers.py --compile-ours --compile-mode max-autotune   # Inductor's C++ GEMM templates
     python scripts/bench_vs_diffusers.py --pairs 21 --out bench/vs_diffusers.json
 
-Config (the issue's): 12 blocks, hidden 384, 6 heads, 16x32x32 latents, patch 2, 64 text
-tokens of width 384, batch 8, fp32. Both models get the same weights (ours exported with
-models.diffusers_pixart.to_diffusers) and the same torch.optim.AdamW. Timings are
+Config: 12 blocks, hidden 384, 6 heads, 16x32x32 latents, patch 2, 64 text tokens of width
+384, batch 8, fp32. Both models get the same weights (ours exported with
+models.diffusers_pixart.to_diffusers), the same torch.optim.AdamW and the same training step,
+the trainer's (training/step.py train_step: flow draws, forward, loss, backward, clipping,
+AdamW; diffusers' model called through a thin adapter). Timings are
 interleaved A/B: each pair times a few training steps of ours and of theirs (the order
 alternates pair by pair), the ratio is taken pair by pair and its median reported (single
 timings on shared machines vary by 10%; short pairs, many of them, see the least of it).
@@ -75,33 +77,41 @@ def inputs(seed: int = 1):
 
 
 def optimizer(params):
-    """The one optimizer both models train with (the issue's rule: the same implementation)."""
+    """The one optimizer both models train with (the same implementation, so only the models differ)."""
     import torch
 
     return torch.optim.AdamW(params, lr=1e-4)
 
 
+class DiffusersCall:
+    """diffusers' PixArtTransformer2DModel called the way our models are: (x, t in [0, 1], text, mask)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, t, encoder_hidden_states, encoder_attention_mask):
+        return self.model(x, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask.long(),
+                          timestep=t * 1000, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+
+
 def step_fns(ours, theirs, compile_ours: bool = False, compile_theirs: bool = False, compile_mode: str = "default"):
+    """One training step of each model: the trainer's train_step on the benchmark's batch."""
     import torch
 
-    x, t, text, mask, target = inputs()
+    from training.step import Local, MicroBatch, train_step
+
+    x, _, text, mask, _ = inputs()
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
     fo = torch.compile(ours, mode=compile_mode) if compile_ours else ours
     ft = torch.compile(theirs, mode=compile_mode) if compile_theirs else theirs
     opt_o, opt_t = optimizer(ours.parameters()), optimizer(theirs.parameters())
+    par_o, par_t = Local(ours, fo), Local(theirs, DiffusersCall(ft))
 
     def ours_step():
-        loss = (fo(x, t, text, mask) - target).square().mean()
-        loss.backward()
-        opt_o.step()
-        opt_o.zero_grad(set_to_none=True)
+        train_step(par_o, opt_o, [MicroBatch.draw(x, cond)], 1, grad_clip=1.0)
 
     def theirs_step():
-        out = ft(x, encoder_hidden_states=text, encoder_attention_mask=mask.long(), timestep=t * 1000,
-                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        loss = (out - target).square().mean()
-        loss.backward()
-        opt_t.step()
-        opt_t.zero_grad(set_to_none=True)
+        train_step(par_t, opt_t, [MicroBatch.draw(x, cond)], 1, grad_clip=1.0)
 
     ours_step.optimizer, theirs_step.optimizer = opt_o, opt_t
     return ours_step, theirs_step

@@ -4,80 +4,67 @@
     python scripts/evaluate_checkpoint.py CKPT --cfg 2 4 6 --steps 10 20 40     # a sweep
     python scripts/evaluate_checkpoint.py runs/quality/stage2 --prompts held_out   # text: the held-out captions
 
-Prints a table (EMA weights unless --raw) and writes a grid PNG. Class checkpoints: class /
-shape / colour accuracy. Text checkpoints: caption accuracy (every attribute the prompt names
-right) and per-attribute accuracy, on the held-out demo captions or --prompts given.
+Prints a table (EMA weights unless --raw) and writes a grid PNG per setting into the checkpoint
+folder. Class checkpoints: class / shape / colour accuracy over every class. Text checkpoints:
+caption accuracy (every attribute the prompt names right) and per-attribute accuracy, on the
+held-out demo captions or --prompts given. The same evaluation as the trainer's
+(inference/evaluation.py).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
-    ap.add_argument("--cfg", type=float, nargs="+", default=[4.0])
-    ap.add_argument("--steps", type=int, nargs="+", default=[20])
-    ap.add_argument("--solver", default="euler")
-    ap.add_argument("--shift", type=float, default=None, help="default: the checkpoint's training shift")
+    from flow.sampling import SOLVERS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("checkpoint", help="a checkpoint directory or a run directory (its newest checkpoint)")
+    ap.add_argument("--cfg", type=float, nargs="+", default=[4.0], help="guidance scales to try")
+    ap.add_argument("--steps", type=int, nargs="+", default=[20], help="solver step counts to try")
+    ap.add_argument("--solver", default="euler", choices=SOLVERS, help="ODE solver")
+    ap.add_argument("--shift", type=float, default=None, help="timestep shift (default: the checkpoint's training shift)")
     ap.add_argument("--n", type=int, default=480, help="samples (cycled over the classes or prompts)")
-    ap.add_argument("--prompts", nargs="+", default=["held_out"], help="text checkpoints: prompts, or held_out")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", nargs="+", default=["held_out"], help="text checkpoints: prompts, or held_out (the demo's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     ap.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
     ap.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
                     help="image size in pixels (mmDiT: any multiple of the patch, e.g. an aspect bucket); default: the trained size")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args(argv)
 
-    import torch
+    from data.evaluator import ShapesEvaluator
+    from data.shapes import HELD_OUT_CAPTIONS
+    from inference.evaluation import EvalSpec, evaluate
+    from inference.pipeline import Pipeline
 
-    from data.evaluator import attribute_accuracy, class_attributes
-    from data.shapes import HELD_OUT_CAPTIONS, parse_caption
-    from inference.images import make_grid, save_png, to_uint8
-    from inference.pipeline import SampleSettings, generate, latent_shape, latent_shape_for, load_model, prompt_conditions
-    from training.checkpoint import resolve
-
-    ckpt = resolve(args.checkpoint)
-    model, ae, meta = load_model(ckpt, use_ema=not args.raw)
-    if meta["conditioning"]["type"] == "class":
-        k = meta["conditioning"]["num_classes"]
-        labels = torch.arange(args.n) % k
-        cond, uncond = labels, torch.full_like(labels, k)
-        wanted = class_attributes(labels)
-        keys = ["shape", "colour"]
+    pipe = Pipeline.load(args.checkpoint, use_ema=not args.raw)
+    cond = pipe.conditioning
+    if cond.choices() is None:  # free text: the prompts asked for
+        values = cond.parse(list(HELD_OUT_CAPTIONS) if args.prompts == ["held_out"] else args.prompts)
     else:
-        prompts = list(HELD_OUT_CAPTIONS) if args.prompts == ["held_out"] else args.prompts
-        k = len(prompts)
-        chosen = [prompts[i % k] for i in range(args.n)]
-        cond, uncond = prompt_conditions(meta, chosen)
-        wanted = [parse_caption(p) for p in chosen]
-        keys = ["shape", "colour", "size", "background"]
-    shift = args.shift if args.shift is not None else meta["sampling"]["shift"]
-    shape = latent_shape(meta)
-    if args.size:
-        try:
-            shape = latent_shape_for(meta, ae.downsample, *args.size)
-        except ValueError as e:
-            ap.error(f"--size: {e}")
-    rows = []
-    print(f"| cfg | steps | all | {' | '.join(keys)} |\n|---|---|---|{'---|' * len(keys)}")
+        values = cond.default_inputs()
+    try:
+        shape = pipe.latent_shape(*args.size) if args.size else pipe.latent_shape()
+    except ValueError as e:
+        ap.error(f"--size: {e}")
+    rows, keys = [], None
     for cfg_scale, steps in itertools.product(args.cfg, args.steps):
-        s = SampleSettings(steps=steps, cfg_scale=cfg_scale, solver=args.solver, shift=shift, seed=args.seed)
-        images = generate(model, ae, cond, uncond, shape, s)
-        acc = attribute_accuracy(images, wanted)
-        rows.append({"checkpoint": str(ckpt), "cfg_scale": cfg_scale, "steps": steps, "n": args.n, "latent_shape": list(shape),
-                     **{f"{a}_accuracy": v for a, v in acc.items()}})
-        print(f"| {cfg_scale} | {steps} | {acc['all']:.3f} | {' | '.join(f'{acc[a]:.3f}' for a in keys)} |", flush=True)
-        tag = (f"_{shape[1]}x{shape[2]}" if args.size else "") + (f"_shift{shift:g}" if args.shift is not None else "") + \
+        settings = pipe.defaults(steps=steps, cfg_scale=cfg_scale, solver=args.solver, shift=args.shift, seed=args.seed)
+        tag = (f"_{shape[1]}x{shape[2]}" if args.size else "") + (f"_shift{settings.shift:g}" if args.shift is not None else "") + \
             ("_raw" if args.raw else "")  # one file per setting: a sweep never overwrites another's grid
-        png = ckpt / f"eval_cfg{cfg_scale}_steps{steps}{tag}.png"
-        save_png(make_grid(to_uint8(images[: 4 * k]), ncols=k, upscale=3), png)
+        spec = EvalSpec(values, args.n, settings, shape, ShapesEvaluator())
+        result = evaluate(pipe.model, pipe.autoencoder, cond, spec, pipe.device, pipe.path / f"eval_cfg{cfg_scale}_steps{steps}{tag}.png")
+        scores = {k: v for k, v in result.items() if isinstance(v, float)}
+        if keys is None:
+            keys = list(scores)
+            print(f"| cfg | steps | {' | '.join(keys)} |\n|---|---|{'---|' * len(keys)}")
+        rows.append({"checkpoint": str(pipe.path), "cfg_scale": cfg_scale, "steps": steps, "n": max(args.n, 2 * len(values)),
+                     "latent_shape": list(shape), **scores})
+        print(f"| {cfg_scale} | {steps} | {' | '.join(f'{scores[k]:.3f}' for k in keys)} |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return rows

@@ -12,10 +12,7 @@ other than 4, ...) are refused with the reason.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> Path:
@@ -26,10 +23,13 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
 
     from inference.pipeline import load_model
+    from models.checkpoint import CheckpointError, read_meta
     from models.diffusers_pixart import IncompatibleModel, to_diffusers
-    from training.checkpoint import read_meta
 
-    meta = read_meta(args.checkpoint)
+    try:
+        meta = read_meta(args.checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from e
     if meta["family"] != "mmdit":
         raise SystemExit(f"{args.checkpoint} holds a {meta['family']} ({meta['stage']}); only mmDiT (text) checkpoints map onto PixArt")
     model, _, meta = load_model(args.checkpoint, use_ema=not args.raw)

@@ -1,60 +1,22 @@
-"""Checkpoints: one directory per save, written atomically, describing itself.
+"""Saving during training: a checkpoint per save (models/checkpoint.py's format), the ``latest``
+pointer, pruning, and the training state (optimizer, step, data position).
 
-    <run_dir>/checkpoints/step_0001000/
-        model.safetensors   raw weights           ema.safetensors   EMA weights
-        train_state.pt      optimizer, step, data position (loaded with weights_only=True)
-        config.yaml         the resolved training config
-        meta.json           stage, model family / preset / config, step, code revision, autoencoder, conditioning
-    <run_dir>/checkpoints/latest   name of the newest complete checkpoint, updated last
-
-A save goes to a temporary sibling directory that is renamed into place once
-every file is fsynced, so a crash mid-save never leaves a half-written
-checkpoint under a real name.
+A save goes to a temporary sibling directory that is renamed into place once every file is
+fsynced (models/atomic.py), so a crash mid-save never leaves a half-written checkpoint under a
+real name; ``latest`` is updated last.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from models.linear import portable_state_dict
-
-FORMAT = "flowdit-checkpoint-v1"
-REQUIRED = ("model.safetensors", "train_state.pt", "meta.json", "config.yaml")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or not what the caller expects."""
-
-
-def code_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _state_dict(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
-    """Tensors to save: on the CPU, contiguous, without TE's pickled FP8 state (models/linear.py)."""
-    if not isinstance(model, dict):  # a module, not an already gathered FSDP full state dict
-        model = getattr(model, "module", model).state_dict()  # unwrap DDP
-    return {k: v.detach().contiguous().cpu() for k, v in portable_state_dict(model).items()}
+from models.atomic import atomic_write_text
+from models.checkpoint import CheckpointError, list_checkpoints, step_of, write_checkpoint
+from training.distributed import barrier
 
 
 def save_checkpoint(
@@ -70,39 +32,10 @@ def save_checkpoint(
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_state_dict(model), tmp / "model.safetensors")
-    _fault_injection_pause()
-    if ema is not None:
-        save_file(_state_dict(ema), tmp / "ema.safetensors")
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, **meta, "step": step, "has_ema": ema is not None}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    final = write_checkpoint(root / name, {**meta, "step": step}, model, ema, files={"config.yaml": config_yaml},
+                             write=lambda tmp: torch.save(train_state, tmp / "train_state.pt"))
+    atomic_write_text(root / "latest", name + "\n")
     return final
-
-
-def _fault_injection_pause() -> None:
-    """Fault-injection hook for tests/reliability: stall mid-save so a kill lands inside a write."""
-    pause = float(os.environ.get("FLOWDIT_FAULT_SAVE_PAUSE", "0") or 0)
-    if pause > 0:
-        import time
-
-        time.sleep(pause)
 
 
 def remove_partial_saves(ckpt_root: str | os.PathLike) -> list[Path]:
@@ -114,77 +47,13 @@ def remove_partial_saves(ckpt_root: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``ckpt_root``, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and all((p / f).exists() for f in REQUIRED)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint: the ``latest`` pointer if valid, else a scan."""
-    root = Path(ckpt_root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if cand.is_dir() and all((cand / f).exists() for f in REQUIRED):
-            return cand
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
 def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int, keep_every: int = 0) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (and every ``keep_every``-th step)."""
     found = list_checkpoints(ckpt_root)
     for p in found[: max(0, len(found) - keep_last)]:
-        step = int(p.name.split("_")[1])
-        if keep_every and step % keep_every == 0:
+        if keep_every and step_of(p) % keep_every == 0:
             continue
         shutil.rmtree(p, ignore_errors=True)
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from what a user is likely to pass: the directory itself,
-    a ``checkpoints/latest`` pointer, a ``checkpoints`` folder or a run directory (newest inside)."""
-    p = Path(path)
-    if p.is_file() and p.name == "latest":
-        p = p.parent
-    if (p / "meta.json").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        if (root / "latest").is_file() or list(root.glob("step_*")):
-            found = latest_checkpoint(root)
-            if found is not None:
-                return found
-    return p  # read_meta says what is wrong with it
-
-
-def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    ckpt_dir = resolve(ckpt_dir)
-    path = Path(ckpt_dir) / "meta.json"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{ckpt_dir} is not a checkpoint directory of this project (no meta.json). "
-            "Pass a folder like runs/<run>/checkpoints/step_0001000."
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
-def load_weights(ckpt_dir: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
-    """Weights from safetensors (never pickle)."""
-    name = "ema.safetensors" if ema else "model.safetensors"
-    path = resolve(ckpt_dir) / name
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing" + (" (this checkpoint was saved without EMA)" if ema else ""))
-    try:
-        return load_file(path)
-    except Exception as e:  # truncated or corrupt file
-        raise CheckpointError(f"{path} cannot be read ({e}); it is truncated or corrupt. Resume from an older checkpoint.") from e
 
 
 def load_train_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
@@ -196,3 +65,36 @@ def load_train_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} cannot be loaded safely ({type(e).__name__}: {e}). Only tensors and plain containers are "
             "accepted (weights_only=True); the file is corrupt, truncated, or not from this project."
         ) from e
+
+
+class Checkpointer:
+    """The run's saves: weights and EMA (gathered first under FSDP), the optimizer and data position,
+    the recorded config and meta; then pruning. Every rank calls ``save`` (FSDP gathers are collective);
+    rank 0 writes, and nobody goes on before the save is complete."""
+
+    def __init__(self, ckpt_root: Path, meta: dict, config_yaml: str, keep_last: int, keep_every: int, parallel, ema, logger):
+        self.root, self.meta, self.config_yaml = ckpt_root, meta, config_yaml
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.parallel, self.ema, self.logger = parallel, ema, logger
+        self.last: Path | None = None  # on rank 0
+        self.last_step: int | None = None  # on every rank: they must agree on whether to save
+
+    def save(self, step: int, optimizer, batches_done: int) -> Path | None:
+        p = self.parallel
+        p.check_replicas(step)
+        weights, ema_weights = p.full_weights(p.model), p.full_weights(self.ema)
+        optimizer_state = p.full_optimizer_state(optimizer)
+        path = None
+        if p.dist_info.is_main:
+            state = {"optimizer": optimizer_state, "optimizer_format": p.optimizer_format, "step": step, "batches_done": batches_done}
+            path = save_checkpoint(self.root, step, weights, ema_weights, state, self.config_yaml, self.meta)
+            prune_checkpoints(self.root, self.keep_last, self.keep_every)
+            self.logger.write(f"saved checkpoint {path}")
+        barrier(p.dist_info)  # nobody races ahead of (or reads) a half-finished save
+        self.last, self.last_step = path, step
+        return path
+
+    def save_once(self, step: int, optimizer, batches_done: int) -> None:
+        """Save ``step`` unless it is saved already (a periodic save just before a stop)."""
+        if self.last_step != step:
+            self.save(step, optimizer, batches_done)

@@ -1,10 +1,14 @@
 """A stage's Hydra config exactly as its entry point (train_stageN.py) would see it, for the
-scripts and tests that need one without running the stage."""
+scripts and tests that need one without running the stage; and the error a bad config raises."""
 from __future__ import annotations
 
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """The config asks for something impossible; the message says what to change."""
 
 
 def compose(stage: str = "stage1", overrides=()):

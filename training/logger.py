@@ -1,4 +1,4 @@
-"""Run logging: a console progress bar (rank 0), metrics.jsonl, optional wandb."""
+"""Run logging: a console progress bar (rank 0), metrics.jsonl, optional wandb; the loss statistics behind them."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from flow.rectified_flow import loss_by_bin
+from training.distributed import DistInfo, all_reduce_mean
+from training.guards import SpikeDetector
 
 log = logging.getLogger("flowdit")
 
@@ -80,3 +86,61 @@ class RunLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class LossStats:
+    """Loss sums between two log lines: the mean over finite micro-batches (a non-finite one is
+    left out, and counted by the guard) and the mean by timestep bin, reduced across ranks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.loss_n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.bin_sums, self.bin_counts = torch.zeros(10, device=self.device), torch.zeros(10, device=self.device)
+
+    def add(self, micro_loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        """``micro_loss``: this micro-batch's mean loss; ``per_sample`` (N,) at timesteps ``t`` (N,)."""
+        finite = torch.isfinite(micro_loss)
+        self.loss_sum += torch.where(finite, micro_loss, 0.0)
+        self.loss_n += finite
+        s, c = loss_by_bin(per_sample, t)
+        self.bin_sums += s
+        self.bin_counts += c
+
+    def reduce(self, dist_info: DistInfo) -> tuple[float, list[float]]:
+        """(mean loss (NaN if every micro-batch was non-finite), mean loss per timestep bin); then reset."""
+        mean_loss = all_reduce_mean(self.loss_sum / self.loss_n, dist_info).item()
+        bins = (all_reduce_mean(self.bin_sums, dist_info) / all_reduce_mean(self.bin_counts, dist_info).clamp(min=1e-9)).tolist()
+        self.reset()
+        return mean_loss, bins
+
+
+class Meter:
+    """The training metrics between log lines: losses (``add``), then at each logging interval
+    (``report``) one metrics.jsonl record, the progress display and a note on loss spikes."""
+
+    def __init__(self, logger: RunLogger, dist_info: DistInfo, global_batch: int, spike_factor: float):
+        self.logger, self.dist_info, self.global_batch = logger, dist_info, global_batch
+        self.stats, self.spikes = LossStats(dist_info.device), SpikeDetector(spike_factor)
+        self.steps, self.since, self.last_loss = 0, time.time(), None
+
+    def add(self, losses) -> None:
+        """One step's (mean loss, per-sample loss, t) per micro-batch (training/step.py StepOutput.losses)."""
+        for loss, per_sample, t in losses:
+            self.stats.add(loss, per_sample, t)
+        self.steps += 1
+
+    def report(self, step: int, **extra) -> float:
+        """Log the interval's metrics (with ``extra``: lr, grad_norm, ...); returns its mean loss."""
+        mean_loss, bins = self.stats.reduce(self.dist_info)
+        it_s = self.steps / max(time.time() - self.since, 1e-9)
+        metrics = {"loss": mean_loss, **extra, "it_s": it_s, "img_s": it_s * self.global_batch,
+                   **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
+        self.logger.log(step, metrics)
+        self.logger.step(step, self.steps, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
+        if self.spikes.update(mean_loss):
+            self.logger.write(f"step {step}: loss spike {mean_loss:.4f} (running average {self.spikes.avg:.4f})")
+        self.steps, self.since, self.last_loss = 0, time.time(), mean_loss
+        return mean_loss

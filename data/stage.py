@@ -1,0 +1,57 @@
+"""The shards a training stage reads, from its data config (``configs/data/*.yaml``).
+
+The demo data is built on first use (``data.generate``: the shapes renderer, data/shapes.py);
+a stage-5 style subset (``data.min_score``: samples whose ``scores[data.score_key]`` reach it) is
+written once beside the full data. Only the main process writes; the others wait for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from data.shards import ShardError, read_manifest, write_subset
+
+
+def stage_shards(data_cfg, seed: int, is_main: bool = True, wait: Callable[[], None] = lambda: None,
+                 log: Callable[..., None] = print) -> tuple[Path, dict]:
+    """(the shard folder to train on, its manifest), building what is missing."""
+    path = Path(data_cfg.path)
+    min_score = data_cfg.get("min_score")
+    if min_score is None:
+        if data_cfg.generate and not (path / "manifest.json").exists():
+            if is_main:
+                build_demo(data_cfg, path, seed, log)
+            wait()
+        return path, read_manifest(path)
+    key = data_cfg.score_key
+    subset = Path(f"{path}-{key}{min_score:g}")
+    if is_main and not (subset / "manifest.json").exists():
+        if data_cfg.generate and not (path / "manifest.json").exists():
+            build_demo(data_cfg, path, seed, log)
+        n = write_subset(path, subset, lambda meta: _score(meta, key) >= min_score)
+        log(f"wrote the subset with {key} >= {min_score:g}: {n} samples in {subset}")
+    wait()
+    return subset, read_manifest(subset)
+
+
+def build_demo(data_cfg, path: Path, seed: int, log: Callable[..., None] = print) -> None:
+    """The shapes demo data, as the data config describes it (buckets for stage 4, captions and
+    held-out combinations for the text stages)."""
+    if data_cfg.get("name") != "shapes":
+        raise ShardError(f"data.generate=true only builds the shapes demo data, not {data_cfg.get('name')!r}")
+    from data.shapes import build_shards
+
+    canvases = None
+    spec = data_cfg.get("buckets")
+    if spec:  # aspect-ratio buckets from a pixel count and a step (stage 4)
+        from data.buckets import make_buckets
+
+        canvases = make_buckets(int(spec.target_pixels), int(spec.step), float(spec.get("max_ratio", 4.0)))
+    log(f"building {data_cfg.num_samples} shapes samples into {path} (first use only)")
+    build_shards(path, data_cfg.num_samples, data_cfg.image_size, seed=seed, text_encoder=data_cfg.get("text_encoder"),
+                 max_length=data_cfg.get("max_length", 16), holdout=bool(data_cfg.get("holdout", False)), canvases=canvases)
+
+
+def _score(meta: dict, key: str) -> float:
+    value = (meta.get("scores") or {}).get(key)
+    return float("-inf") if value is None else float(value)

@@ -1,0 +1,43 @@
+"""The trainer's side of the data: a loader over the stage's shards that resumes at the exact
+batch, counts what it read and the bad samples it skipped, checks that DDP ranks read different
+samples, and turns each batch into the flow's inputs (training/step.py ``MicroBatch``)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from data.shards import ShardStream
+from training.distributed import DistInfo, shared_items
+from training.setup import RunSpec
+from training.step import MicroBatch
+
+
+class Feed:
+    def __init__(self, cfg, spec: RunSpec, dist_info: DistInfo, batches_done: int):
+        self.spec, self.dist_info, self.device = spec, dist_info, dist_info.device
+        stream = ShardStream(spec.data_path, spec.micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer,
+                             batches_done, max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01)),
+                             text_names=spec.conditioning.stored_captions())
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                                  pin_memory=self.device.type == "cuda")
+        self._batches = iter(self.loader)
+        self.batches_done, self.bad_samples, self.first_batch_overlap = batches_done, 0, None
+        self.scale, self.shift = float(spec.manifest["scaling_factor"]), float(spec.manifest["shift_factor"])
+        t = cfg.train.timestep
+        self.timesteps = (t.logit_mean, t.logit_std, spec.shift)
+        self.cond_dropout = cfg.train.cond_dropout
+
+    def micro_batches(self, gen: torch.Generator) -> Iterator[MicroBatch]:
+        """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``."""
+        while True:
+            batch = next(self._batches)
+            self.batches_done += 1
+            self.bad_samples = max(self.bad_samples, int(batch.get("bad_samples", 0)))
+            if self.first_batch_overlap is None:
+                self.first_batch_overlap = shared_items(batch["keys"], self.dist_info)  # ranks must read different samples
+                if self.first_batch_overlap:
+                    raise RuntimeError(f"DDP ranks read {self.first_batch_overlap} identical samples in their first batch")
+            x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
+            cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
+            yield MicroBatch.draw(x0, cond, *self.timesteps, gen)

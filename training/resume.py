@@ -1,0 +1,126 @@
+"""Where a run starts: its own newest checkpoint (``resume``), another checkpoint's weights
+(``stage.init_from``: the previous stage after reparameterize.py, or a run to fine-tune), or
+scratch. Checkpoints of another stage, architecture or parallel layout are refused with what to
+do instead."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from models.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_meta
+from models.linear import load_portable
+from models.presets import config_from_dict
+from training.checkpoint import load_train_state, remove_partial_saves
+from training.config import ConfigError
+from training.logger import log
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: the checkpoint it resumes (None: a new run), the optimizer state to
+    load, the step and the number of batches already read."""
+
+    checkpoint: Path | None = None
+    optimizer_state: dict | None = None
+    step: int = 0
+    batches_done: int = 0
+
+
+def model_config_changes(meta: dict, model_config: dict) -> dict:
+    """{key: (checkpoint, now)} for every architecture setting that differs. Keys a checkpoint
+    predates count as their default; pixels_per_latent only matters with micro-conditions."""
+    old = asdict(config_from_dict(meta["family"], meta["model_config"]))
+    changed = {k: (old.get(k), v) for k, v in model_config.items() if old.get(k) != v}
+    if not model_config.get("micro_conditions") and not old.get("micro_conditions"):
+        changed.pop("pixels_per_latent", None)
+    return changed
+
+
+def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
+    if cfg.resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    if cfg.resume in (None, "none"):
+        if list_checkpoints(ckpt_root):
+            raise ConfigError(
+                f"{ckpt_root} already has checkpoints and resume=none: use resume=auto to continue that run, "
+                "or a new run_dir to start another"
+            )
+        return None
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint directory")
+    return path
+
+
+def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: dict, family: str) -> None:
+    """Start a fresh run from another checkpoint's weights (its EMA if it has one)."""
+    meta = read_meta(source)
+    mine = model_config.get("caption_channels")
+    if meta.get("family") != family:
+        hint = " Run `python reparameterize.py SOURCE OUT` and pass OUT as stage.init_from." if meta.get("family") == "ccdit" else ""
+        raise ConfigError(
+            f"stage.init_from={source} is a {meta.get('stage')} {meta.get('family')} checkpoint but this stage trains a {family}.{hint}"
+        )
+    theirs = meta["model_config"].get("caption_channels")
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ConfigError(
+            f"stage.init_from={source} was built for text embeddings of width {theirs}, but the shards' text encoder "
+            f"gives width {mine}. Reparameterize with --caption-channels {mine}, or use shards from the matching encoder."
+        )
+    changed = model_config_changes(meta, model_config)
+    if changed:
+        grid = changed.get("pos_grid")
+        raise ConfigError(
+            f"stage.init_from={source} holds a different model (checkpoint, this run): {changed}. "
+            + (f"Rebuild it with reparameterize.py ... --pos-grid {grid[1]}, or set model.pos_grid={grid[0]}."
+               if grid and len(changed) == 1 else
+               "Reparameterize it for this stage first (reparameterize.py) or fix the model config.")
+        )
+    weights = load_weights(source, ema=meta.get("has_ema", False))
+    load_portable(model, weights)
+    load_portable(ema, weights)
+    log.info("initialized from %s (%s, step %d)", source, meta["stage"], meta["step"])
+
+
+def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer, ckpt_root: Path, model_config: dict,
+                   use_fsdp: bool, is_main: bool) -> ResumePoint:
+    """Load the run's latest checkpoint into model, EMA and (unless FSDP shards it later) the
+    optimizer; or, for a new run, the stage.init_from weights."""
+    if is_main:
+        for stale in remove_partial_saves(ckpt_root):
+            log.info("removed %s, left by a save that was interrupted", stale)
+    resume_from = find_resume(cfg, ckpt_root)
+    if resume_from is None:
+        if cfg.stage.init_from:
+            init_weights(model, ema, cfg.stage.init_from, model_config, cfg.model.family)
+        return ResumePoint()
+    meta = read_meta(resume_from)
+    if meta["stage"] != cfg.stage.name:
+        raise ConfigError(
+            f"cannot resume {resume_from}: it is a {meta['stage']} checkpoint and this is {cfg.stage.name}. "
+            "To start a stage from the previous one, reparameterize it and use stage.init_from."
+        )
+    changed = model_config_changes(meta, model_config)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
+            "Architecture keys must match to resume; start a new run_dir instead."
+        )
+    load_portable(model, load_weights(resume_from))
+    load_portable(ema, load_weights(resume_from, ema=True))
+    state = load_train_state(resume_from)
+    saved_format = state.get("optimizer_format", "torch")
+    if saved_format != ("fsdp_full" if use_fsdp else "torch"):
+        raise ConfigError(
+            f"cannot resume {resume_from}: its optimizer state was saved by a "
+            f"{'multi-process FSDP' if saved_format == 'fsdp_full' else 'DDP or single-process'} run, and this run is "
+            f"{'multi-process FSDP' if use_fsdp else 'DDP or single-process'}. Resume with the same train.parallel and "
+            "number of processes, or start a new run_dir from its weights with stage.init_from."
+        )
+    if not use_fsdp:
+        optimizer.load_state_dict(state["optimizer"])
+    log.info("resumed from %s at step %d", resume_from, int(state["step"]))
+    return ResumePoint(resume_from, state["optimizer"], int(state["step"]), int(state["batches_done"]))

@@ -1,0 +1,105 @@
+"""The training step, written once: the trainer and every benchmark that times a step call it.
+
+Rectified flow (flow/rectified_flow.py): draw t, interpolate, predict the velocity, MSE; the
+gradient accumulated over micro-batches, clipped, then the optimizer step and the EMA update.
+How the model is spread over ranks (DDP, FSDP2, fused weight gradients) reaches the step only
+through a :class:`Local`-like object, so a benchmark passes ``Local(model)`` and times exactly
+what the trainer runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+import torch.nn as nn
+
+from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
+from inference.pipeline import call_model
+from training.ema import update_ema
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The random stream of one training step on one rank: a pure function of (seed, rank, step),
+    so a resumed run draws exactly the noise, timesteps and dropout an uninterrupted one would."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+    return g
+
+
+@dataclass
+class MicroBatch:
+    """The flow's inputs: x0 (N, C, H, W) normalized latents, cond (the model's condition keyword
+    arguments), t (N,) flow times, noise (N, C, H, W)."""
+
+    x0: torch.Tensor
+    cond: dict[str, Any]
+    t: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def draw(cls, x0: torch.Tensor, cond: dict[str, Any], logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
+             gen: torch.Generator | None = None) -> "MicroBatch":
+        """Timesteps (logit-normal, shifted), then noise, from ``gen``."""
+        t = sample_timesteps(x0.shape[0], logit_mean, logit_std, shift, gen, x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+        return cls(x0, cond, t, noise)
+
+
+class Local:
+    """One process, one model: no gradient synchronization. ``module`` is what the step calls (the
+    model itself, or a compiled or DDP-wrapped version of it); ``model`` holds the parameters."""
+
+    def __init__(self, model: nn.Module, module: nn.Module | None = None):
+        self.model, self.module = model, module if module is not None else model
+
+    def sync(self, last_micro: bool) -> ContextManager:
+        """The context a micro-batch's forward runs in: gradients are synchronized on the last only."""
+        return contextlib.nullcontext()
+
+    def reduce_gradients(self) -> None:
+        """After the last backward, gradients that bypass the usual all-reduce (fused wgrad)."""
+
+    def clip(self, max_norm: float) -> float:
+        """Clip the gradient to ``max_norm``; its norm before clipping."""
+        return float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def after_step(self) -> None:
+        """After the update: reset what ``reduce_gradients`` used."""
+
+
+@dataclass
+class StepOutput:
+    """losses: per micro-batch (mean loss, per-sample loss (N,), t (N,)), detached; grad_norm: before
+    clipping; applied: False when ``may_apply`` refused the update (a non-finite gradient)."""
+
+    losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    grad_norm: float
+    applied: bool
+
+
+def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches: Iterable[MicroBatch], accum: int, *,
+               grad_clip: float, forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
+               may_apply: Callable[[float], bool] | None = None, ema: nn.Module | None = None, ema_decay: float = 0.0) -> StepOutput:
+    """One optimizer step over ``accum`` micro-batches (read lazily from ``micro_batches``, so a data
+    loader can feed them): forward and loss under ``forward_context`` (autocast, FP8), backward,
+    then the gradient clipped, and unless ``may_apply(grad_norm)`` says no, the update and the EMA."""
+    losses = []
+    for i, mb in zip(range(accum), micro_batches):
+        with parallel.sync(i == accum - 1), forward_context():
+            pred = call_model(parallel.module, interpolate(mb.x0, mb.noise, mb.t), mb.t, mb.cond)  # (N, C, H, W) velocity
+            per_sample = flow_loss(pred, mb.x0, mb.noise)  # (N,)
+            loss = per_sample.mean() / accum
+        loss.backward()
+        losses.append((loss.detach() * accum, per_sample.detach(), mb.t))
+    parallel.reduce_gradients()
+    grad_norm = parallel.clip(grad_clip)
+    applied = may_apply is None or may_apply(grad_norm)
+    if applied:
+        optimizer.step()
+        if ema is not None:
+            update_ema(ema, parallel.model, ema_decay)
+    optimizer.zero_grad(set_to_none=True)
+    parallel.after_step()
+    return StepOutput(losses, grad_norm, applied)
