@@ -92,6 +92,9 @@ class _MXFP8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+_MX_ADVICE = "(and MLP ratio) that keep every projection a multiple of 32, or use precision.linear=torch"
+
+
 class MXFP8EmulatedLinear(nn.Linear):
     """nn.Linear whose GEMMs (forward, dgrad, wgrad) run on MXFP8-quantized operands.
 
@@ -101,10 +104,14 @@ class MXFP8EmulatedLinear(nn.Linear):
 
     fuse_wgrad_accumulation = False
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        check_dims(self, MX_BLOCK, "MXFP8", _MX_ADVICE)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "MXFP8EmulatedLinear":
         """The same layer (the same parameter tensors) computing in MXFP8."""
-        check_dims(linear, MX_BLOCK, "MXFP8", "(and MLP ratio) that keep every projection a multiple of 32, or use precision.linear=torch")
+        check_dims(linear, MX_BLOCK, "MXFP8", _MX_ADVICE)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features

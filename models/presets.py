@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from models.ccdit import CCDiT, CCDiTConfig
+from models.layers import check_transformer_shape
 from models.mmdit import MMDiT, MMDiTConfig
 
 _DIT = dict(mlp_ratio=4.0)
@@ -39,14 +40,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 MODEL_CLASSES = {"ccdit": (CCDiT, CCDiTConfig), "mmdit": (MMDiT, MMDiTConfig)}
 
 
-def model_config(family: str, preset: str, **fields: Any):
-    """Config dataclass for ``family`` / ``preset`` with data-dependent ``fields`` filled in."""
+def preset_fields(family: str, preset: str) -> dict[str, Any]:
+    """The shape a preset fixes; ValueError naming the legal names."""
     if family not in PRESETS:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PRESETS)}")
     if preset not in PRESETS[family]:
         raise ValueError(f"unknown {family} preset {preset!r}; expected one of {sorted(PRESETS[family])}")
+    return dict(PRESETS[family][preset])
+
+
+def check_shape(family: str, preset: str, input_size: int) -> None:
+    """The preset at this latent size obeys the shape rules (before anything is built or read)."""
+    p = preset_fields(family, preset)
+    check_transformer_shape(input_size, p["patch_size"], p["hidden_size"], p["num_heads"])
+
+
+def model_config(family: str, preset: str, **fields: Any):
+    """Config dataclass for ``family`` / ``preset`` with data-dependent ``fields`` filled in."""
     _, config_cls = MODEL_CLASSES[family]
-    return config_cls(**{**PRESETS[family][preset], **fields})
+    return config_cls(**{**preset_fields(family, preset), **fields})
 
 
 # Keys older checkpoints' model configs carry that are no longer architecture: precision.linear

@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,6 +16,13 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "shapes_16"
     build_shards(out, num_samples=2000, image_size=16, seed=0, samples_per_shard=500)
     return out
+
+
+def fault_env(save_pause: float = 0, unit_pause: float = 0, **extra) -> dict:
+    """The environment of a child process with faults injected (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "FLOWDIT_TEST_SAVE_PAUSE": str(save_pause),
+            "FLOWDIT_TEST_UNIT_PAUSE": str(unit_pause), **extra}
 
 
 def compose(overrides=(), config_name="stage1"):

@@ -1,6 +1,7 @@
 import torch.nn as nn
 
-from training.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, read_meta, save_checkpoint
+from models.checkpoint import latest_checkpoint, list_checkpoints, read_meta
+from training.checkpoint import prune_checkpoints, save_checkpoint
 
 
 def _save(root, step):
@@ -29,3 +30,25 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     _save(tmp_path, 5)
     path = _save(tmp_path, 5)
     assert read_meta(path)["step"] == 5 and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_checkpoints_of_the_previous_layout_still_load(tmp_path, shapes_dir):
+    """Checkpoints written before precision left the architecture carry model_config.linear_backend: the
+    sampler, stage.init_from and resume all take them."""
+    import json
+
+    from conftest import compose, tiny_overrides
+    from inference.pipeline import Pipeline
+    from training.trainer import train
+
+    first = train(compose(tiny_overrides(tmp_path / "old", shapes_dir, **{"train.max_steps": 3})))
+    for ckpt in (tmp_path / "old" / "run" / "checkpoints").glob("step_*"):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["model_config"]["linear_backend"] = "mxfp8_emulated"  # what the previous layout wrote
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    pipe = Pipeline.load(first["checkpoint"])
+    assert pipe(pipe.conditioning.parse(["0", "1"]), pipe.defaults(steps=2)).shape == (2, 3, 16, 16)
+    resumed = train(compose(tiny_overrides(tmp_path / "old", shapes_dir, **{"train.max_steps": 5})))
+    assert resumed["step"] == 5 and resumed["steps_this_run"] == 2
+    started = train(compose(tiny_overrides(tmp_path / "new", shapes_dir, **{"stage.init_from": first["checkpoint"]})))
+    assert started["step"] == 6

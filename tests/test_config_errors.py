@@ -6,7 +6,8 @@ from hydra.errors import ConfigCompositionException
 
 from conftest import ROOT, compose, tiny_overrides
 from data.shards import ShardError
-from training.trainer import ConfigError, train
+from training.config import ConfigError
+from training.trainer import train
 
 STAGE_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("stage[0-9].yaml"))
 
@@ -101,7 +102,7 @@ def test_wandb_without_the_package_says_how_to_install_it(tmp_path, shapes_dir):
 def test_bf16_autocast_on_cpu_only_when_asked(monkeypatch):
     import torch
 
-    from training.trainer import autocast_enabled
+    from training.precision import autocast_enabled
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cfg = compose().precision  # the default: torch linears, autocast bf16, autocast_cpu false

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import compose, stage2_overrides
+from conftest import compose, fault_env, stage2_overrides
 
 import reparameterize
 from scripts import evaluate_checkpoint
 from models.presets import build_model
 from models.reparam import mmdit_transition
-from training.checkpoint import load_weights, read_meta
+from models.checkpoint import load_weights, read_meta
 from training.trainer import train
 
 
@@ -122,9 +122,10 @@ def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_d
                                                                                      "train.max_steps": 2}), "stage4"))
     assert read_meta(s4["checkpoint"])["model_config"]["micro_conditions"] is True
     rows = evaluate_checkpoint.main([str(tmp_path / "s4" / "run"), "--size", "24", "40", "--n", "3", "--cfg", "2"])
-    assert rows[0]["latent_shape"] == [3, 24, 40] and 0.0 <= rows[0]["all_accuracy"] <= 1.0
+    assert rows[0]["latent_shape"] == [3, 24, 40] and 0.0 <= rows[0]["caption_accuracy"] <= 1.0
     grid = Image.open(Path(s4["checkpoint"]) / "eval_cfg2.0_steps20_24x40.png")
-    assert grid.size == (12 * (3 * 40 + 2) + 2, 3 * 24 + 2 + 2)  # one row: 12 prompt columns of 24x40 samples, upscaled 3x
+    # the trainer's grid: 12 prompt columns, at least 2 samples a prompt (2 rows) of 24x40, upscaled 96 // 40 = 2x
+    assert grid.size == (12 * (2 * 40 + 2) + 2, 2 * (2 * 24 + 2) + 2)
     with pytest.raises(SystemExit):
         evaluate_checkpoint.main([str(tmp_path / "s4" / "run"), "--size", "23", "40", "--n", "3"])
 
@@ -145,7 +146,7 @@ def test_checkpoints_that_predate_a_config_field_still_resume():
     from dataclasses import asdict
 
     from models.presets import model_config
-    from training.trainer import model_config_changes
+    from training.resume import model_config_changes
 
     now = asdict(model_config("mmdit", "tiny", input_size=8, in_channels=3, caption_channels=24, pixels_per_latent=1))
     old = {k: v for k, v in now.items() if k not in ("micro_conditions", "pixels_per_latent", "block")}
@@ -182,7 +183,7 @@ def test_the_curriculum_runs_resumes_after_a_kill_in_stage3_and_skips_finished_s
     with open(log1, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_demo.py"), *args], cwd=ROOT, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "FLOWDIT_FAULT_SAVE_PAUSE": "1.5"})
+                                env=fault_env(save_pause=1.5, OMP_NUM_THREADS="1"))
         t0 = time.time()
         while not (out / "stage3" / "checkpoints" / "step_0000001" / "meta.json").exists():
             assert proc.poll() is None, log1.read_text()[-3000:]
@@ -292,7 +293,7 @@ def test_compiled_stage4_trains_across_bucket_shapes_like_eager(tmp_path):
     from torch._dynamo.utils import counters
 
     from conftest import tiny_overrides
-    from training.checkpoint import load_weights as weights_of
+    from models.checkpoint import load_weights as weights_of
 
     def run(name, **extra):
         return train(compose(tiny_overrides(tmp_path / name, tmp_path / "buckets", **{

@@ -48,10 +48,11 @@ def _ddp_one_step(rank, world, init_file, backend, out_dir):
 
 
 def _model_and_batch(backend):
+    from models.linear import convert
     from models.presets import build_model, model_config
 
     torch.manual_seed(0)
-    model = build_model("ccdit", model_config("ccdit", "tiny", input_size=8, in_channels=3, num_classes=4, linear_backend=backend))
+    model = convert(build_model("ccdit", model_config("ccdit", "tiny", input_size=8, in_channels=3, num_classes=4)), backend)
     for p in model.parameters():  # leave the zero init so every weight gets a gradient
         p.data.add_(0.05 * torch.randn_like(p))
     g = torch.Generator().manual_seed(1)
@@ -135,7 +136,7 @@ def test_fused_wgrad_protocol_under_ddp_equals_single_process(tmp_path):
 def test_fused_wgrad_in_the_trainer(tmp_path, shapes_dir):
     """precision.fuse_wgrad=true: one process trains to the same weights as without it, and a
     2-process DDP run keeps the replicas identical (the trainer's check at every save)."""
-    from training.checkpoint import load_weights
+    from models.checkpoint import load_weights
     from training.trainer import train
 
     from conftest import compose

@@ -7,7 +7,7 @@ import sys
 import torch
 from conftest import ROOT, tiny_overrides
 
-from training.checkpoint import load_weights
+from models.checkpoint import load_weights
 
 
 def _torchrun(tmp_path, run, overrides):
@@ -36,5 +36,5 @@ def test_fsdp_trains_resumes_matches_ddp_and_loads_in_one_process(tmp_path, shap
 
     model, ae, meta = load_model(fsdp["checkpoint"])
     labels = torch.arange(4)
-    images = generate(model, ae, labels, torch.full_like(labels, 12), latent_shape(meta), SampleSettings(steps=3, cfg_scale=2.0))
+    images = generate(model, ae, {"class_labels": labels}, {"class_labels": torch.full_like(labels, 12)}, latent_shape(meta), SampleSettings(steps=3, cfg_scale=2.0))
     assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()

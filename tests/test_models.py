@@ -3,7 +3,7 @@ import torch
 
 from models.ccdit import CCDiT, CCDiTConfig
 from models.layers import MLP, Attention, gelu_tanh, gelu_tanh_sigmoid, sincos_2d, timestep_sinusoid
-from models.linear import make_linear
+from models.linear import MXFP8EmulatedLinear, convert
 from models.presets import PRESETS, build_model, count_parameters, model_config
 
 
@@ -50,7 +50,7 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="unknown ccdit preset"):
         model_config("ccdit", "XXL/2")
     with pytest.raises(ValueError, match="unknown linear backend"):
-        make_linear(4, 4, backend="int3")
+        convert(CCDiT(CCDiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2)), "int3")
 
 
 def test_sincos_2d_matches_diffusers_layout():
@@ -98,7 +98,9 @@ def test_mlp_without_autograd_is_the_same_function_in_chunks(backend):
     """Sampling's MLP path (in-place GELU, tokens in chunks) equals the training path; here with
     chunks of 7 token rows over 3 x 5 tokens (7 + 7 + 1)."""
     torch.manual_seed(0)
-    mlp = MLP(32, 4.0, linear_backend=backend)
+    mlp = MLP(32, 4.0)
+    if backend == "mxfp8_emulated":
+        mlp.fc1, mlp.fc2 = MXFP8EmulatedLinear.from_linear(mlp.fc1), MXFP8EmulatedLinear.from_linear(mlp.fc2)
     mlp.INFERENCE_CHUNK_BYTES = 7 * 128 * 4  # 7 rows of the 128-wide fp32 hidden activation
     x = torch.randn(3, 5, 32)
     ref = mlp(x)  # autograd on: fc2(gelu(fc1(x)))

@@ -1,11 +1,12 @@
 """MXFP8 emulation: exact where the format is exact, bounded where it rounds."""
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from models.linear import MXFP8EmulatedLinear, make_linear, mx_quantize, mx_scales, transformer_engine
+from models.linear import MXFP8EmulatedLinear, mx_quantize, mx_scales, te_linear, transformer_engine
 
 E4M3_GRID = torch.tensor(sorted({float(torch.tensor(b, dtype=torch.uint8).view(torch.float8_e4m3fn)) for b in range(256)} - {float("nan")}))
 E4M3_GRID = E4M3_GRID[torch.isfinite(E4M3_GRID)]
@@ -79,14 +80,14 @@ def test_emulated_linear_forward_and_backward_use_quantized_operands():
 
 def test_shape_constraints_and_missing_transformer_engine_are_clear():
     with pytest.raises(ValueError, match="MXFP8 needs linear dimensions divisible by 32, but in_features=48"):
-        make_linear(48, 64, backend="mxfp8_emulated")
+        MXFP8EmulatedLinear.from_linear(nn.Linear(48, 64))
     try:
         importlib.import_module("transformer_engine.pytorch")
         pytest.skip("Transformer Engine is installed here")
     except (ImportError, RuntimeError):
         pass
     with pytest.raises(RuntimeError, match="precision.linear=te needs NVIDIA Transformer Engine.*mxfp8_emulated"):
-        make_linear(64, 64, backend="te")
+        te_linear(nn.Linear(64, 64))
     with pytest.raises(RuntimeError, match="Transformer Engine"):
         transformer_engine()
 
@@ -97,9 +98,10 @@ def test_trainer_runs_with_the_emulated_backend_and_refuses_te(tmp_path, shapes_
 
     summary = train(compose(tiny_overrides(tmp_path / "mx", shapes_dir, precision="mxfp8_emulated")))
     assert summary["step"] == 6 and summary["final_loss"] < 10
-    from training.checkpoint import read_meta
+    from models.checkpoint import read_meta
 
-    assert read_meta(summary["checkpoint"])["model_config"]["linear_backend"] == "mxfp8_emulated"
+    assert "linear_backend" not in read_meta(summary["checkpoint"])["model_config"]  # precision is not architecture
+    assert "linear: mxfp8_emulated" in (Path(summary["checkpoint"]) / "config.yaml").read_text()
     try:
         importlib.import_module("transformer_engine.pytorch")
         return
@@ -118,7 +120,7 @@ def test_checkpoints_travel_between_linear_backends(tmp_path, shapes_dir):
     from conftest import compose, tiny_overrides
     from inference.pipeline import load_model
     from models.linear import MXFP8EmulatedLinear
-    from training.checkpoint import load_weights
+    from models.checkpoint import load_weights
     from training.trainer import train
 
     plain = train(compose(tiny_overrides(tmp_path / "plain", shapes_dir)))
@@ -126,7 +128,6 @@ def test_checkpoints_travel_between_linear_backends(tmp_path, shapes_dir):
                                       **{"stage.init_from": plain["checkpoint"], "train.max_steps": 2})))
     assert mx["step"] == 2 and mx["final_loss"] < 10
     model, _, meta = load_model(mx["checkpoint"])
-    assert meta["model_config"]["linear_backend"] == "mxfp8_emulated"
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and not any(isinstance(m, MXFP8EmulatedLinear) for m in linears)
     weights = load_weights(mx["checkpoint"], ema=True)

@@ -50,7 +50,7 @@ def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir):
     model, ae, meta = load_model(ckpt)
     labels = torch.tensor([0, 4, 0, 4])
     s = SampleSettings(steps=4, cfg_scale=3.0, solver="euler", shift=1.0, seed=3)
-    images = to_uint8(generate(model, ae, labels, torch.full_like(labels, 12), (3, 16, 16), s))
+    images = to_uint8(generate(model, ae, {"class_labels": labels}, {"class_labels": torch.full_like(labels, 12)}, (3, 16, 16), s))
     assert np.array_equal(grid[2:98:6, 2:98:6], images[0])  # top-left cell, upscaled 6x
     assert np.array_equal(grid[2:98:6, 100:196:6], images[1])
     with pytest.raises(SystemExit, match="unknown class 'purple_blob'"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose, stage2_overrides
+from conftest import ROOT, compose, fault_env, stage2_overrides
 from PIL import Image
 
 from data.prepare import load_rgb, main as prepare, resize_crop, to_tensor
@@ -117,8 +117,7 @@ def test_three_workers_write_exactly_the_samples_of_one(messy_folder, tmp_path):
 def test_killed_preparation_resumes_to_the_same_samples(messy_folder, tmp_path):
     cmd = [sys.executable, "-m", "data.prepare", "--input", str(messy_folder), "--out", str(tmp_path / "out"), "--size", "16",
            "--min-size", "16", "--samples-per-shard", "1"]
-    env = {**os.environ, "FLOWDIT_PREPARE_UNIT_PAUSE": "1.0"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=fault_env(unit_pause=1.0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "out").glob("shard-000001.json")):
         time.sleep(0.05)

@@ -67,7 +67,7 @@ def test_reparameterize_cli_writes_an_init_checkpoint(tmp_path, shapes_dir):
     from conftest import compose, tiny_overrides
     from inference.pipeline import load_model
     from reparameterize import main as reparam_main
-    from training.checkpoint import read_meta
+    from models.checkpoint import read_meta
     from training.trainer import train
 
     ckpt = train(compose(tiny_overrides(tmp_path, shapes_dir)))["checkpoint"]

@@ -9,12 +9,13 @@ from conftest import compose, stage2_overrides, tiny_overrides
 
 from data.shapes import HELD_OUT, HELD_OUT_CAPTIONS, parse_caption
 from data.shards import ShardStream, read_manifest
-from training.checkpoint import load_weights, read_meta
-from training.trainer import ConfigError, train
+from models.checkpoint import load_weights, read_meta
+from training.config import ConfigError
+from training.trainer import train
 
 
 def test_text_shards_hold_fp16_embeddings_of_their_captions_and_no_held_out_combination(text_shapes_dir):
-    from data.text_embeddings import read_null
+    from data.shards import read_null
     from models.text_encoder import TextEncoder
 
     manifest = read_manifest(text_shapes_dir)
@@ -47,21 +48,21 @@ def test_captions_name_the_attributes_the_evaluator_reads():
 
 
 def test_caption_mix_and_dropout(text_shapes_dir):
-    from training.conditioning import TextConditioning
+    from inference.conditioning import TextConditioning
 
     manifest = read_manifest(text_shapes_dir)
     batch = next(iter(ShardStream(text_shapes_dir, 400, shuffle_buffer=0)))
-    cond = TextConditioning(str(text_shapes_dir), manifest, caption_mix={"long": 0.5, "short": 0.5})
-    out = cond.train_condition(batch, torch.Generator().manual_seed(0), dropout=0.0, device="cpu")
+    cond = TextConditioning.for_training(str(text_shapes_dir), manifest, "precomputed", {"long": 0.5, "short": 0.5})
+    out = cond.from_batch(batch, torch.Generator().manual_seed(0), dropout=0.0, device="cpu")
     lengths = out["encoder_attention_mask"].sum(1)
     n_long, n_short = int((lengths == batch["text"]["long"][1].sum(1)).sum()), int((lengths == batch["text"]["short"][1].sum(1)).sum())
     assert n_long + n_short == 400 and 160 < n_short < 240  # each caption about half the time
-    out = cond.train_condition(batch, torch.Generator().manual_seed(0), dropout=1.0, device="cpu")
+    out = cond.from_batch(batch, torch.Generator().manual_seed(0), dropout=1.0, device="cpu")
     null = cond.null(400, "cpu")
     assert torch.equal(out["encoder_hidden_states"], null["encoder_hidden_states"])
     assert torch.equal(out["encoder_attention_mask"], null["encoder_attention_mask"])
     with pytest.raises(ValueError, match="captions are"):
-        TextConditioning(str(text_shapes_dir), manifest, caption_mix={"dense": 1.0})
+        TextConditioning.for_training(str(text_shapes_dir), manifest, "precomputed", {"dense": 1.0})
 
 
 def test_stage2_trains_and_its_checkpoint_says_text(tmp_path, text_shapes_dir):

@@ -39,12 +39,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_te_linear_is_fp8_close_to_fp32(recipe):
     """Forward and both gradients within FP8's error of an fp32 nn.Linear with the same weights,
     and measurably off it (so the GEMMs really ran in FP8, not bf16 or fp32)."""
-    from models.linear import fp8_context, make_linear
+    from models.linear import fp8_context, te_linear
 
     torch.manual_seed(0)
     ref = nn.Linear(256, 512).cuda()
-    lin = make_linear(256, 512, backend="te").cuda()
-    lin.load_state_dict(ref.state_dict(), strict=False)
+    lin = te_linear(ref)  # a te.Linear holding a copy of ref's weights
     x = torch.randn(4, 64, 256, device="cuda")
     xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(4, 64, 512, device="cuda")
@@ -73,27 +72,26 @@ def test_mxfp8_recipe_refused_on_hopper():
 
 
 def test_te_model_starts_from_the_same_init_as_torch():
-    """basic_init reaches te.Linear (not an nn.Linear): Xavier weights and zero biases, not TE's init."""
+    """The converter gives every te.Linear the weights the model was initialized with (not TE's own init),
+    and leaves the declared high-precision modules plain."""
+    from models.linear import convert, high_precision
     from models.presets import build_model, model_config
 
     torch.manual_seed(0)
-    model = build_model("mmdit", model_config("mmdit", "demo", input_size=8, in_channels=3, caption_channels=64,
-                                              linear_backend="te")).cuda()
-    te_linears = [m for m in model.modules() if type(m).__module__.startswith("transformer_engine")]
+    model = build_model("mmdit", model_config("mmdit", "demo", input_size=8, in_channels=3, caption_channels=64)).cuda()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    convert(model, "te")
+    te_linears = {n: m for n, m in model.named_modules() if type(m).__module__.startswith("transformer_engine")}
     assert len(te_linears) > 20
-    for m in te_linears:
-        bound = (6 / (m.in_features + m.out_features)) ** 0.5
-        w = m.weight.detach()
-        if w.abs().max() == 0:
-            continue  # zero-initialized gates
-        assert w.abs().max() <= bound + 1e-6 and w.abs().max() > 0.8 * bound  # uniform(-bound, bound)
-        assert m.bias is None or m.bias.abs().max() == 0
+    assert not any(n.split(".")[0] in high_precision(model) for n in te_linears)
+    for name, m in te_linears.items():
+        assert torch.equal(m.weight.detach(), init[f"{name}.weight"]) and torch.equal(m.bias.detach(), init[f"{name}.bias"])
 
 
 @pytest.mark.parametrize("block", ["pixart", "joint"])
 def test_te_mmdit_forward_backward_close_to_bf16(block):
     """The whole model under FP8: outputs within a few percent of bf16 autocast with the same weights."""
-    from models.linear import fp8_context, load_portable
+    from models.linear import convert, fp8_context, load_portable
     from models.presets import build_model, model_config
 
     torch.manual_seed(0)
@@ -101,7 +99,7 @@ def test_te_mmdit_forward_backward_close_to_bf16(block):
     ref = build_model("mmdit", model_config("mmdit", "demo", **cfg)).cuda()
     for p in ref.parameters():  # leave the zero init so every path carries signal
         p.data.add_(0.02 * torch.randn_like(p))
-    fp8 = build_model("mmdit", model_config("mmdit", "demo", **cfg, linear_backend="te")).cuda()
+    fp8 = convert(build_model("mmdit", model_config("mmdit", "demo", **cfg)).cuda(), "te")
     load_portable(fp8, ref.state_dict())
     x, t = torch.randn(8, 4, 16, 16, device="cuda"), torch.rand(8, device="cuda")
     text, mask = torch.randn(8, 16, 64, device="cuda"), torch.ones(8, 16, dtype=torch.bool, device="cuda")
@@ -122,11 +120,11 @@ def test_te_mmdit_forward_backward_close_to_bf16(block):
 def test_fused_wgrad_with_te_matches_plain_wgrad():
     """TE's fuse_wgrad_accumulation, switched on by training/fused_wgrad.py: the weight gradient lands
     in fp32 main_grad (weight.grad stays empty) and equals the unfused one; two micro-batches add."""
-    from models.linear import fp8_context, make_linear
+    from models.linear import fp8_context, te_linear
     from training import fused_wgrad
 
     torch.manual_seed(0)
-    plain, fused = (make_linear(128, 256, backend="te").cuda() for _ in range(2))
+    plain, fused = (te_linear(nn.Linear(128, 256).cuda()) for _ in range(2))
     fused.load_state_dict(plain.state_dict())
     model = nn.Sequential(fused)
     owned = fused_wgrad.enable(model)
@@ -163,10 +161,11 @@ def test_trainer_with_te_trains_saves_resumes_and_samples(tmp_path, shapes_dir, 
                                         **{"precision.te_recipe": recipe, **common, "train.max_steps": 70})))
     assert more["step"] == 70 and more["steps_this_run"] == 10  # resumed from step 60
     model, ae, meta = load_model(more["checkpoint"], device="cuda")
-    assert meta["model_config"]["linear_backend"] == "te" and not any(
+    assert "linear_backend" not in meta["model_config"] and not any(
         type(m).__module__.startswith("transformer_engine") for m in model.modules())
-    images = generate(model.cuda(), ae.cuda(), torch.arange(4, device="cuda"), torch.full((4,), 12, device="cuda"),
-                      latent_shape(meta), SampleSettings(steps=4, cfg_scale=2.0), torch.device("cuda"))
+    images = generate(model.cuda(), ae.cuda(), {"class_labels": torch.arange(4, device="cuda")},
+                      {"class_labels": torch.full((4,), 12, device="cuda")}, latent_shape(meta), SampleSettings(steps=4, cfg_scale=2.0),
+                      torch.device("cuda"))
     assert images.shape[0] == 4 and torch.isfinite(images).all()
 
 
@@ -195,10 +194,10 @@ def _ddp_te_step(rank, world, init_file, out_dir, reduce):
 
 
 def _te_mlp():
-    from models.linear import make_linear
+    from models.linear import te_linear
 
     torch.manual_seed(0)
-    model = nn.Sequential(make_linear(128, 256, backend="te"), nn.GELU(), make_linear(256, 128, backend="te")).cuda()
+    model = nn.Sequential(te_linear(nn.Linear(128, 256).cuda()), nn.GELU(), te_linear(nn.Linear(256, 128).cuda()))
     x = torch.randn(64, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     return model, x, {k: v.detach().clone() for k, v in model.state_dict().items() if "extra" not in k}
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose, tiny_overrides
-from training.checkpoint import latest_checkpoint, load_train_state, read_meta
+from models.checkpoint import latest_checkpoint, read_meta
+from training.checkpoint import load_train_state
 from training.trainer import train
 
 
@@ -118,7 +119,7 @@ def test_compile_mode_reaches_torch_compile(tmp_path, shapes_dir, monkeypatch):
 
 
 def test_init_from_starts_a_fresh_run_from_another_checkpoint(tmp_path, shapes_dir):
-    from training.trainer import ConfigError
+    from training.config import ConfigError
 
     source = train(compose(tiny_overrides(tmp_path / "src", shapes_dir)))["checkpoint"]
     src_ema = load_file(f"{source}/ema.safetensors")

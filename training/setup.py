@@ -24,7 +24,7 @@ from data.stage import stage_shards
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
-from models.presets import MODEL_CLASSES, model_config
+from models.presets import MODEL_CLASSES, check_shape, model_config
 from training.config import ConfigError
 from training.distributed import DistInfo, barrier
 from training.logger import log
@@ -82,6 +82,7 @@ def resolve(cfg: DictConfig, dist_info: DistInfo) -> RunSpec:
     if size % autoencoder.downsample:
         raise ConfigError(f"data.image_size={size} is not divisible by the autoencoder's downsampling ({autoencoder.downsample})")
     latent_shape = (autoencoder.latent_channels, size // autoencoder.downsample, size // autoencoder.downsample)
+    check_shape(cfg.model.family, cfg.model.preset, latent_shape[1])  # impossible shapes fail before any data is touched
     path, manifest = read_data(cfg, dist_info, autoencoder, latent_shape)
     conditioning = make_conditioning(cfg, kind, path, manifest)
     mcfg = build_model_config(cfg, autoencoder, conditioning, init_meta)
@@ -194,8 +195,9 @@ def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, man
         if kind is ClassConditioning:
             return ClassConditioning(int(cfg.data.num_classes), manifest.get("class_names"))
         mix = cfg.data.get("caption_mix")
-        return TextConditioning.for_training(str(path), manifest, cfg.data.get("text_mode", "precomputed"),
-                                             dict(mix) if mix else None, eval_prompts(cfg, manifest))
+        cond = TextConditioning.for_training(str(path), manifest, cfg.data.get("text_mode", "precomputed"), dict(mix) if mix else None)
+        cond.examples = eval_prompts(cfg, manifest)  # what the evaluation prompts, and the sampler offers as examples
+        return cond
     except ConditioningError as e:
         raise ConfigError(str(e)) from e
 

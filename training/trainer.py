@@ -86,6 +86,8 @@ class Run:
         self.evaluation = TrainingEvaluation(cfg, spec, self.parallel, self.ema, self.logger, self.run_dir)
         self.meter = Meter(self.logger, dist_info, cfg.train.global_batch_size, cfg.train.spike_factor)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.evaluated: dict[int, dict] = {}  # the latest evaluation, by step
+        self.grad_norm = float("nan")
 
     def step(self, step: int) -> float:
         """One training step at ``step``: learning rate, the step's random stream, train_step, metrics. Returns the lr."""
@@ -104,65 +106,71 @@ class Run:
         self.grad_norm = out.grad_norm
         return lr
 
-    def save(self, step: int) -> None:
-        self.checkpoints.save_once(step, self.optimizer, self.feed.batches_done)
-
     def report(self, step: int, lr: float) -> None:
         self.meter.report(step, lr=lr, grad_norm=self.grad_norm, skipped_steps=self.guard.skipped_total,
                           bad_samples=self.feed.bad_samples)
 
+    def save(self, step: int) -> None:
+        self.checkpoints.save_once(step, self.optimizer, self.feed.batches_done)
+
+    def between_steps(self, step: int, stop: StopRequest) -> None:
+        """After a step before the last: the periodic checkpoint and evaluation, and a pre-emption signal."""
+        t = self.cfg.train
+        if self.guard.consecutive == 0 and t.checkpoint_every and step % t.checkpoint_every == 0:  # never mid non-finite streak
+            self.save(step)
+        if t.sample_every and step % t.sample_every == 0:
+            self.evaluated = {step: self.evaluation.run(step)}
+        if stop.requested(self.dist_info.enabled):
+            self.save(step)
+            log.warning("stop signal: checkpoint of step %d saved; exiting with code %d (run again to resume)", step, PREEMPTED_EXIT_CODE)
+            self.logger.close()
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    def finish(self, step: int, seconds: float) -> dict[str, Any]:
+        """The final checkpoint (unless resumed at the end already) and evaluation, then the summary; the tracker closes last."""
+        if step > self.start.step:
+            self.save(step)
+        else:  # resumed a run that had already finished: nothing to train
+            self.checkpoints.last = latest_checkpoint(self.run_dir / "checkpoints")
+        result = self.evaluated[step] if step in self.evaluated else (self.evaluation.run(step) if self.cfg.train.sample_every else {})
+        self.logger.close()
+        summary = {
+            "stage": self.cfg.stage.name,
+            "step": step,
+            "steps_this_run": step - self.start.step,
+            "seconds": round(seconds, 1),
+            "final_loss": self.meter.last_loss,
+            "skipped_steps": self.guard.skipped_total,
+            "world_size": self.dist_info.world_size,
+            "replica_divergence": self.parallel.check_replicas(step),
+            "first_batch_overlap": self.feed.first_batch_overlap,
+            "checkpoint": str(self.checkpoints.last) if self.checkpoints.last else None,
+            **{f"eval_{k}": v for k, v in result.items()},
+        }
+        if self.dist_info.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("done: %s", json.dumps(summary))
+        return summary
+
 
 def run(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
+    """The loop: a step, its metrics, then (before the last) checkpoints, evaluations and signals."""
     setup_console(dist_info.is_main)
     r, t = Run(cfg, dist_info), cfg.train
-    step = start_step = r.start.step
+    step, t_start = r.start.step, time.time()
     until = t.max_steps if t.get("stop_after") is None else min(t.max_steps, t.stop_after)  # stop_after: pause, same schedule
-    evaluated: dict[int, dict] = {}
-    t_start, stop = time.time(), StopRequest().install()
+    stop = StopRequest().install()
     try:
         while step < until:
             lr = r.step(step)
             step += 1
             if step % t.log_every == 0 or step == t.max_steps:
                 r.report(step, lr)
-            if step >= t.max_steps:
-                break
-            if r.guard.consecutive == 0 and t.checkpoint_every and step % t.checkpoint_every == 0:  # never mid non-finite streak
-                r.save(step)
-            if t.sample_every and step % t.sample_every == 0:
-                evaluated = {step: r.evaluation.run(step)}
-            if stop.requested(dist_info.enabled):
-                r.save(step)
-                log.warning("stop signal: checkpoint of step %d saved; exiting with code %d (run again to resume)", step, PREEMPTED_EXIT_CODE)
-                r.logger.close()
-                raise SystemExit(PREEMPTED_EXIT_CODE)
+            if step < t.max_steps:
+                r.between_steps(step, stop)
     finally:
         stop.uninstall()
-
-    # ---- the end: final checkpoint (unless resumed at the end already) and evaluation, then the tracker closes
-    if step > start_step:
-        r.save(step)
-    else:  # resumed a run that had already finished: nothing to train
-        r.checkpoints.last = latest_checkpoint(r.run_dir / "checkpoints")
-    result = evaluated[step] if step in evaluated else (r.evaluation.run(step) if t.sample_every else {})
-    r.logger.close()
-    summary = {
-        "stage": cfg.stage.name,
-        "step": step,
-        "steps_this_run": step - start_step,
-        "seconds": round(time.time() - t_start, 1),
-        "final_loss": r.meter.last_loss,
-        "skipped_steps": r.guard.skipped_total,
-        "world_size": dist_info.world_size,
-        "replica_divergence": r.parallel.check_replicas(step),
-        "first_batch_overlap": r.feed.first_batch_overlap,
-        "checkpoint": str(r.checkpoints.last) if r.checkpoints.last else None,
-        **{f"eval_{k}": v for k, v in result.items()},
-    }
-    if dist_info.is_main:
-        (r.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("done: %s", json.dumps(summary))
-    return summary
+    return r.finish(step, time.time() - t_start)
 
 
 def run_meta(cfg: DictConfig, spec: setup.RunSpec) -> dict:

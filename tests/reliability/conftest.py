@@ -1,18 +1,18 @@
-import os
 import subprocess
 import sys
 import time
 
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, fault_env, tiny_overrides
 
 
 def train_cmd(tmp_path, shapes_dir, **extra):
     return [sys.executable, str(ROOT / "train_stage1.py"), *tiny_overrides(tmp_path, shapes_dir, **extra)]
 
 
-def start(cmd, cwd, **env):
-    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+def start(cmd, cwd, save_pause: float = 0):
+    """Start ``cmd``; with ``save_pause`` every checkpoint save stalls that long (tests/faults)."""
+    return subprocess.Popen(cmd, cwd=cwd, env=fault_env(save_pause, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

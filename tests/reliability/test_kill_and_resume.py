@@ -7,7 +7,8 @@ import torch
 
 from conftest import compose, tiny_overrides
 from tests.reliability.conftest import start, train_cmd, wait_for_line
-from training.checkpoint import latest_checkpoint, list_checkpoints, load_train_state, load_weights
+from models.checkpoint import latest_checkpoint, list_checkpoints, load_weights
+from training.checkpoint import load_train_state
 from training.trainer import train
 
 STEPS = {"train.max_steps": 12, "train.checkpoint_every": 2}
@@ -30,11 +31,11 @@ def test_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path, shape
     ref_model, ref_ema = _final(tmp_path / "ref" / "run")
 
     rng = random.Random(1234)
-    trials = [("random", {}), ("random", {}), ("random", {}), ("inside a save", {"FLOWDIT_FAULT_SAVE_PAUSE": "3"})]
-    for i, (kind, env) in enumerate(trials):
+    trials = [("random", 0), ("random", 0), ("random", 0), ("inside a save", 3)]
+    for i, (kind, save_pause) in enumerate(trials):
         base = tmp_path / f"trial{i}"
         run_dir = base / "run"
-        proc = start(train_cmd(base, shapes_dir, **STEPS), base.parent, **env)
+        proc = start(train_cmd(base, shapes_dir, **STEPS), base.parent, save_pause)
         if kind == "random":
             wait_for_line(proc, "step 2/12")
             time.sleep(rng.uniform(0.0, 1.0))

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import compose, tiny_overrides
 from inference.pipeline import load_model
-from training.checkpoint import CheckpointError, latest_checkpoint
+from models.checkpoint import CheckpointError, latest_checkpoint
 from training.trainer import train
 
 

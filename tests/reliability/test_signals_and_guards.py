@@ -9,10 +9,12 @@ import torch
 
 from conftest import compose, tiny_overrides
 from tests.reliability.conftest import start, train_cmd, wait_for_line
-from training import trainer as trainer_mod
-from training.checkpoint import CheckpointError, latest_checkpoint, load_train_state, load_weights
+from training import step as step_mod
+from models.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from training.checkpoint import load_train_state
 from training.guards import PREEMPTED_EXIT_CODE
-from training.trainer import ConfigError, train
+from training.config import ConfigError
+from training.trainer import train
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, shapes_dir):
@@ -34,7 +36,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, shapes_dir)
 def test_a_second_signal_exits_at_once(tmp_path, shapes_dir):
     # a save that stalls for 30 s: the first SIGTERM starts it, the second must not wait for it
     cmd = train_cmd(tmp_path, shapes_dir, **{"train.max_steps": 100000, "train.log_every": 5, "train.checkpoint_every": 0})
-    proc = start(cmd, tmp_path, FLOWDIT_FAULT_SAVE_PAUSE="30")
+    proc = start(cmd, tmp_path, save_pause=30)
     wait_for_line(proc, "step 5/100000")
     proc.send_signal(signal.SIGTERM)
     time.sleep(2.0)  # now inside the stalled save
@@ -65,7 +67,7 @@ def test_too_little_disk_space_fails_before_training(tmp_path, shapes_dir, monke
 
 
 def _nan_loss_at(monkeypatch, calls_to_poison):
-    real = trainer_mod.flow_loss
+    real = step_mod.flow_loss
     count = {"n": 0}
 
     def poisoned(pred, x0, noise):
@@ -73,7 +75,7 @@ def _nan_loss_at(monkeypatch, calls_to_poison):
         count["n"] += 1
         return out * float("nan") if calls_to_poison(count["n"]) else out
 
-    monkeypatch.setattr(trainer_mod, "flow_loss", poisoned)
+    monkeypatch.setattr(step_mod, "flow_loss", poisoned)
 
 
 def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, shapes_dir, monkeypatch):
