@@ -13,10 +13,9 @@ SOURCE may be a checkpoint directory, a run directory (its newest checkpoint) or
     2to3  larger latent grid (--image-size pixels): every weight copied, the position
           embedding spans the old grid's range, the timestep shift raised by SD3's rule.
     3to4  PixArt-MS size / aspect-ratio micro-conditions added, zero-initialized, and the
-          position grid for non-square buckets (--pos-grid stretch, default: PixArt's, each axis
-          spans the base range, diffusers-exportable; isotropic: one step for both axes;
-          shortside: one step for both axes, the short side spanning the base range, centred).
-          The same function on the square grid, and everywhere with stretch (checked, reported).
+          position grid for non-square buckets (--pos-grid; the choices are explained in
+          docs/training.md, "Position grids for non-square canvases"). The same function on the
+          square grid, and everywhere with the default stretch (checked, reported).
     4to5  the same model, for the aesthetic fine-tune.
 The output is an init checkpoint (model.safetensors + meta.json + report.json) that the
 next stage's `stage.init_from` points at. Weights are read from safetensors only: a
@@ -56,8 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--t-ref", type=float, default=0.5, help="1to2: the time at which the fold is exact")
     ap.add_argument("--image-size", type=int, help="2to3: the new training resolution in pixels (square side)")
     ap.add_argument("--pos-grid", choices=["stretch", "isotropic", "shortside"], default="stretch",
-                    help="3to4: positions on non-square grids (isotropic: shapes keep proportions; shortside: also sizes relative to "
-                         "the short side, centred; stretch: PixArt/diffusers)")
+                    help="3to4: positions on non-square grids (default stretch: PixArt's, diffusers-exportable; see docs/training.md)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = ap.parse_args(argv)
 

@@ -32,9 +32,9 @@ def gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation (DiT, PixArt). Under ``torch.compile`` it is ``gelu_tanh_sigmoid``
-    (fp32 results within 5e-7 of aten's), because Inductor's CPU code for tanh is slow: on a
-    2048 x 1536 activation the σ form's fused forward + backward take 3.2 ms against 7.0 ms for
-    the tanh form. Eager mode keeps aten's single GELU kernel (the σ form would be six passes)."""
+    (fp32 results within 5e-7 of aten's), because Inductor's CPU code for tanh is slow (the σ form
+    fuses into about half the time). Eager mode keeps aten's single GELU kernel (the σ form would
+    be six passes)."""
     if torch.compiler.is_compiling():
         return gelu_tanh_sigmoid(x)
     return F.gelu(x, approximate="tanh")
@@ -239,8 +239,7 @@ def heads_dtype(y: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``scaled_dot_product_attention``; in fp32 under CPU bf16 autocast, where PyTorch's CPU flash
-    attention is slower in bf16 than in fp32 (profiled on the demo's stage-4 step, batch 32 of 288
-    tokens: its backward took 2.1x as long in bf16). The matmuls around it stay in bf16."""
+    attention (its backward above all) is slower in bf16 than in fp32. The matmuls around it stay in bf16."""
     if _cpu_autocast(q):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
@@ -301,8 +300,7 @@ class MLP(nn.Module):
     Without autograd (sampling), the hidden activation is the largest tensor a block makes:
     there the GELU runs in place, and on CPU the tokens go through in chunks of at most
     ``INFERENCE_CHUNK_BYTES`` of hidden activation, so each chunk's buffer is reused from the
-    heap instead of fresh pages (measured in a 4-step sample of the PixArt-α benchmark model,
-    batch 16: page faults 156k -> 64k, time -4%). Same function (tested).
+    heap instead of fresh pages (fewer page faults). Same function (tested).
     """
 
     INFERENCE_CHUNK_BYTES = 16 << 20

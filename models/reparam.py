@@ -105,9 +105,9 @@ def mmdit_transition(src: MMDiT, transition: str, input_size: int | None = None,
                      pos_grid: str = "stretch") -> tuple[MMDiT, dict]:
     """2to3: a larger latent grid (``input_size``); the position embedding is regenerated so the new
     grid spans the old one's range (base_size = the old grid). 3to4: PixArt-MS micro-conditions,
-    zero-initialized, and the position grid for non-square buckets (``pos_grid``: "stretch", the
-    default, PixArt's and diffusers-exportable; "isotropic" gives both axes one step). The
-    function is unchanged on square grids, and at every size with an unchanged pos_grid.
+    zero-initialized, and the position grid for non-square buckets (``pos_grid``, one of
+    models.mmdit.POS_GRIDS, explained at MMDiTConfig). The function is unchanged on square grids,
+    and at every size with an unchanged pos_grid.
     4to5: same model. Every tensor of the source is copied. Returns (model, report)."""
     c = asdict(src.config)
     changed: dict = {}

@@ -108,10 +108,10 @@ def step_fns(ours, theirs, compile_ours: bool = False, compile_theirs: bool = Fa
     par_o, par_t = Local(ours, fo), Local(theirs, DiffusersCall(ft))
 
     def ours_step():
-        train_step(par_o, opt_o, [MicroBatch.draw(x, cond)], 1, grad_clip=1.0)
+        return train_step(par_o, opt_o, [MicroBatch.draw(x, cond)], 1, grad_clip=1.0)
 
     def theirs_step():
-        train_step(par_t, opt_t, [MicroBatch.draw(x, cond)], 1, grad_clip=1.0)
+        return train_step(par_t, opt_t, [MicroBatch.draw(x, cond)], 1, grad_clip=1.0)
 
     ours_step.optimizer, theirs_step.optimizer = opt_o, opt_t
     return ours_step, theirs_step
