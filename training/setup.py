@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from data.shards import ShardError, check_manifest
+from data.shards import check_manifest
 from data.stage import stage_shards
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
@@ -159,12 +159,7 @@ def init_checkpoint_meta(source: str | None) -> dict:
 # ---------------------------------------------------------------- data and conditioning
 def read_data(cfg: DictConfig, dist_info: DistInfo, autoencoder: nn.Module, latent_shape: tuple[int, int, int]) -> tuple[Path, dict]:
     """The stage's shards (built or subset on first use), their manifest checked against this config."""
-    try:
-        path, manifest = stage_shards(cfg.data, cfg.seed, dist_info.is_main, lambda: barrier(dist_info), log.info)
-    except ShardError as e:
-        if "only builds the shapes demo data" in str(e):
-            raise ConfigError(str(e)) from e
-        raise
+    path, manifest = stage_shards(cfg.data, cfg.seed, dist_info.is_main, lambda: barrier(dist_info), log.info)
     expected = {
         "autoencoder": cfg.data.autoencoder,
         "latent_shape": list(latent_shape),
