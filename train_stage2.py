@@ -1,7 +1,11 @@
 """Stage 2 entry point: `python train_stage2.py [overrides]`; see configs/stage2.yaml."""
-import hydra
+from training import signals
 
-from training.trainer import train
+signals.catch()  # before the slow imports: a pre-emption while starting still ends in exit 75
+
+import hydra  # noqa: E402
+
+from training.trainer import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="stage2")

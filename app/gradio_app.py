@@ -5,13 +5,17 @@
     python app/gradio_app.py --checkpoint runs/quality --port 7861 --share   # --share: a public gradio.live link
 
 The app listens on 127.0.0.1 (this machine only) unless --host or --share says
-otherwise. Nothing is loaded at import: the first checkpoint loads at start, the
-others when picked. Every checkpoint describes itself (meta.json), so the info
-panel, the class picker (stage 1) or prompt box (text stages) and the defaults
-come from it. Sampling goes through inference.pipeline.generate, the function
-behind the training previews and app/sample.py: same checkpoint, condition, seed
-and settings give the same pixels. Bad input is reported in the status line and
-the app keeps serving.
+otherwise, and serves only checkpoints inside the --checkpoint folder (symlinks
+resolved; uploaded files never count). Nothing is loaded at import: the first
+checkpoint loads at start, the others when picked. Every checkpoint describes
+itself (meta.json), so the info panel, the class picker (stage 1) or prompt box
+(text stages) and the defaults come from it; its size is checked from meta.json
+before anything is allocated (--max-params), and each request's work before it
+runs (--max-work). One request runs at a time, others queue, and Stop cancels.
+Sampling goes through inference.pipeline.generate, the function behind the
+training previews and app/sample.py: same checkpoint, condition, seed and
+settings give the same pixels. Bad input, and a broken checkpoint, are reported
+on the page and the app keeps serving.
 """
 from __future__ import annotations
 
@@ -22,10 +26,24 @@ from typing import Any
 
 MAX_STEPS, MAX_BATCH, MAX_SIDE_FACTOR = 1000, 64, 4
 DISPLAY = 256  # samples are shown upscaled (nearest) to about this many pixels
+MAX_PARAMS = 3e9  # larger models are refused from their meta.json, before any weight is allocated
+# A request's work: steps x model evaluations per step x batch x pixels (x 2 with CFG). 1e9 is, say,
+# 1024 x 1024 pixels, 50 Euler steps, batch 8 with CFG; one request holds the only worker while it runs.
+MAX_WORK = 1e9
+QUEUE = 16  # requests waiting at most; more are turned away
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "bosh3": 3, "rk4": 4, "dopri5": 6}  # dopri5: adaptive, at least
 
 
 class UserError(ValueError):
     """Bad input from the UI: shown to the user, the app keeps serving."""
+
+
+def upload_dir() -> Path:
+    """Where Gradio keeps uploaded files (and its cache)."""
+    import os
+    import tempfile
+
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 def find_checkpoints(path: str | Path) -> list[str]:
@@ -35,7 +53,8 @@ def find_checkpoints(path: str | Path) -> list[str]:
         return [str(p)]
     if not p.is_dir():
         return []
-    found = {m.parent for m in p.rglob("meta.json") if (m.parent / "model.safetensors").is_file()}
+    root = p.resolve()
+    found = {m.parent for m in p.rglob("meta.json") if (m.parent / "model.safetensors").is_file() and m.parent.resolve().is_relative_to(root)}
     return sorted(str(f) for f in found)
 
 
@@ -62,23 +81,45 @@ def _float(value: Any, name: str, lo: float, hi: float) -> float:
 
 
 class Sampler:
-    """Checkpoints (cached by path and weights) -> images, for the UI and its tests."""
+    """Checkpoints (cached by path and weights) -> images, for the UI and its tests.
 
-    def __init__(self):
+    root: only checkpoints inside it are served (None: any, for scripts that trust their paths).
+    max_params: larger models are refused from meta.json. max_work: larger requests are refused."""
+
+    def __init__(self, root: str | Path | None = None, max_params: float = MAX_PARAMS, max_work: float = MAX_WORK):
+        self.root = Path(root).resolve() if root is not None else None
+        self.max_params, self.max_work = max_params, max_work
         self._cache: dict[tuple[str, str], Any] = {}
 
-    def load(self, path: str, weights: str = "ema"):
-        """The checkpoint's Pipeline (inference/pipeline.py); UserError when it cannot be used."""
-        from inference.pipeline import Pipeline
+    def checkpoint_dir(self, path: str) -> Path:
+        """The checkpoint folder ``path`` names, inside the served folder (symlinks resolved)."""
         from models.checkpoint import resolve
 
         if not path:
             raise UserError("no checkpoint chosen")
-        key = (str(resolve(path)), weights)
+        folder = resolve(path).resolve()
+        if self.root is not None and not folder.is_relative_to(self.root):
+            raise UserError(f"{path} is outside the folder this app serves ({self.root})")
+        if folder.is_relative_to(upload_dir()):
+            raise UserError(f"{path} is an uploaded file, never a checkpoint this app serves")
+        return folder
+
+    def load(self, path: str, weights: str = "ema"):
+        """The checkpoint's Pipeline (inference/pipeline.py); UserError when it cannot be used."""
+        from inference.pipeline import Pipeline
+        from models.checkpoint import read_meta
+        from models.presets import parameter_count
+
+        key = (str(self.checkpoint_dir(path)), weights)
         if key not in self._cache:
             try:
+                meta = read_meta(key[0])
+                n = parameter_count(meta["family"], meta["model_config"])
+                if n > self.max_params:
+                    raise UserError(f"its model has {n / 1e9:.2f}B parameters, more than this app serves ({self.max_params / 1e9:g}B; "
+                                    "start it with a larger --max-params)")
                 self._cache[key] = Pipeline.load(key[0], use_ema=weights == "ema")
-            except Exception as e:  # missing, truncated, pickled, another project's, an init without an encoder: say so, keep serving
+            except Exception as e:  # missing, truncated, pickled, too large, an init without an encoder: say so, keep serving
                 raise UserError(f"cannot load checkpoint {path}: {e}") from e
             if len(self._cache) > 4:
                 self._cache.pop(next(iter(self._cache)))
@@ -101,12 +142,7 @@ class Sampler:
         ]
         config = pipe.path / "config.yaml"
         if config.is_file():
-            from omegaconf import OmegaConf
-
-            c = OmegaConf.load(config)
-            t = c.get("train", {})
-            lines.append(f"trained with: data `{c.get('data', {}).get('path')}` · global batch {t.get('global_batch_size')} · "
-                         f"lr {t.get('lr')} · max steps {t.get('max_steps')} · precision {c.get('precision', {}).get('linear')}")
+            lines.append(_trained_with(config))
         return "  \n".join(lines)
 
     def choices(self, path: str) -> list[str] | None:
@@ -142,11 +178,18 @@ class Sampler:
         _, gh, gw = pipe.latent_shape()
         h = _int(gh * pipe.downsample if height in (None, "") else height, "height", 1, 10**5)
         w = _int(gw * pipe.downsample if width in (None, "") else width, "width", 1, 10**5)
+        work = settings.steps * EVALS_PER_STEP.get(settings.solver, 1) * n * h * w * (2 if settings.cfg_scale != 1 else 1)
+        if work > self.max_work:
+            raise UserError(f"this request is {work:.2g} pixel-evaluations (steps x solver evaluations x batch x pixels x 2 for CFG), "
+                            f"more than this app runs at once ({self.max_work:.2g}): fewer steps, a smaller batch or size, or euler")
         try:
             shape = pipe.latent_shape(h, w, MAX_SIDE_FACTOR)
-            [value] = pipe.conditioning.parse([str(condition)])
+            values = pipe.conditioning.parse([str(condition)])
         except (ValueError, ConditioningError) as e:
             raise UserError(str(e)) from None
+        if len(values) != 1:
+            raise UserError(f"pick one class, not {condition!r}")
+        value = values[0]
         meta, text = pipe.meta, pipe.conditioning.choices() is None
         record: dict[str, Any] = {"checkpoint": str(pipe.path), "stage": meta["stage"], "step": meta["step"], "weights": weights}
         if text:
@@ -165,6 +208,18 @@ class Sampler:
             first = torch.stack([x[0] for x in traj])  # sample 0's prediction of x0 at every step
             strip = make_grid(to_uint8(first), ncols=len(traj), upscale=max(1, 96 // max(h, w)))
         return to_uint8(images), strip, record
+
+
+def _trained_with(config: Path) -> str:
+    try:
+        from omegaconf import OmegaConf
+
+        c = OmegaConf.load(config)
+        t = c.get("train", {})
+        return (f"trained with: data `{c.get('data', {}).get('path')}` · global batch {t.get('global_batch_size')} · "
+                f"lr {t.get('lr')} · max steps {t.get('max_steps')} · precision {c.get('precision', {}).get('linear')}")
+    except Exception as e:  # a damaged config.yaml costs the info line, not the app
+        return f"⚠️ its config.yaml cannot be read ({type(e).__name__})"
 
 
 def _display(images):
@@ -186,7 +241,7 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
         if first:
             classes = sampler.choices(first)
             first_info = first_info or sampler.info(first)
-    except UserError as e:  # a broken first checkpoint: say so, the others stay pickable
+    except Exception as e:  # a broken first checkpoint: say so, the others stay pickable
         first_info = f"⚠️ {e}"
     text = classes is None  # free text: a prompt box instead of the class picker
 
@@ -195,7 +250,7 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
             classes = sampler.choices(path)
             return (sampler.info(path), gr.update(choices=classes or [], value=classes[0] if classes else None, visible=classes is not None),
                     gr.update(visible=classes is None), gr.update(visible=classes is None), "")
-        except UserError as e:
+        except Exception as e:  # a broken checkpoint: its error in the info panel, the app keeps serving
             return f"⚠️ {e}", gr.update(), gr.update(), gr.update(), f"⚠️ {e}"
 
     def condition(path, klass, prompt):
@@ -245,7 +300,9 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
             height = gr.Textbox(label="height (px)", value="")
             width = gr.Textbox(label="width (px)", value="")
             trajectory = gr.Checkbox(label="denoising strip (euler)", value=True)
-        go = gr.Button("Generate", variant="primary")
+        with gr.Row():
+            go = gr.Button("Generate", variant="primary", scale=3)
+            cancel = gr.Button("Stop", scale=1)
         status = gr.Markdown("")
         gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="samples")
         strip = gr.Image(label="denoising: predicted clean image at each step (sample 1)", format="png")
@@ -262,10 +319,12 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
                     label_b, gallery_b = gr.Markdown(), gr.Gallery(label="B", columns=2, format="png")
         ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, status], api_name="pick")
         inputs = [ckpt, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory]
-        go.click(run, inputs, [gallery, strip, record, status], api_name="generate")
-        prompt.submit(run, inputs, [gallery, strip, record, status])
-        go_b.click(compare, [ckpt, weights, ckpt_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch],
-                   [gallery_a, label_a, gallery_b, label_b], api_name="compare")
+        running = [go.click(run, inputs, [gallery, strip, record, status], api_name="generate"),
+                   prompt.submit(run, inputs, [gallery, strip, record, status]),
+                   go_b.click(compare, [ckpt, weights, ckpt_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch],
+                              [gallery_a, label_a, gallery_b, label_b], api_name="compare")]
+        cancel.click(None, None, None, cancels=running, api_name="stop")
+    ui.queue(default_concurrency_limit=1, max_size=QUEUE)  # one sampling request at a time; the rest wait their turn
     return ui
 
 
@@ -275,11 +334,14 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    ap.add_argument("--max-params", type=float, default=MAX_PARAMS, help="largest model served, in parameters (default %(default).0e)")
+    ap.add_argument("--max-work", type=float, default=MAX_WORK,
+                    help="largest request: steps x solver evaluations x batch x pixels x 2 with CFG (default %(default).0e)")
     args = ap.parse_args(argv)
     found = find_checkpoints(args.checkpoint)
     if not found:
         raise SystemExit(f"no checkpoint found at or below {args.checkpoint} (looked for folders with meta.json + model.safetensors)")
-    sampler = Sampler()
+    sampler = Sampler(args.checkpoint, args.max_params, args.max_work)
     ui = build_ui(found, sampler)  # the first checkpoint loads here, at start, not at import
     print(f"{len(found)} checkpoint(s); serving on http://{args.host}:{args.port}" + (" and a public share link" if args.share else ""))
     ui.launch(server_name=args.host, server_port=args.port, share=args.share)

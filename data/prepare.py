@@ -18,12 +18,20 @@ smaller than --min-size skipped, then resized (shorter side) and center-cropped 
 --size, or to the nearest aspect-ratio bucket of about --buckets pixels (sides multiples
 of --bucket-step). Original size, crop box and bucket go into each sample's metadata.
 
+Images larger than --max-pixels are skipped from their header, before they are decoded;
+16-bit and 32-bit images are scaled to 8 bits, not clipped.
+
 Work is cut into units of --samples-per-shard inputs in a fixed sorted order; unit u
 becomes shard ``shard-{u:06d}.tar`` and belongs to worker ``u % world_size``. A shard is
 written to a temporary name and renamed when complete, with a small summary beside
 it, so a rerun skips finished units and redoes interrupted ones; any number of workers
 produce the same shards. The last worker to finish writes ``manifest.json``.
 Skipped inputs are listed with their reasons in each unit's summary and counted at the end.
+
+Reruns into the same --out add up: ``prepare.json`` records the settings and which inputs
+went into which unit. The same settings resume; new inputs become new units (nothing
+redone, lost or duplicated); other settings, or inputs of the earlier run that are gone,
+are refused with the reason (--force starts the folder afresh).
 """
 from __future__ import annotations
 
@@ -44,8 +52,13 @@ from typing import Callable
 
 import numpy as np
 
+from models.atomic import AtomicFile, atomic_write_text
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 UNIT_FORMAT = "shard-{:06d}"
+PLAN = "prepare.json"
+PLAN_FORMAT = "flowdit-prepare-v1"
+MAX_PIXELS = 40_000_000  # an 8000 x 5000 photo; decoding needs ~4 bytes a pixel and more to resize
 
 
 class Skip(Exception):
@@ -56,6 +69,7 @@ class Skip(Exception):
 class Item:
     source: str  # what the user would recognise: a relative path or tar:member
     read: Callable[[], bytes]
+    size: int = -1  # bytes, the input's fingerprint for reruns (-1: unknown, e.g. a missing file)
     captions: dict[str, str] = field(default_factory=dict)
     label: int | None = None
     extra: dict = field(default_factory=dict)  # scores, caption decoding notes
@@ -85,13 +99,20 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return lambda: path.read_bytes()
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def list_folder(root: Path) -> tuple[list[Item], list[str]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     class_dirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     items = []
     for p in files:
         rel = p.relative_to(root).as_posix()
-        item = Item(rel, _file_reader(p))
+        item = Item(rel, _file_reader(p), _size(p))
         side = p.with_suffix(".txt")
         if side.is_file():
             text, note = decode_caption(side.read_bytes())
@@ -116,7 +137,7 @@ def list_table(path: Path) -> tuple[list[Item], list[str]]:
         if "path" not in row:
             raise SystemExit(f"{path}: row {i + 1} has no 'path' column/key (expected path, caption[, short_caption, label, score])")
         p = Path(row["path"]) if Path(row["path"]).is_absolute() else path.parent / row["path"]
-        item = Item(str(row["path"]), _file_reader(p))
+        item = Item(str(row["path"]), _file_reader(p), _size(p))
         if row.get("caption"):
             item.captions["long"] = str(row["caption"]).strip()
         if row.get("short_caption"):
@@ -169,7 +190,7 @@ def list_tars(spec: str) -> tuple[list[Item], list[str]]:
             if image_ext is None:
                 continue
             payload = g[image_ext]
-            item = Item(f"{os.path.basename(url)}:{key}.{image_ext}", (lambda b=payload: b))
+            item = Item(f"{os.path.basename(url)}:{key}.{image_ext}", (lambda b=payload: b), len(payload))
             if "txt" in g:
                 text, note = decode_caption(g["txt"])
                 item.captions["long"] = text
@@ -198,16 +219,27 @@ def list_inputs(spec: str) -> tuple[list[Item], list[str]]:
 
 
 # ---------------------------------------------------------------- images
-def load_rgb(data: bytes):
-    """Bytes -> RGB PIL image: EXIF orientation applied, alpha composited on white, any mode converted."""
+def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS):
+    """Bytes -> RGB PIL image: EXIF orientation applied, alpha composited on white, high bit depths
+    scaled to 8 bits, any mode converted. Images over ``max_pixels`` are refused from the header."""
     from PIL import Image, ImageOps
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception as e:
+        raise Skip(f"unreadable image ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise Skip(f"too large ({w}x{h} = {w * h / 1e6:.0f}M pixels, --max-pixels {max_pixels / 1e6:g}M)")
+    try:
         img.load()
     except Exception as e:
         raise Skip(f"unreadable image ({type(e).__name__}: {e})") from None
     img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16 / 32-bit grey: scale, don't clip at 255
+        a = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() > 255 or img.mode.startswith("I;16") else 255.0)
+        img = Image.fromarray(np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -310,7 +342,6 @@ class Preparer:
     def run_unit(self, u: int, items: list[Item], out: Path) -> dict:
         """Turn one unit of inputs into one shard, atomically. Returns the unit's summary."""
         from data.shards import add_member, npy_bytes
-        from models.atomic import AtomicFile, atomic_write_text
 
         a = self.args
         name = UNIT_FORMAT.format(u)
@@ -318,7 +349,7 @@ class Preparer:
         skipped, ready = [], []
         for item in items:
             try:
-                img = load_rgb(item.read())
+                img = load_rgb(item.read(), a.max_pixels)
                 w0, h0 = img.size
                 if min(w0, h0) < a.min_size:
                     raise Skip(f"too small ({w0}x{h0}, --min-size {a.min_size})")
@@ -368,6 +399,58 @@ class Preparer:
         return summary
 
 
+def settings_of(args) -> dict:
+    """What decides a unit's contents: a rerun into the same folder must use the same."""
+    keys = ["size", "buckets", "bucket_step", "min_size", "max_pixels", "autoencoder", "autoencoder_subfolder", "text_encoder",
+            "max_length", "captioner", "samples_per_shard"]
+    if args.captioner == "vllm":
+        keys += ["vlm_model", "long_prompt", "short_prompt"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int) -> list[list[str]]:
+    """Which input keys each unit holds: the earlier run's plan (``prepare.json``) with any new inputs
+    in new units after it, or a fresh plan. ``sizes``: every input key (in order) and its size in
+    bytes, the fingerprint kept in the plan. SystemExit with the reason when the folder was made
+    with other settings, or inputs of the earlier run are gone or changed."""
+    keys = list(sizes)
+    path = out / PLAN
+    if not path.is_file():
+        if any(out.glob("shard-*")) or (out / "manifest.json").exists():
+            raise SystemExit(f"{out} already holds shards without a {PLAN} (an older preparation): nothing is known of what "
+                             "they hold. Use another --out, or --force to start this folder afresh.")
+        units = [keys[i: i + per_unit] for i in range(0, len(keys), per_unit)]
+    else:
+        plan = json.loads(path.read_text())
+        changed = {k: (plan["settings"].get(k), v) for k, v in settings.items() if plan["settings"].get(k) != v}
+        if changed:
+            raise SystemExit(f"{out} was prepared with other settings (then, now): {changed}. Rerun with the same settings to "
+                             "resume or add inputs, use another --out, or --force to start this folder afresh.")
+        units = plan["units"]
+        planned = {k for unit in units for k in unit}
+        gone = sorted(planned - set(keys))
+        if gone:
+            raise SystemExit(f"{len(gone)} input(s) of the earlier run into {out} are not among the inputs now "
+                             f"(e.g. {gone[:3]}): restore them, use another --out, or --force to start afresh.")
+        before = plan.get("sizes", {})
+        changed = sorted(k for k in planned if k in before and before[k] != sizes[k])
+        if changed:
+            raise SystemExit(f"{len(changed)} input(s) changed since the earlier run into {out} (other sizes, e.g. {changed[:3]}): "
+                             "their shards would hold the old images. Restore them, use another --out, or --force to start afresh.")
+        new = [k for k in keys if k not in planned]
+        units = units + [new[i: i + per_unit] for i in range(0, len(new), per_unit)]
+    atomic_write_text(path, json.dumps({"format": PLAN_FORMAT, "settings": settings, "units": units, "sizes": sizes}, indent=1))
+    return units
+
+
+def clear(out: Path) -> None:
+    """--force: what an earlier preparation wrote into ``out`` (its other files stay)."""
+    from data.shards import MANIFEST, NULL_TEXT
+
+    for f in [*out.glob("shard-*"), *out.glob(".shard-*"), out / MANIFEST, out / PLAN, out / NULL_TEXT]:
+        f.unlink(missing_ok=True)
+
+
 def unit_done(out: Path, u: int) -> bool:
     name = UNIT_FORMAT.format(u)
     return (out / f"{name}.tar").is_file() and (out / f"{name}.json").is_file()
@@ -376,7 +459,6 @@ def unit_done(out: Path, u: int) -> bool:
 def write_manifest(out: Path, units: int, fields: dict) -> dict | None:
     """Once every unit is done (by any worker), the manifest: idempotent, same content whoever writes it."""
     from data.shards import FORMAT, MANIFEST
-    from models.atomic import atomic_write_text
 
     if not all(unit_done(out, u) for u in range(units)):
         return None
@@ -410,6 +492,8 @@ def parse_args(argv=None):
     ap.add_argument("--buckets", type=int, default=0, help="aspect-ratio buckets of about this many pixels (e.g. 65536)")
     ap.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
     ap.add_argument("--min-size", type=int, default=64, help="skip images whose shorter side is smaller")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip images with more pixels, read from the header before decoding")
+    ap.add_argument("--force", action="store_true", help="start --out afresh: delete what an earlier preparation wrote there")
     ap.add_argument("--autoencoder", default="none", help="diffusers AutoencoderKL id or folder; 'none' keeps pixels")
     ap.add_argument("--autoencoder-subfolder", default=None, help="e.g. 'vae' inside a pipeline repo")
     ap.add_argument("--text-encoder", default=None, help="also store caption embeddings (fp16) from this encoder")
@@ -437,7 +521,11 @@ def main(argv=None) -> dict:
         raise SystemExit("two inputs map to the same sample key; rename one of them")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    units = [items[i : i + args.samples_per_shard] for i in range(0, len(items), args.samples_per_shard)]
+    if args.force and rank == 0:
+        clear(out)
+    by_key = {it.key: it for it in items}
+    plan = plan_units(out, {it.key: it.size for it in items}, settings_of(args), args.samples_per_shard)
+    units = [[by_key[k] for k in unit] for unit in plan]
     mine = [u for u in range(len(units)) if u % world == rank]
     for u in mine:  # left by a killed run of this worker (never another worker's): redone below
         (out / f".{UNIT_FORMAT.format(u)}.tar.tmp").unlink(missing_ok=True)

@@ -348,6 +348,44 @@ def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> di
 
 
 @dataclass
+class SampleCheck:
+    """What every training sample must be, checked as it is read; a sample that is not is skipped and
+    counted like unreadable data (``max_bad_fraction``), never handed to the model.
+
+    latent_shape: (C, H, W) for square data; for aspect-ratio buckets None, with ``channels`` and
+    ``downsample`` giving each sample's shape from its bucket (pixels). num_classes: labels must
+    lie in [0, num_classes) (None: labels are not needed). text: whether a stored caption
+    embedding is needed. Latents and embeddings must be floating point and finite.
+    """
+
+    latent_shape: tuple[int, ...] | None = None
+    channels: int | None = None
+    downsample: int = 1
+    num_classes: int | None = None
+    text: bool = False
+
+    def problem(self, sample: dict[str, Any]) -> str | None:
+        latent, meta = sample["latent"], sample["meta"]
+        want = self.latent_shape
+        if want is None and self.channels is not None and meta.get("bucket"):
+            h, w = meta["bucket"]
+            want = (self.channels, int(h) // self.downsample, int(w) // self.downsample)
+        if want is not None and tuple(latent.shape) != tuple(want):
+            return f"has a latent of shape {tuple(latent.shape)}, not {tuple(want)}"
+        if self.num_classes is not None:
+            label = meta.get("label")
+            if not isinstance(label, int) or not 0 <= label < self.num_classes:
+                return f"has label {label!r}, not a class id in 0..{self.num_classes - 1}"
+        arrays = {"latent": latent, **{k: v for k, v in sample.items() if k.startswith("text_")}}
+        if self.text and len(arrays) == 1:
+            return "has no stored caption embedding"
+        for name, a in arrays.items():
+            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+                return f"has a {name} that is not finite floating point ({a.dtype})"
+        return None
+
+
+@dataclass
 class _Slot:
     index: int
     count: int
@@ -363,11 +401,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: base seed of the shuffles.
         shuffle_buffer: samples held for shuffling (0 = read in order).
         start_batch: batches this rank already consumed (resume position).
+        start_positions: {role: samples read} when resuming: the exact place in each reader's stream
+            (bad samples make batches take more than batch_size samples); from each batch's "position".
+        check: a SampleCheck every sample must pass (None: only decodability).
     With a DataLoader of W workers, batch i of this rank comes from worker i % W.
     """
 
     def __init__(self, data_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
-                 start_batch: int = 0, max_bad_fraction: float = 0.01, text_names: list[str] | None = None):
+                 start_batch: int = 0, max_bad_fraction: float = 0.01, text_names: list[str] | None = None,
+                 start_positions: dict[int, int] | None = None, check: SampleCheck | None = None):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
@@ -379,19 +421,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.bucketed = self.manifest.get("latent_shape") is None and bool(self.manifest.get("buckets"))
         self.max_bad_fraction = max_bad_fraction
         self.text_names = list(text_names) if text_names is not None else None  # decode only these captions' embeddings
+        self.start_positions = {int(k): int(v) for k, v in (start_positions or {}).items()}
+        self.check = check
         self.bad_samples, self._produced, self._seen = 0, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The reading position (batches produced) and what it depends on. Without DataLoader
+        """The reading position (batches produced, samples read) and what it depends on. Without DataLoader
         workers this object counts its batches; with workers the trainer's count is authoritative."""
-        return {"start_batch": self.start_batch + self._produced, "seed": self.seed, "world_size": self.world_size,
-                "rank": self.rank, "batch_size": self.batch_size}
+        return {"start_batch": self.start_batch + self._produced, "positions": dict(self.start_positions), "seed": self.seed,
+                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("seed", "world_size", "batch_size"):
             if state[k] != getattr(self, k):
                 raise ShardError(f"cannot resume the loader: {k} was {state[k]} and is now {getattr(self, k)}")
         self.start_batch, self._produced = int(state["start_batch"]), 0
+        self.start_positions = {int(k): int(v) for k, v in (state.get("positions") or {}).items()}
 
     def _bad(self, what: str, count: int, slot: _Slot) -> None:
         """Skip bad data with a warning and count it; too much of it stops the run."""
@@ -461,10 +506,15 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(self, key: str, group: dict[str, bytes], slot: _Slot) -> dict[str, Any] | None:
         try:
-            return decode_sample(key, group, self.text_names)
+            sample = decode_sample(key, group, self.text_names)
         except (KeyError, ValueError, OSError, EOFError) as e:  # a member missing or unreadable
             self._bad(f"sample {key!r} cannot be decoded ({type(e).__name__}: {e})", 1, slot)
             return None
+        problem = self.check.problem(sample) if self.check is not None else None
+        if problem:
+            self._bad(f"sample {key!r} {problem}", 1, slot)
+            return None
+        return sample
 
     def _epoch_size(self, epoch: int, slot: _Slot) -> int:
         """Samples ``slot`` reads in ``epoch``, from the manifest's counts alone."""
@@ -491,31 +541,38 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield item
             epoch += 1
 
-    def _emit(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    def _emit(self, batch: list[dict[str, Any]], role: int, position: int | None = None) -> dict[str, Any]:
         out = collate(batch, self.text_length)
         out["bad_samples"] = self.bad_samples
+        if position is not None:  # samples this role has read: the exact resume point
+            out["position"] = (role, position)
         if torch.utils.data.get_worker_info() is None:
             self._produced += 1
+            if position is not None:
+                self.start_positions[role] = position
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, workers, role = self._slot()
         done = max(0, math.ceil((self.start_batch - role) / workers))  # batches this role already produced
         if self.bucketed:
-            yield from self._bucketed(slot, done)
+            yield from self._bucketed(slot, done, role)
             return
+        read = self.start_positions.get(role, done * self.batch_size)  # without bad samples the two agree
         batch = []
-        for key, group in self._samples(slot, done * self.batch_size):
+        for key, group in self._samples(slot, read):
+            read += 1
             sample = self._decode(key, group, slot)
             if sample is not None:
                 batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self._emit(batch)
+                yield self._emit(batch, role, read)
                 batch = []
 
-    def _bucketed(self, slot: _Slot, done: int) -> Iterator[dict[str, Any]]:
+    def _bucketed(self, slot: _Slot, done: int, role: int) -> Iterator[dict[str, Any]]:
         """Fill one list per bucket; a full list is a batch. Resuming replays the stream reading only
-        each sample's JSON until ``done`` batches have been formed (their samples are dropped)."""
+        each sample's JSON until ``done`` batches have been formed (their samples are dropped): exact
+        whatever was skipped, since a bad sample only leaves its batch one short."""
         pending: dict[tuple, list] = {}
         formed = 0
         for key, group in self._samples(slot, 0):
@@ -534,4 +591,4 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             batch = [x for x in (self._decode(k, g, slot) for k, g in members) if x is not None]
             if batch:
-                yield self._emit(batch)
+                yield self._emit(batch, role)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.atomic import atomic_directory
@@ -47,8 +50,18 @@ def code_revision() -> str:
 
 
 # ---------------------------------------------------------------- finding checkpoints
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
 def step_of(path: Path) -> int:
-    return int(path.name.split("_")[1])
+    return int(STEP_DIR.fullmatch(path.name).group(1))
+
+
+def step_dirs(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Every ``step_<n>`` folder under ``ckpt_root``, complete or not, oldest first."""
+    root = Path(ckpt_root)
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=step_of)
 
 
 def is_complete(path: Path) -> bool:
@@ -57,10 +70,41 @@ def is_complete(path: Path) -> bool:
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under ``ckpt_root``, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("step_*") if is_complete(p)), key=step_of)
+    return [p for p in step_dirs(ckpt_root) if is_complete(p)]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the training checkpoint ``path`` cannot be resumed from, naming the file; None when every
+    file it holds is there and readable (headers and archives checked, tensors not loaded)."""
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        return str(e)
+    if meta.get("step") != step_of(path):
+        return f"meta.json says step {meta.get('step')}, the folder's name step {step_of(path)}"
+    try:
+        import yaml
+
+        yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return f"config.yaml cannot be read ({type(e).__name__})"
+    for name in ("model.safetensors", "ema.safetensors") if meta.get("has_ema") else ("model.safetensors",):
+        try:
+            with safe_open(path / name, "pt"):
+                pass
+        except Exception as e:  # missing, truncated, not safetensors
+            return f"{name} cannot be read ({e})"
+    try:
+        with zipfile.ZipFile(path / "train_state.pt") as z:
+            bad = z.testzip()
+        if bad is not None:
+            return f"train_state.pt is damaged ({bad} fails its checksum)"
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"train_state.pt cannot be read ({e})"
+    return None
 
 
 def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
@@ -110,15 +154,20 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_weights(ckpt_dir: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
-    """Weights from safetensors (never pickle)."""
+    """Weights from safetensors (never pickle), every value finite."""
     name = "ema.safetensors" if ema else "model.safetensors"
     path = resolve(ckpt_dir) / name
     if not path.is_file():
         raise CheckpointError(f"{path} is missing" + (" (this checkpoint was saved without EMA)" if ema else ""))
     try:
-        return load_file(path)
+        weights = load_file(path)
     except Exception as e:  # truncated or corrupt file
         raise CheckpointError(f"{path} cannot be read ({e}); it is truncated or corrupt. Resume from an older checkpoint.") from e
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite values in {len(bad)} tensors ({', '.join(bad[:3])}, ...): the "
+                              "weights diverged before this save. Use an older checkpoint.")
+    return weights
 
 
 def checkpoint_model(ckpt_dir: str | os.PathLike, meta: dict, use_ema: bool = True) -> nn.Module:

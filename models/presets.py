@@ -80,5 +80,13 @@ def build_model(family: str, config: dict[str, Any] | Any) -> nn.Module:
     return model_cls(config)
 
 
+def parameter_count(family: str, config: dict[str, Any] | Any) -> int:
+    """Parameters of the model a config describes, counted on the meta device: nothing is allocated."""
+    import torch
+
+    with torch.device("meta"):
+        return count_parameters(build_model(family, config))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -8,7 +8,9 @@ real name; ``latest`` is updated last.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from models.atomic import atomic_write_text
 from models.checkpoint import CheckpointError, list_checkpoints, step_of, write_checkpoint
 from training.distributed import barrier
+from training.logger import log
 
 
 def save_checkpoint(
@@ -28,12 +31,27 @@ def save_checkpoint(
     config_yaml: str,
     meta: dict[str, Any],
 ) -> Path:
-    """Write ``ckpt_root/step_XXXXXXX`` atomically and point ``latest`` at it."""
+    """Write ``ckpt_root/step_XXXXXXX`` atomically and point ``latest`` at it. A folder already there
+    under that name (one a resume skipped as unusable, or a newer one than an explicit resume point)
+    is kept aside as ``replaced-step_XXXXXXX-<time>``, never overwritten. A failed save leaves no
+    trace and the older checkpoints as they were."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final = write_checkpoint(root / name, {**meta, "step": step}, model, ema, files={"config.yaml": config_yaml},
-                             write=lambda tmp: torch.save(train_state, tmp / "train_state.pt"))
+    if (root / name).exists():
+        aside = root / f"replaced-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(root / name, aside)
+        log.warning("%s already existed; kept as %s", root / name, aside)
+    try:
+        final = write_checkpoint(root / name, {**meta, "step": step}, model, ema, files={"config.yaml": config_yaml},
+                                 write=lambda tmp: torch.save(train_state, tmp / "train_state.pt"))
+    except (OSError, RuntimeError) as e:  # a full disk ends in either (safetensors' serializer raises RuntimeError)
+        kept = list_checkpoints(root)
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} in {root} failed ({type(e).__name__}: {e}). Nothing of it was left behind"
+            f"{f'; the newest checkpoint is still {kept[-1].name}' if kept else ''}. Free disk space (or fix the folder) and run "
+            "the same command again: it resumes from the newest checkpoint."
+        ) from e
     atomic_write_text(root / "latest", name + "\n")
     return final
 
@@ -61,9 +79,12 @@ def load_train_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        # never pass on PyTorch's own advice here: it suggests a mode that would run the file's code
+        what = ("it holds Python objects, not just tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
+                or "weights_only" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise CheckpointError(
-            f"{path} cannot be loaded safely ({type(e).__name__}: {e}). Only tensors and plain containers are "
-            "accepted (weights_only=True); the file is corrupt, truncated, or not from this project."
+            f"{path} cannot be loaded safely ({what}). Only tensors and plain containers are accepted; the file is "
+            "corrupt, truncated, or not from this project. Resume from an older checkpoint."
         ) from e
 
 
@@ -79,14 +100,15 @@ class Checkpointer:
         self.last: Path | None = None  # on rank 0
         self.last_step: int | None = None  # on every rank: they must agree on whether to save
 
-    def save(self, step: int, optimizer, batches_done: int) -> Path | None:
+    def save(self, step: int, optimizer, batches_done: int, positions: dict | None = None) -> Path | None:
         p = self.parallel
         p.check_replicas(step)
         weights, ema_weights = p.full_weights(p.model), p.full_weights(self.ema)
         optimizer_state = p.full_optimizer_state(optimizer)
         path = None
         if p.dist_info.is_main:
-            state = {"optimizer": optimizer_state, "optimizer_format": p.optimizer_format, "step": step, "batches_done": batches_done}
+            state = {"optimizer": optimizer_state, "optimizer_format": p.optimizer_format, "step": step, "batches_done": batches_done,
+                     "positions": positions or {}}
             path = save_checkpoint(self.root, step, weights, ema_weights, state, self.config_yaml, self.meta)
             prune_checkpoints(self.root, self.keep_last, self.keep_every)
             self.logger.write(f"saved checkpoint {path}")
@@ -94,7 +116,7 @@ class Checkpointer:
         self.last, self.last_step = path, step
         return path
 
-    def save_once(self, step: int, optimizer, batches_done: int) -> None:
+    def save_once(self, step: int, optimizer, batches_done: int, positions: dict | None = None) -> None:
         """Save ``step`` unless it is saved already (a periodic save just before a stop)."""
         if self.last_step != step:
-            self.save(step, optimizer, batches_done)
+            self.save(step, optimizer, batches_done, positions)

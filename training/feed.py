@@ -7,22 +7,24 @@ from typing import Iterator
 
 import torch
 
-from data.shards import ShardStream
+from data.shards import SampleCheck, ShardStream
+from inference.conditioning import ClassConditioning
 from training.distributed import DistInfo, shared_items
 from training.setup import RunSpec
 from training.step import MicroBatch
 
 
 class Feed:
-    def __init__(self, cfg, spec: RunSpec, dist_info: DistInfo, batches_done: int):
+    def __init__(self, cfg, spec: RunSpec, dist_info: DistInfo, batches_done: int, positions: dict | None = None):
         self.spec, self.dist_info, self.device = spec, dist_info, dist_info.device
         stream = ShardStream(spec.data_path, spec.micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer,
                              batches_done, max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01)),
-                             text_names=spec.conditioning.stored_captions())
+                             text_names=spec.conditioning.stored_captions(), start_positions=positions, check=sample_check(spec))
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                                                   pin_memory=self.device.type == "cuda")
         self._batches = iter(self.loader)
         self.batches_done, self.bad_samples, self.first_batch_overlap = batches_done, 0, None
+        self.positions = dict(positions or {})  # {reader role: samples read}: where the stream resumes
         self.scale, self.shift = float(spec.manifest["scaling_factor"]), float(spec.manifest["shift_factor"])
         t = cfg.train.timestep
         self.timesteps = (t.logit_mean, t.logit_std, spec.shift)
@@ -34,6 +36,9 @@ class Feed:
             batch = next(self._batches)
             self.batches_done += 1
             self.bad_samples = max(self.bad_samples, int(batch.get("bad_samples", 0)))
+            if "position" in batch:
+                role, read = batch["position"]
+                self.positions[int(role)] = int(read)
             if self.first_batch_overlap is None:
                 self.first_batch_overlap = shared_items(batch["keys"], self.dist_info)  # ranks must read different samples
                 if self.first_batch_overlap:
@@ -41,3 +46,14 @@ class Feed:
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
             yield MicroBatch.draw(x0, cond, *self.timesteps, gen)
+
+
+def sample_check(spec: RunSpec) -> SampleCheck:
+    """What each sample must be for this run: its latent shape (per bucket for bucketed data), a label
+    in range for class conditioning, a stored caption embedding for precomputed text, finite values."""
+    c = spec.latent_shape[0]
+    bucketed = spec.manifest.get("latent_shape") is None and bool(spec.manifest.get("buckets"))
+    cond = spec.conditioning
+    return SampleCheck(latent_shape=None if bucketed else spec.latent_shape, channels=c, downsample=spec.autoencoder.downsample,
+                       num_classes=cond.num_classes if isinstance(cond, ClassConditioning) else None,
+                       text=bool(cond.stored_captions()))

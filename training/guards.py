@@ -9,37 +9,29 @@ Exit codes (documented in the README; the SLURM requeue logic relies on them):
 from __future__ import annotations
 
 import math
-import os
-import signal
 
 import torch
 import torch.distributed as dist
 
+from training import signals
+
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """First SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75. A second one: exit at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
+    """First SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75. A second one: exit at once.
+    The handlers themselves are training/signals.py's, installed as early as the entry point can."""
 
     def install(self) -> "StopRequest":
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        signals.catch()
         return self
 
     def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        signals.release()
 
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)  # the user insists: no checkpoint, no cleanup
-        self.signum = signum
+    @property
+    def signum(self) -> int | None:
+        return signals.received()
 
     def requested(self, distributed: bool) -> bool:
         """True on every rank if any rank got a stop signal (one tiny all-reduce when distributed)."""

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from models.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_meta
+from models.checkpoint import checkpoint_problem, load_weights, read_meta, step_dirs
 from models.linear import load_portable
 from models.presets import config_from_dict
-from training.checkpoint import load_train_state, remove_partial_saves
+from training.checkpoint import load_train_state
 from training.config import ConfigError
 from training.logger import log
 
@@ -21,12 +21,13 @@ from training.logger import log
 @dataclass
 class ResumePoint:
     """Where a run starts: the checkpoint it resumes (None: a new run), the optimizer state to
-    load, the step and the number of batches already read."""
+    load, the step, the number of batches already read and where each data reader stood."""
 
     checkpoint: Path | None = None
     optimizer_state: dict | None = None
     step: int = 0
     batches_done: int = 0
+    positions: dict | None = None
 
 
 def model_config_changes(meta: dict, model_config: dict) -> dict:
@@ -39,11 +40,32 @@ def model_config_changes(meta: dict, model_config: dict) -> dict:
     return changed
 
 
+def newest_usable(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint whose every file is there and readable; each newer one is named with why
+    it was skipped. Checkpoints that exist but none usable stop the run: a new run there would bury them."""
+    skipped = []
+    for path in reversed(step_dirs(ckpt_root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in skipped:
+                log.warning("skipping %s: %s", bad, why)
+            return path
+        skipped.append((path, problem))
+    if skipped:
+        raise ConfigError(
+            f"{ckpt_root} holds {len(skipped)} checkpoint folder(s) and none can be resumed from:\n"
+            + "\n".join(f"  {p.name}: {why}" for p, why in skipped)
+            + "\nNothing was changed. Restore the missing files, resume from a folder elsewhere with resume=<path>, or "
+            "start afresh in a new run_dir (or move checkpoints/ away)."
+        )
+    return None
+
+
 def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "auto":
-        return latest_checkpoint(ckpt_root)
+        return newest_usable(ckpt_root)
     if cfg.resume in (None, "none"):
-        if list_checkpoints(ckpt_root):
+        if step_dirs(ckpt_root):
             raise ConfigError(
                 f"{ckpt_root} already has checkpoints and resume=none: use resume=auto to continue that run, "
                 "or a new run_dir to start another"
@@ -52,6 +74,9 @@ def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
     path = Path(cfg.resume)
     if not path.is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"resume={cfg.resume}: cannot resume from it: {problem}")
     return path
 
 
@@ -86,12 +111,9 @@ def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: di
 
 
 def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer, ckpt_root: Path, model_config: dict,
-                   use_fsdp: bool, is_main: bool) -> ResumePoint:
+                   use_fsdp: bool) -> ResumePoint:
     """Load the run's latest checkpoint into model, EMA and (unless FSDP shards it later) the
     optimizer; or, for a new run, the stage.init_from weights."""
-    if is_main:
-        for stale in remove_partial_saves(ckpt_root):
-            log.info("removed %s, left by a save that was interrupted", stale)
     resume_from = find_resume(cfg, ckpt_root)
     if resume_from is None:
         if cfg.stage.init_from:
@@ -123,4 +145,4 @@ def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer,
     if not use_fsdp:
         optimizer.load_state_dict(state["optimizer"])
     log.info("resumed from %s at step %d", resume_from, int(state["step"]))
-    return ResumePoint(resume_from, state["optimizer"], int(state["step"]), int(state["batches_done"]))
+    return ResumePoint(resume_from, state["optimizer"], int(state["step"]), int(state["batches_done"]), state.get("positions"))

@@ -26,7 +26,9 @@ from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
 from models.presets import MODEL_CLASSES, check_shape, model_config
 from training.config import ConfigError
+from training.checkpoint import remove_partial_saves
 from training.distributed import DistInfo, barrier
+from training.lock import RunLock
 from training.logger import log
 from training.precision import check_micro_batch
 
@@ -69,8 +71,6 @@ def resolve(cfg: DictConfig, dist_info: DistInfo) -> RunSpec:
     """Check the config, build or find the data, and resolve the run spec. Order matters for the
     random stream: the model is built after this, from the seed set here."""
     micro = check_batch(cfg, dist_info.world_size)
-    if dist_info.is_main:
-        check_run_dir(Path(cfg.run_dir))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     kind = check_family(cfg)
     init_meta = init_checkpoint_meta(cfg.stage.get("init_from"))
@@ -117,15 +117,24 @@ def check_family(cfg: DictConfig) -> type[Conditioning]:
     return kind
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """The run directory must be writable before any work is done."""
+def prepare_run_dir(run_dir: Path) -> RunLock:
+    """The run directory, made and locked for this trainer, with what an interrupted save left removed
+    (so a full disk is measured without it), and checked writable before any work is done."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir={str(run_dir)!r} cannot be created ({e.strerror}); set run_dir to a folder you can write to") from e
+    lock = RunLock(run_dir).acquire()  # before anything in it is touched: it may be another trainer's
+    try:
+        for stale in remove_partial_saves(run_dir / "checkpoints"):
+            log.info("removed %s, left by a save that was interrupted", stale)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        lock.release()
         raise ConfigError(f"run_dir={str(run_dir)!r} is not writable ({e.strerror}); set run_dir to a folder you can write to") from e
+    return lock
 
 
 def check_free_space(run_dir: Path, model: nn.Module) -> None:

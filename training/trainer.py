@@ -39,10 +39,18 @@ __all__ = ["train", "ConfigError"]
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one stage. Returns a summary: step, loss, checkpoint, evaluation."""
+    stop = StopRequest().install()  # before anything slow: a pre-emption at start-up still exits 75
     dist_info = setup_processes()
+    setup_console(dist_info.is_main)
+    lock = None
     try:
-        return run(cfg, dist_info)
+        if dist_info.is_main:  # one trainer per run_dir, and the project's own messages for a bad one
+            lock = setup.prepare_run_dir(Path(cfg.run_dir))
+        return run(cfg, dist_info, stop)
     finally:
+        stop.uninstall()
+        if lock is not None:
+            lock.release()
         cleanup(dist_info)
 
 
@@ -61,12 +69,12 @@ class Run:
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
-                                    use_fsdp, dist_info.is_main)
+                                    use_fsdp)
         if dist_info.is_main:
             setup.check_free_space(self.run_dir, model)
         self.parallel, self.optimizer = wrap(cfg, model, self.ema, optimizer, self.start.optimizer_state, dist_info, use_fsdp,
                                              len(spec.manifest.get("buckets") or {}))
-        self.feed = Feed(cfg, spec, dist_info, self.start.batches_done)
+        self.feed = Feed(cfg, spec, dist_info, self.start.batches_done, self.start.positions)
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
         log.info(
             "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
@@ -83,6 +91,7 @@ class Run:
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", run_meta(cfg, spec), config_yaml, cfg.train.keep_last,
                                         cfg.train.keep_every, self.parallel, self.ema, self.logger)
         self.checkpoints.last = self.start.checkpoint
+        self.checkpoints.last_step = self.start.step if self.start.checkpoint else None
         self.evaluation = TrainingEvaluation(cfg, spec, self.parallel, self.ema, self.logger, self.run_dir)
         self.meter = Meter(self.logger, dist_info, cfg.train.global_batch_size, cfg.train.spike_factor)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
@@ -111,7 +120,7 @@ class Run:
                           bad_samples=self.feed.bad_samples)
 
     def save(self, step: int) -> None:
-        self.checkpoints.save_once(step, self.optimizer, self.feed.batches_done)
+        self.checkpoints.save_once(step, self.optimizer, self.feed.batches_done, self.feed.positions)
 
     def between_steps(self, step: int, stop: StopRequest) -> None:
         """After a step before the last: the periodic checkpoint and evaluation, and a pre-emption signal."""
@@ -120,11 +129,19 @@ class Run:
             self.save(step)
         if t.sample_every and step % t.sample_every == 0:
             self.evaluated = {step: self.evaluation.run(step)}
-        if stop.requested(self.dist_info.enabled):
+        self.stop_if_asked(step, stop)
+
+    def stop_if_asked(self, step: int, stop: StopRequest) -> None:
+        """On a stop signal (any rank's): checkpoint what this run trained, exit 75 (run again to resume)."""
+        if not stop.requested(self.dist_info.enabled):
+            return
+        if step > self.start.step:
             self.save(step)
             log.warning("stop signal: checkpoint of step %d saved; exiting with code %d (run again to resume)", step, PREEMPTED_EXIT_CODE)
-            self.logger.close()
-            raise SystemExit(PREEMPTED_EXIT_CODE)
+        else:
+            log.warning("stop signal before the first step: nothing to save; exiting with code %d (run again)", PREEMPTED_EXIT_CODE)
+        self.logger.close()
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 
     def finish(self, step: int, seconds: float) -> dict[str, Any]:
         """The final checkpoint (unless resumed at the end already) and evaluation, then the summary; the tracker closes last."""
@@ -153,23 +170,19 @@ class Run:
         return summary
 
 
-def run(cfg: DictConfig, dist_info: DistInfo) -> dict[str, Any]:
+def run(cfg: DictConfig, dist_info: DistInfo, stop: StopRequest) -> dict[str, Any]:
     """The loop: a step, its metrics, then (before the last) checkpoints, evaluations and signals."""
-    setup_console(dist_info.is_main)
     r, t = Run(cfg, dist_info), cfg.train
     step, t_start = r.start.step, time.time()
     until = t.max_steps if t.get("stop_after") is None else min(t.max_steps, t.stop_after)  # stop_after: pause, same schedule
-    stop = StopRequest().install()
-    try:
-        while step < until:
-            lr = r.step(step)
-            step += 1
-            if step % t.log_every == 0 or step == t.max_steps:
-                r.report(step, lr)
-            if step < t.max_steps:
-                r.between_steps(step, stop)
-    finally:
-        stop.uninstall()
+    r.stop_if_asked(step, stop)  # a signal during start-up
+    while step < until:
+        lr = r.step(step)
+        step += 1
+        if step % t.log_every == 0 or step == t.max_steps:
+            r.report(step, lr)
+        if step < t.max_steps:
+            r.between_steps(step, stop)
     return r.finish(step, time.time() - t_start)
 
 
