@@ -32,6 +32,10 @@ TRANSITIONS = {"stage1": "1to2", "stage2": "2to3", "stage3": "3to4", "stage4": "
 NEXT = {"1to2": 2, "2to3": 3, "3to4": 4, "4to5": 5}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def relative_errors(new, old, ts, n: int) -> dict[str, float]:
     """{t: ||new(t) - old(t)|| / ||old(t)||} for each t, with a batch of n equal timesteps."""
     import torch
@@ -46,7 +50,7 @@ def relative_errors(new, old, ts, n: int) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("source", help="checkpoint directory of the finished stage")
     ap.add_argument("out", help="directory to write the next stage's initialization to")
     ap.add_argument("--transition", default="auto", choices=["auto", *NEXT])

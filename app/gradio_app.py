@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,12 @@ MAX_PARAMS = 3e9  # larger models are refused from their meta.json, before any w
 MAX_WORK = 1e9
 QUEUE = 16  # requests waiting at most; more are turned away
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "bosh3": 3, "rk4": 4, "dopri5": 6}  # dopri5: adaptive, at least
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
 
 
 class UserError(ValueError):
@@ -86,9 +93,11 @@ class Sampler:
     root: only checkpoints inside it are served (None: any, for scripts that trust their paths).
     max_params: larger models are refused from meta.json. max_work: larger requests are refused."""
 
-    def __init__(self, root: str | Path | None = None, max_params: float = MAX_PARAMS, max_work: float = MAX_WORK):
+    def __init__(self, root: str | Path | None = None, max_params: float = MAX_PARAMS, max_work: float = MAX_WORK,
+                 device: str = "auto", dtype: str = "fp32"):
         self.root = Path(root).resolve() if root is not None else None
         self.max_params, self.max_work = max_params, max_work
+        self.device, self.dtype = device, dtype
         self._cache: dict[tuple[str, str], Any] = {}
 
     def checkpoint_dir(self, path: str) -> Path:
@@ -118,7 +127,7 @@ class Sampler:
                 if n > self.max_params:
                     raise UserError(f"its model has {n / 1e9:.2f}B parameters, more than this app serves ({self.max_params / 1e9:g}B; "
                                     "start it with a larger --max-params)")
-                self._cache[key] = Pipeline.load(key[0], use_ema=weights == "ema")
+                self._cache[key] = Pipeline.load(key[0], use_ema=weights == "ema", device=self.device, dtype=self.dtype)
             except Exception as e:  # missing, truncated, pickled, too large, an init without an encoder: say so, keep serving
                 raise UserError(f"cannot load checkpoint {path}: {e}") from e
             if len(self._cache) > 4:
@@ -149,10 +158,21 @@ class Sampler:
         """The classes to pick from, or None for a checkpoint that takes free text."""
         return self.load(path).conditioning.choices()
 
+    def view(self, path: str) -> tuple[list[str] | None, Any, list[str], tuple[int, int]]:
+        """What the page shows for a checkpoint: (classes or None for free text, sampling defaults, example
+        prompts (a text checkpoint's evaluation prompts), its trained size in pixels)."""
+        pipe = self.load(path)
+        _, gh, gw = pipe.latent_shape()
+        return (pipe.conditioning.choices(), pipe.defaults(), list(getattr(pipe.conditioning, "examples", None) or []),
+                (gh * pipe.downsample, gw * pipe.downsample))
+
     def sample(self, path: str, weights: str = "ema", condition: str = "", negative_prompt: str = "", cfg_scale: Any = None,
                steps: Any = None, solver: str | None = None, shift: Any = None, seed: Any = 0, batch: Any = 4,
-               height: Any = None, width: Any = None, trajectory: bool = False):
-        """-> (images (N, H, W, 3) uint8, trajectory strip uint8 or None, record of every setting)."""
+               height: Any = None, width: Any = None, trajectory: bool = False, progress=None):
+        """-> (images (N, H, W, 3) uint8, trajectory strip uint8 or None, record of every setting, with the command
+        line that reproduces the images). Seed -1 draws one (the record says which). The denoising strip is
+        Euler's; with another solver it is left out, with a note. ``progress(fraction)`` as sampling goes."""
+        import secrets
         import warnings
 
         import torch
@@ -168,12 +188,15 @@ class Sampler:
             cfg_scale=_float(d.cfg_scale if cfg_scale in (None, "") else cfg_scale, "CFG scale", 0.0, 100.0),
             solver=solver or None,
             shift=_float(d.shift if shift in (None, "") else shift, "shift", 0.01, 100.0),
-            seed=_int(seed, "seed", 0, 2**63 - 1),
+            seed=_int(seed, "seed", -1, 2**63 - 1),
         )
+        if settings.seed == -1:
+            settings.seed = secrets.randbelow(2**31)
         if settings.solver not in SOLVERS:
             raise UserError(f"unknown solver {settings.solver!r}; choose one of {', '.join(SOLVERS)}")
+        note = None
         if trajectory and settings.solver != "euler":
-            raise UserError("the denoising strip needs the euler solver")
+            trajectory, note = False, f"the denoising strip shows Euler steps: left out for {settings.solver}"
         n = _int(batch, "batch", 1, MAX_BATCH)
         _, gh, gw = pipe.latent_shape()
         h = _int(gh * pipe.downsample if height in (None, "") else height, "height", 1, 10**5)
@@ -196,18 +219,33 @@ class Sampler:
             record.update(prompt=value, negative_prompt=str(negative_prompt or ""))
         else:
             record.update(class_id=value, class_name=pipe.conditioning.describe(value) if pipe.conditioning.class_names else None)
+        evals = settings.steps * EVALS_PER_STEP.get(settings.solver, 1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = pipe([value] * n, settings, negative=str(negative_prompt or ""), shape=shape, return_trajectory=trajectory)
-        if text:
-            record["warnings"] = [str(x.message) for x in caught if "truncated" in str(x.message)]
+            out = pipe([value] * n, settings, negative=str(negative_prompt or ""), shape=shape, return_trajectory=trajectory,
+                       callback=(lambda i: progress(min(i / evals, 1.0))) if progress else None)
+        record["warnings"] = [str(x.message) for x in caught if "truncated" in str(x.message)] + ([note] if note else [])
         images, traj = out if trajectory else (out, None)
         record.update(settings.to_dict(), batch=n, height=h, width=w)
+        record["command"] = _command(record, weights, self.device, self.dtype)
         strip = None
         if traj:
             first = torch.stack([x[0] for x in traj])  # sample 0's prediction of x0 at every step
             strip = make_grid(to_uint8(first), ncols=len(traj), upscale=max(1, 96 // max(h, w)))
         return to_uint8(images), strip, record
+
+
+def _command(record: dict, weights: str, device: str, dtype: str) -> str:
+    """The app/sample.py command that draws the same images (its grid holds them in one column)."""
+    import shlex
+
+    what = (["--prompt", record["prompt"], "--negative-prompt", record["negative_prompt"]] if "prompt" in record
+            else ["--classes", str(record["class_id"])])
+    args = ["python", "app/sample.py", record["checkpoint"], *what, "--per-class", record["batch"], "--cfg", record["cfg_scale"],
+            "--steps", record["steps"], "--solver", record["solver"], "--shift", record["shift"], "--seed", record["seed"],
+            "--height", record["height"], "--width", record["width"], "--device", device, "--dtype", dtype,
+            *(["--raw"] if weights == "raw" else [])]
+    return shlex.join(str(a) for a in args)
 
 
 def _trained_with(config: Path) -> str:
@@ -236,10 +274,10 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
 
     sampler = sampler or Sampler()
     first = checkpoints[0] if checkpoints else None
-    classes = []
+    classes, d, examples, size = [], None, [], (None, None)
     try:
         if first:
-            classes = sampler.choices(first)
+            classes, d, examples, size = sampler.view(first)
             first_info = first_info or sampler.info(first)
     except Exception as e:  # a broken first checkpoint: say so, the others stay pickable
         first_info = f"⚠️ {e}"
@@ -247,20 +285,22 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
 
     def on_pick(path):
         try:
-            classes = sampler.choices(path)
+            classes, d, ex, (h, w) = sampler.view(path)
             return (sampler.info(path), gr.update(choices=classes or [], value=classes[0] if classes else None, visible=classes is not None),
-                    gr.update(visible=classes is None), gr.update(visible=classes is None), "")
+                    gr.update(visible=classes is None), gr.update(visible=classes is None),
+                    gr.update(choices=ex, value=None, visible=bool(ex)), d.cfg_scale, d.steps, d.solver, d.shift, h, w, "")
         except Exception as e:  # a broken checkpoint: its error in the info panel, the app keeps serving
-            return f"⚠️ {e}", gr.update(), gr.update(), gr.update(), f"⚠️ {e}"
+            return (f"⚠️ {e}", *(gr.update() for _ in range(10)), f"⚠️ {e}")
 
     def condition(path, klass, prompt):
         return prompt if sampler.choices(path) is None else klass
 
-    def run(path, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory):
+    def run(path, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
+            progress=gr.Progress()):
         try:
             images, strip, record = sampler.sample(path, weights, condition(path, klass, prompt), negative, cfg, steps,
-                                                   solver, shift, seed, batch, height, width, trajectory)
-            note = "; ".join(record.get("warnings", [])) or f"{len(images)} samples, seed {record['seed']}"
+                                                   solver, shift, seed, batch, height, width, trajectory, progress=progress)
+            note = "; ".join(record.get("warnings", []) + [f"{len(images)} samples, seed {record['seed']}"])
             return _display(images), strip, record, note
         except UserError as e:
             return None, None, None, f"⚠️ {e}"
@@ -274,7 +314,7 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
                 images, _, record = sampler.sample(path, weights, condition(path, klass, prompt), negative, cfg, steps,
                                                    solver, shift, seed, batch)
                 outs += [_display(images), f"{record['stage']} step {record['step']} ({weights})"]
-            except UserError as e:
+            except Exception as e:
                 outs += [None, f"⚠️ {e}"]
         return tuple(outs)
 
@@ -287,26 +327,29 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
         with gr.Row():
             klass = gr.Dropdown(classes or [], value=classes[0] if classes else None, label="class", visible=not text,
                                 allow_custom_value=True)
-            prompt = gr.Textbox(label="prompt", visible=text, value="")
+            prompt = gr.Textbox(label="prompt", visible=text, value=examples[0] if examples else "")
             negative = gr.Textbox(label="negative prompt (empty = the null condition)", visible=text, value="")
+        example = gr.Dropdown(examples, value=None, label="example prompts (the checkpoint's evaluation prompts)",
+                              visible=bool(examples))
         with gr.Row():
-            cfg = gr.Textbox(label="CFG scale", value="")
-            steps = gr.Textbox(label="steps", value="")
-            solver = gr.Dropdown(list(SOLVERS), value=None, label="solver (empty: the checkpoint's)")
-            shift = gr.Textbox(label="timestep shift", value="")
+            # bounds are checked by Sampler.sample, which says what is wrong in the status line
+            cfg = gr.Number(label="CFG scale", value=d.cfg_scale if d else None)
+            steps = gr.Number(label="steps", value=d.steps if d else None, precision=0)
+            solver = gr.Dropdown(list(SOLVERS), value=d.solver if d else None, label="solver")
+            shift = gr.Number(label="timestep shift", value=d.shift if d else None)
         with gr.Row():
-            seed = gr.Textbox(label="seed", value="0")
-            batch = gr.Textbox(label="batch", value="4")
-            height = gr.Textbox(label="height (px)", value="")
-            width = gr.Textbox(label="width (px)", value="")
-            trajectory = gr.Checkbox(label="denoising strip (euler)", value=True)
+            seed = gr.Number(label="seed (-1: random)", value=0, precision=0)
+            batch = gr.Slider(1, MAX_BATCH, value=4, step=1, label="batch")
+            height = gr.Number(label="height (px)", value=size[0], precision=0)
+            width = gr.Number(label="width (px)", value=size[1], precision=0)
+            trajectory = gr.Checkbox(label="denoising strip (Euler steps)", value=True)
         with gr.Row():
             go = gr.Button("Generate", variant="primary", scale=3)
             cancel = gr.Button("Stop", scale=1)
         status = gr.Markdown("")
         gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="samples")
         strip = gr.Image(label="denoising: predicted clean image at each step (sample 1)", format="png")
-        record = gr.JSON(label="settings (reproduce with app/sample.py)")
+        record = gr.JSON(label="settings, and the app/sample.py command that reproduces them")
         with gr.Accordion("compare two checkpoints (same seed and settings)", open=False):
             with gr.Row():
                 ckpt_b = gr.Dropdown(checkpoints, value=first, label="checkpoint B", allow_custom_value=True)
@@ -317,7 +360,9 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
                     label_a, gallery_a = gr.Markdown(), gr.Gallery(label="A", columns=2, format="png")
                 with gr.Column():
                     label_b, gallery_b = gr.Markdown(), gr.Gallery(label="B", columns=2, format="png")
-        ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, status], api_name="pick")
+        ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, example, cfg, steps, solver, shift, height, width, status],
+                    api_name="pick")
+        example.change(lambda e: e or gr.update(), [example], [prompt])
         inputs = [ckpt, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory]
         running = [go.click(run, inputs, [gallery, strip, record, status], api_name="generate"),
                    prompt.submit(run, inputs, [gallery, strip, record, status]),
@@ -329,19 +374,21 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a checkpoint directory, a run directory or a folder of runs")
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    ap.add_argument("--max-params", type=float, default=MAX_PARAMS, help="largest model served, in parameters (default %(default).0e)")
+    ap.add_argument("--max-params", type=float, default=MAX_PARAMS, help="largest model served, in parameters")
     ap.add_argument("--max-work", type=float, default=MAX_WORK,
-                    help="largest request: steps x solver evaluations x batch x pixels x 2 with CFG (default %(default).0e)")
+                    help="largest request: steps x solver evaluations x batch x pixels x 2 with CFG")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the models' weights while sampling")
     args = ap.parse_args(argv)
     found = find_checkpoints(args.checkpoint)
     if not found:
         raise SystemExit(f"no checkpoint found at or below {args.checkpoint} (looked for folders with meta.json + model.safetensors)")
-    sampler = Sampler(args.checkpoint, args.max_params, args.max_work)
+    sampler = Sampler(args.checkpoint, args.max_params, args.max_work, args.device, args.dtype)
     ui = build_ui(found, sampler)  # the first checkpoint loads here, at start, not at import
     print(f"{len(found)} checkpoint(s); serving on http://{args.host}:{args.port}" + (" and a public share link" if args.share else ""))
     ui.launch(server_name=args.host, server_port=args.port, share=args.share)

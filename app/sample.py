@@ -4,22 +4,32 @@
     python app/sample.py CKPT --classes all --cfg 4 --steps 20 --solver euler --seed 7 --out samples.png
     python app/sample.py runs/quality/stage2 --prompt "a small red circle on a black background" --per-class 8
     python app/sample.py runs/quality/stage2 --prompts-file prompts.txt --negative-prompt "a blue square"
+    python app/sample.py runs/quality/stage4 --prompt "a large blue square on a white background" --height 24 --width 48
+    python app/sample.py CKPT --prompt "..." --per-class 64 --batch 16 --device cuda --dtype bf16
 
 The JSON written beside the PNG records the checkpoint, its step and every
-setting, so the same command reproduces the same pixels. Uses the same
-sampling function as the training previews (inference/pipeline.py).
+setting, so the same command reproduces the same pixels (the batch size does not
+change them). Uses the same sampling function as the training previews
+(inference/pipeline.py); the GPU when there is one.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
 
 
 def main(argv=None) -> dict:
     from flow.sampling import SOLVERS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint directory (runs/<run>/checkpoints/step_XXXXXXX) or a run directory")
     ap.add_argument("--classes", nargs="+", default=None, help="class checkpoints: ids or names (e.g. red_circle), or 'all' (the default)")
     ap.add_argument("--prompt", action="append", help="text checkpoints: a prompt (repeat for several)")
@@ -30,12 +40,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the checkpoint's)")
     ap.add_argument("--solver", choices=SOLVERS, default=None)
     ap.add_argument("--shift", type=float, default=None, help="timestep shift (default: the checkpoint's)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    ap.add_argument("--height", type=int, default=None, help="image height in pixels (mmDiT: any multiple of the patch, e.g. a "
+                                                               "stage-4 bucket; default: the trained size)")
+    ap.add_argument("--width", type=int, default=None, help="image width in pixels (default: the trained size)")
+    ap.add_argument("--batch", type=int, default=None, help="samples per forward pass (default: all at once)")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's weights during sampling")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--out", default="samples.png", help="PNG path; the settings go to the same name with .json")
     args = ap.parse_args(argv)
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise SystemExit(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch must be at least 1, got {args.batch}")
 
     from inference.conditioning import ConditioningError
     from inference.images import make_grid, save_png, to_uint8
@@ -43,8 +61,9 @@ def main(argv=None) -> dict:
     from models.checkpoint import CheckpointError
 
     try:
-        pipe = Pipeline.load(args.checkpoint, use_ema=not args.raw)
-    except (CheckpointError, ConditioningError, ValueError) as e:
+        pipe = Pipeline.load(args.checkpoint, use_ema=not args.raw, device=args.device, dtype=args.dtype)
+        shape = pipe.latent_shape(args.height, args.width) if args.height or args.width else pipe.latent_shape()
+    except (CheckpointError, ConditioningError, ValueError, RuntimeError) as e:  # RuntimeError: a device torch can't use
         raise SystemExit(str(e)) from e
     cond = pipe.conditioning
     prompts = list(args.prompt or [])
@@ -59,9 +78,10 @@ def main(argv=None) -> dict:
     except ConditioningError as e:
         raise SystemExit(str(e)) from e
     settings = pipe.defaults(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift, seed=args.seed)
-    images = pipe([v for _ in range(args.per_class) for v in values], settings, negative=args.negative_prompt)
+    images = pipe([v for _ in range(args.per_class) for v in values], settings, negative=args.negative_prompt, shape=shape,
+                  batch_size=args.batch)
     out = Path(args.out)
-    save_png(make_grid(to_uint8(images), ncols=len(values), upscale=max(1, 96 // images.shape[-1])), out)
+    save_png(make_grid(to_uint8(images), ncols=len(values), upscale=max(1, 96 // max(images.shape[-2:]))), out)
     record = {
         "checkpoint": str(pipe.path.resolve()),
         "stage": pipe.meta["stage"],
@@ -70,6 +90,10 @@ def main(argv=None) -> dict:
         **({"prompts": values, "negative_prompt": args.negative_prompt} if text else
            {"classes": values, "class_names": [cond.describe(v) for v in values] if cond.class_names else None}),
         "per_class": args.per_class,
+        "height": images.shape[-2],
+        "width": images.shape[-1],
+        "device": str(pipe.device),
+        "dtype": args.dtype,
         **settings.to_dict(),
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))

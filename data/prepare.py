@@ -61,6 +61,10 @@ PLAN_FORMAT = "flowdit-prepare-v1"
 MAX_PIXELS = 40_000_000  # an 8000 x 5000 photo; decoding needs ~4 bytes a pixel and more to resize
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 class Skip(Exception):
     """This input cannot become a sample; the message is the reason."""
 
@@ -485,7 +489,7 @@ def write_manifest(out: Path, units: int, fields: dict) -> dict | None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", required=True, help="image folder, .csv/.jsonl table, or .tar shard(s) / URL template")
     ap.add_argument("--out", required=True, help="output folder: shards, per-shard summaries, manifest.json")
     ap.add_argument("--size", type=int, default=256, help="square output side in pixels (ignored with --buckets)")

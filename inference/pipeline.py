@@ -64,6 +64,23 @@ def initial_noise(n: int, latent_shape: tuple[int, ...], seed: int, device, dtyp
     return torch.randn((n, *latent_shape), generator=g).to(device=device, dtype=dtype)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_device(name: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): the GPU when there is one; otherwise the device named (cpu, cuda, cuda:1, ...)."""
+    return default_device() if name in (None, "auto") else torch.device(name)
+
+
+def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -74,17 +91,35 @@ def generate(
     settings: SampleSettings,
     device: torch.device | str = "cpu",
     return_trajectory: bool = False,
+    noise: torch.Tensor | None = None,
+    callback=None,
 ):
     """Sample images (N, 3, H, W) in [-1, 1] for a batch of conditions.
 
     ``cond`` / ``uncond`` are the model's condition keyword arguments (inference/conditioning.py):
     ``{class_labels (N,)}`` for ccDiT; ``{encoder_hidden_states (N, L, D), encoder_attention_mask
-    (N, L)}`` for mmDiT. ``uncond`` (the null condition) is used when cfg_scale != 1.
+    (N, L)}`` for mmDiT. ``uncond`` (the null condition) is used when cfg_scale != 1. The model runs
+    in its own dtype (bf16 / fp16 weights: inputs cast to match); the ODE is integrated in fp32.
+    ``noise``: the initial noise (default: from ``settings.seed``). ``callback(i)`` after each model
+    evaluation (progress).
     """
     n = len(next(iter(cond.values())))
-    noise = initial_noise(n, latent_shape, settings.seed, device)
+    if noise is None:
+        noise = initial_noise(n, latent_shape, settings.seed, device)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        cond, uncond = _cast(cond, dtype), (_cast(uncond, dtype) if uncond is not None else None)
+    calls = [0]
+
+    def velocity(x, t, c):
+        v = call_model(model, x.to(dtype), t, c).float()
+        if callback is not None:
+            calls[0] += 1
+            callback(calls[0])
+        return v
+
     out = sample(
-        lambda x, t, c: call_model(model, x, t, c).float(),
+        velocity,
         noise,
         cond,
         uncond,
@@ -156,12 +191,17 @@ class Pipeline:
     device: torch.device | str = "cpu"
 
     @classmethod
-    def load(cls, ckpt, use_ema: bool = True, device: torch.device | str = "cpu") -> "Pipeline":
-        """Raises models.checkpoint.CheckpointError (a missing or damaged checkpoint) or ConditioningError."""
+    def load(cls, ckpt, use_ema: bool = True, device: torch.device | str | None = "cpu", dtype: str = "fp32") -> "Pipeline":
+        """``device``: cpu, cuda, cuda:1, ... or ``auto`` (the GPU when there is one); ``dtype``: the model's
+        weights, fp32 / bf16 / fp16. Raises models.checkpoint.CheckpointError (a missing or damaged
+        checkpoint), ConditioningError, or ValueError (an unknown dtype)."""
         from models.checkpoint import resolve
 
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        device = pick_device(device)
         model, autoencoder, meta = load_model(ckpt, use_ema, device)
-        return cls(resolve(ckpt), model, autoencoder, meta, from_meta(meta), device)
+        return cls(resolve(ckpt), model.to(DTYPES[dtype]), autoencoder, meta, from_meta(meta), device)
 
     def defaults(self, **overrides: Any) -> SampleSettings:
         return SampleSettings.from_meta(self.meta.get("sampling") or {}, **overrides)
@@ -179,8 +219,19 @@ class Pipeline:
                                 max_side_factor)
 
     def __call__(self, values: list, settings: SampleSettings, negative: str | None = None,
-                 shape: tuple[int, int, int] | None = None, return_trajectory: bool = False):
-        """Images (N, 3, H, W) in [-1, 1] for parsed ``values`` (``conditioning.parse``), one per value."""
-        cond, uncond = self.conditioning.guided(values, self.device, negative)
-        return generate(self.model, self.autoencoder, cond, uncond, shape or self.latent_shape(), settings, self.device,
-                        return_trajectory)
+                 shape: tuple[int, int, int] | None = None, return_trajectory: bool = False, batch_size: int | None = None,
+                 callback=None):
+        """Images (N, 3, H, W) in [-1, 1] for parsed ``values`` (``conditioning.parse``), one per value,
+        sampled ``batch_size`` at a time (default: all at once); the noise is drawn for all N first, so
+        the images do not depend on the batch size."""
+        shape = shape or self.latent_shape()
+        noise = initial_noise(len(values), shape, settings.seed, self.device)
+        step = batch_size or len(values)
+        outs = []
+        for i in range(0, len(values), step):
+            cond, uncond = self.conditioning.guided(values[i:i + step], self.device, negative)
+            outs.append(generate(self.model, self.autoencoder, cond, uncond, shape, settings, self.device, return_trajectory,
+                                 noise[i:i + step], callback))
+        if return_trajectory:
+            return torch.cat([o[0] for o in outs]), [torch.cat(xs) for xs in zip(*(o[1] for o in outs))]
+        return torch.cat(outs)

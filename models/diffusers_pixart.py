@@ -71,8 +71,8 @@ def check_exportable(config: MMDiTConfig) -> None:
         problems.append("qk_norm=True (diffusers' PixArt has no QK-norm; train with model.qk_norm=false)")
     if config.mlp_ratio != 4.0:
         problems.append(f"mlp_ratio={config.mlp_ratio} (diffusers' PixArt uses 4)")
-    if config.base_size not in (None, config.grid_size):
-        problems.append(f"base_size={config.base_size} differs from the grid ({config.grid_size}); diffusers ties them")
+    if getattr(config, "micro_conditions", False):
+        problems.append("micro_conditions=True (our size / aspect-ratio embedder is one MLP; diffusers' PixArt-MS has two)")
     if getattr(config, "pos_grid", "stretch") != "stretch":
         problems.append(f"pos_grid={config.pos_grid!r} (diffusers stretches each axis of non-square grids; "
                         "reparameterize 3to4 with --pos-grid stretch for an exportable model)")
@@ -91,7 +91,10 @@ def diffusers_config(config: MMDiTConfig) -> dict:
         num_layers=config.depth,
         cross_attention_dim=config.hidden_size,
         caption_channels=config.caption_channels,
-        sample_size=config.input_size,
+        # diffusers derives the position grid's base from sample_size (base = sample_size / patch) and
+        # interpolates other sizes onto it, as we do: a stage-3 model (trained on a larger grid over the
+        # base range) exports with its base size; pipelines then default to that size, so pass height/width
+        sample_size=(config.base_size or config.grid_size) * config.patch_size,
         patch_size=config.patch_size,
         interpolation_scale=config.interpolation_scale,
         use_additional_conditions=False,

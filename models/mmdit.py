@@ -244,10 +244,11 @@ class MMDiT(nn.Module):
     def base_size(self) -> int:
         return self.config.base_size if self.config.base_size is not None else self.config.grid_size
 
-    def pos_embed(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+    def pos_embed(self, grid_h: int, grid_w: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(1, grid_h * grid_w, D): any grid, interpolated to this model's base size."""
         return sincos_2d(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.interpolation_scale,
-                         isotropic=self.config.pos_grid == "isotropic", short_side=self.config.pos_grid == "shortside").to(device)[None]
+                         isotropic=self.config.pos_grid == "isotropic",
+                         short_side=self.config.pos_grid == "shortside").to(device=device, dtype=dtype)[None]
 
     def initialize_weights(self) -> None:
         basic_init(self)
@@ -309,7 +310,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         # position first: the sum is contiguous (N, T, D), so no norm or linear downstream copies the
         # residual stream (the patch embedding alone is a transposed view; diffusers adds in that order)
-        x = self.pos_embed(h // p, w // p, hidden_states.device) + self.x_embedder(hidden_states)  # (N, T, D)
+        x = self.pos_embed(h // p, w // p, hidden_states.device, self.x_embedder.proj.weight.dtype) + self.x_embedder(hidden_states)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
         if self.config.micro_conditions:  # default: the size of the image being generated
             if resolution is None:

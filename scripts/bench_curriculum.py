@@ -26,6 +26,10 @@ sys.path.insert(0, str(ROOT))
 from scripts.results import write_json  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, caption accuracy) from a run's metrics.jsonl, last value per step."""
     points: dict[int, float] = {}
@@ -73,7 +77,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], target: float, out: Path) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--stage1", default="runs/quality/stage1", help="stage-1 run or checkpoint to reparameterize")
     ap.add_argument("--out", default="runs/bench_curriculum", help="folder for both arms' runs")
     ap.add_argument("--steps", type=int, default=2500, help="the schedule's length (train.max_steps) for both arms")

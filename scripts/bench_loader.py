@@ -25,6 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.results import write_json  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def synthetic(out: Path, n: int, latent_shape, text: tuple[int, int] | None) -> Path:
     import numpy as np
 
@@ -63,7 +67,7 @@ def measure(path: Path, batch: int, batches: int, workers: int, text_names=None)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--demo", default="data/demo/shapes_text_16", help="the stage-2 demo shards (built by the demo)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=60)

@@ -25,8 +25,12 @@ sys.path.insert(0, str(ROOT))
 from scripts.results import write_json  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--experiment", default="quick_stage1")
     ap.add_argument("--backends", nargs="+", default=["torch", "mxfp8_emulated"])
     ap.add_argument("--eval-samples", type=int, default=480, help="samples per evaluation (40 per class)")

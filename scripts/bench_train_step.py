@@ -24,6 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.results import write_json  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def gemm_flops(n: int, repeats: int, device) -> float:
     import torch
 
@@ -41,7 +45,7 @@ def gemm_flops(n: int, repeats: int, device) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--family", default="ccdit")
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--input-size", type=int, default=32, help="latent side")

@@ -33,6 +33,10 @@ from scripts.results import write_json  # noqa: E402
 from training.config import compose  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def bare_step_fn(cfg):
     """The model step of `cfg` on a fixed batch, with the trainer's own model, step and optimizer
     (text stages: embeddings of the width and length the prepared shards' manifest records)."""
@@ -79,7 +83,7 @@ def trainer_step_s(stage: str, overrides: list[str], steps: int) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--stage", default="stage1")
     ap.add_argument("--experiment", default="demo")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per measurement (a multiple of 25)")

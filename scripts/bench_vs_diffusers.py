@@ -50,6 +50,10 @@ CFG = dict(depth=12, hidden_size=384, num_heads=6, input_size=32, in_channels=16
 BATCH, TOKENS = 8, 64
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def build(seed: int = 0):
     import torch
 
@@ -394,7 +398,7 @@ def print_memory(record: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--pairs", type=int, default=15, help="A/B pairs of training-step timings (the median ratio is reported)")
     ap.add_argument("--steps-per-timing", type=int, default=1, help="training steps per timing (one pair = this many of each)")
     ap.add_argument("--settle-steps", type=int, default=1,

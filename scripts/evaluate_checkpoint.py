@@ -13,15 +13,22 @@ held-out demo captions or --prompts given. The same evaluation as the trainer's
 from __future__ import annotations
 
 import argparse
+import sys
 import itertools
 import json
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
 
 
 def main(argv=None) -> list[dict]:
     from flow.sampling import SOLVERS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint directory or a run directory (its newest checkpoint)")
     ap.add_argument("--cfg", type=float, nargs="+", default=[4.0], help="guidance scales to try")
     ap.add_argument("--steps", type=int, nargs="+", default=[20], help="solver step counts to try")
@@ -33,6 +40,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
     ap.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
                     help="image size in pixels (mmDiT: any multiple of the patch, e.g. an aspect bucket); default: the trained size")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's weights while sampling")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args(argv)
 
@@ -41,7 +50,7 @@ def main(argv=None) -> list[dict]:
     from inference.evaluation import EvalSpec, evaluate
     from inference.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.checkpoint, use_ema=not args.raw)
+    pipe = Pipeline.load(args.checkpoint, use_ema=not args.raw, device=args.device, dtype=args.dtype)
     cond = pipe.conditioning
     if cond.choices() is None:  # free text: the prompts asked for
         values = cond.parse(list(HELD_OUT_CAPTIONS) if args.prompts == ["held_out"] else args.prompts)

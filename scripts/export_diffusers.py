@@ -12,11 +12,18 @@ other than 4, ...) are refused with the reason.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint directory of an mmDiT stage")
     ap.add_argument("out", help="folder to write the diffusers transformer to")
     ap.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # in place: the checkout's packages, not an install's
 STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
 PROFILES = {  # profile -> (experiment per stage, default output folder)
     "quick": ({s: f"quick_{s}" for s in STAGES}, "runs/demo"),
@@ -47,6 +48,10 @@ SCORES = {  # stage -> (main score, what it counts, chance)
     "stage4": ("caption_accuracy", "held-out captions, mean over 1:1, 1:2, 2:1", "1/72"),
     "stage5": ("caption_accuracy", "held-out captions, mean over 1:1, 1:2, 2:1", "1/72"),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
 
 
 def run(cmd: list[str]) -> None:
@@ -111,7 +116,7 @@ def stale_init(init: Path, previous: Path, weights: str, pos_grid: str | None = 
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                     help="quick: all five stages in < 30 min (make demo); quality: the per-stage quality runs (each <= ~30 min "
                          "on 2 CPU cores); long: quality for stages 1-3, then stages 4-5 with 5.3x / 3x the steps (for a GPU)")

@@ -20,7 +20,8 @@ def shapes_dir(tmp_path_factory):
 
 def fault_env(save_pause: float = 0, unit_pause: float = 0, **extra) -> dict:
     """The environment of a child process with faults injected (tests/faults/sitecustomize.py)."""
-    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")) if p)
+    # the repository root too: sitecustomize runs before Python adds the script's folder, and the code is used in place
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "faults"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "FLOWDIT_TEST_SAVE_PAUSE": str(save_pause),
             "FLOWDIT_TEST_UNIT_PAUSE": str(unit_pause), **extra}
 

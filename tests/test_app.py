@@ -35,13 +35,17 @@ def served(tmp_path_factory, shapes_dir, text_shapes_dir):
     bad = root / "corrupt" / "checkpoints" / "step_0000002"
     shutil.copytree(s1, bad)
     (bad / "ema.safetensors").write_bytes((bad / "ema.safetensors").read_bytes()[:100])
+    import reparameterize
+
+    init = root / "stage2_init"  # what make demo leaves beside the runs: a stage-2 init names no text encoder yet
+    reparameterize.main([s1, str(init), "--caption-channels", "32"])
     found = find_checkpoints(root)
-    assert set(found) == {s1, s2, str(bad)}
-    ui = build_ui([s1, s2, str(bad)])  # the first one is what the page opens with
+    assert set(found) == {s1, s2, str(bad), str(init)}
+    ui = build_ui([s1, s2, str(bad), str(init)])  # the first one is what the page opens with
     port = _free_port()
     ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     try:
-        yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "root": root}
+        yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "init": str(init), "root": root}
     finally:
         ui.close()
 
@@ -58,16 +62,18 @@ def _images(gallery, side=16):
     return np.stack(out)
 
 
-def _generate(client, ckpt, klass="", prompt="", negative="", cfg="2.5", steps="3", solver="euler", shift="1.5", seed="5",
-              batch="4", height="", width="", trajectory=True):
+def _generate(client, ckpt, klass="", prompt="", negative="", cfg=2.5, steps=3, solver="euler", shift=1.5, seed=5,
+              batch=4, height=None, width=None, trajectory=True):
     return client.predict(ckpt, "ema", klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
                           api_name="/generate")
 
 
 def test_app_samples_both_stages_like_the_cli(served, tmp_path):
     client = Client(served["url"], verbose=False)
-    assert "stage1" in client.predict(served["s1"], api_name="/pick")[0]
-    gallery, strip, record, status = _generate(client, served["s1"], klass="red square", solver="midpoint", trajectory=False)
+    picked = client.predict(served["s1"], api_name="/pick")
+    assert "stage1" in picked[0] and picked[5:11] == (3.0, 4, "euler", 1.0, 16, 16)  # fields filled from the checkpoint
+    gallery, strip, record, status = _generate(client, served["s1"], klass="red square", solver="midpoint")
+    assert strip is None and "left out for midpoint" in status  # the strip shows Euler steps: off, with a note
     assert record["class_name"] == "red square" and (record["steps"], record["cfg_scale"], record["solver"], record["shift"],
                                                      record["seed"], record["batch"]) == (3, 2.5, "midpoint", 1.5, 5, 4)
     got = _images(gallery)
@@ -76,7 +82,7 @@ def test_app_samples_both_stages_like_the_cli(served, tmp_path):
     cli = np.asarray(Image.open(tmp_path / "cli.png"))
     for i in range(4):  # the CLI grid: one column, four rows, 6x upscaled, 2-px padding
         assert np.array_equal(got[i], cli[2 + i * 98 : 98 + i * 98 : 6, 2:98:6])
-    other = _images(_generate(client, served["s1"], klass="red square", seed="6")[0])
+    other = _images(_generate(client, served["s1"], klass="red square", seed=6)[0])
     assert not np.array_equal(other, _images(_generate(client, served["s1"], klass="red square")[0]))  # the seed reaches it
 
     prompt = "a small red circle on a black background"
@@ -95,11 +101,11 @@ def test_app_samples_both_stages_like_the_cli(served, tmp_path):
     (dict(ckpt="/no/such/checkpoint"), "cannot load checkpoint"),
     (dict(ckpt="CORRUPT"), "cannot load checkpoint"),
     (dict(klass="a small red circle on a black background"), "class-conditional"),
-    (dict(steps="0"), "steps must be between 1 and 1000"),
-    (dict(steps="100000"), "steps must be between 1 and 1000"),
-    (dict(seed="twelve"), "seed must be a whole number"),
-    (dict(height="15"), "resolution"),
-    (dict(height="32"), "draws only 16x16"),
+    (dict(steps=0), "steps must be between 1 and 1000"),
+    (dict(steps=100000), "steps must be between 1 and 1000"),
+    (dict(seed=-5), "seed must be between -1 and"),
+    (dict(height=15), "resolution"),
+    (dict(height=32), "draws only 16x16"),
 ])
 def test_app_reports_bad_input_and_keeps_serving(served, bad, message):
     client = Client(served["url"], verbose=False)
@@ -112,13 +118,47 @@ def test_app_reports_bad_input_and_keeps_serving(served, bad, message):
     assert len(gallery) == 4  # still serving
 
 
+def test_every_checkpoint_in_the_folder_works_or_says_why(served):
+    from app.gradio_app import Sampler, UserError
+
+    sampler = Sampler(root=served["root"])
+    for path in (served["s1"], served["s2"]):
+        classes, defaults, _, size = sampler.view(path)
+        assert defaults.steps > 0 and size == (16, 16)
+    for path, why in ((served["init"], "names no text encoder"), (served["bad"], "ema.safetensors")):
+        with pytest.raises(UserError, match=why):
+            sampler.view(path)
+    client = Client(served["url"], verbose=False)
+    gallery, _, _, status = _generate(client, served["init"], prompt="a red circle")
+    assert not gallery and "names no text encoder" in status and "reparameterize.py" in status
+
+
+def test_app_random_seed_examples_and_the_command_that_reproduces(served, tmp_path):
+    import shlex
+
+    client = Client(served["url"], verbose=False)
+    from app.gradio_app import Sampler
+
+    examples = Sampler().view(served["s2"])[2]
+    assert examples and all("background" in e for e in examples)  # the checkpoint's evaluation prompts, offered as examples
+    gallery, _, record, status = _generate(client, served["s2"], prompt="a large blue square on a white background", seed=-1,
+                                           batch=2)
+    assert record["seed"] >= 0 and f"seed {record['seed']}" in status
+    argv = shlex.split(record["command"])
+    assert argv[:2] == ["python", "app/sample.py"]
+    sample_main([*argv[2:], "--out", str(tmp_path / "again.png")])
+    again = np.asarray(Image.open(tmp_path / "again.png"))
+    got = _images(gallery)
+    assert np.array_equal(got[0], again[2:98:6, 2:98:6]) and np.array_equal(got[1], again[100:196:6, 2:98:6])
+
+
 def test_app_text_stage_limits(served):
     client = Client(served["url"], verbose=False)
     gallery, _, record, status = _generate(client, served["s2"], prompt=" ".join(["a very large red circle"] * 12))
     assert len(gallery) == 4 and "truncated" in status  # over the token limit: a warning, never a crash
-    gallery, _, record, status = _generate(client, served["s2"], prompt="", height="24", width="32")
+    gallery, _, record, status = _generate(client, served["s2"], prompt="", height=24, width=32)
     assert len(gallery) == 4 and (record["height"], record["width"]) == (24, 32)  # empty prompt = null; mmDiT takes other grids
-    a, la, b, lb = client.predict(served["s1"], "ema", served["s1"], "raw", "red square", "", "", "2", "3", "euler", "1", "0", "2",
+    a, la, b, lb = client.predict(served["s1"], "ema", served["s1"], "raw", "red square", "", "", 2, 3, "euler", 1, 0, 2,
                                   api_name="/compare")
     assert "stage1" in la and "(raw)" in lb and len(a) == len(b) == 2
 

@@ -119,3 +119,27 @@ def test_bf16_autocast_on_cpu_only_when_asked(monkeypatch):
     monkeypatch.setattr(log, "warning", lambda msg, *a: warned.append(msg % a))
     assert autocast_enabled(on_cpu, cpu)  # asked for explicitly: on, with a warning that says how to turn it off
     assert len(warned) == 1 and "precision.autocast_cpu=false" in warned[0]
+
+
+def test_a_preset_defines_its_architecture_and_explicit_settings_win(caplog):
+    """model.preset=PixArt-alpha-XL/2 has no QK-norm, whatever the model group's defaults; model.qk_norm set
+    on the command line wins, and says so; check_diffusers_export refuses what diffusers cannot hold."""
+    import logging
+
+    from inference.conditioning import TextConditioning
+    from models.autoencoder import PixelSpace
+    from training.setup import build_model_config
+
+    text = TextConditioning("an-encoder", 16, 64)
+    cfg = compose(["model.preset=PixArt-alpha-XL/2", "data.image_size=16"], "stage2")
+    assert build_model_config(cfg, PixelSpace(), text).qk_norm is False
+    assert build_model_config(compose(["data.image_size=16"], "stage2"), PixelSpace(), text).qk_norm is True  # XL/2's default
+    with caplog.at_level(logging.INFO, logger="flowdit"):
+        on = build_model_config(compose(["model.preset=PixArt-alpha-XL/2", "model.qk_norm=true", "data.image_size=16"], "stage2"),
+                                PixelSpace(), text)
+    assert on.qk_norm is True and "model.qk_norm=True overrides the PixArt-alpha-XL/2 preset's False" in caplog.text
+    with pytest.raises(ConfigError, match="check_diffusers_export: .*qk_norm=True"):
+        build_model_config(compose(["model.qk_norm=true", "model.check_diffusers_export=true", "data.image_size=16"], "stage2"),
+                           PixelSpace(), text)
+    build_model_config(compose(["model.preset=PixArt-alpha-XL/2", "model.check_diffusers_export=true", "data.image_size=16"], "stage2"),
+                       PixelSpace(), text)

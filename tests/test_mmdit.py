@@ -62,6 +62,20 @@ def test_export_to_diffusers_gives_the_same_output():
     assert _rel(ours, theirs) <= 1e-5
 
 
+def test_a_stage3_model_exports_with_its_base_grid():
+    """Trained on a 12x12 latent grid over a 6x6 base range (what 2->3 makes): diffusers, given the base
+    size as sample_size, interpolates the position grid the same way."""
+    model = _randomize(tiny(input_size=12, base_size=3)).eval()
+    ref = to_diffusers(model).eval()
+    assert ref.config.sample_size == 6
+    g = torch.Generator().manual_seed(0)
+    x, t, enc = torch.randn(2, 4, 12, 12, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 24, generator=g)
+    with torch.no_grad():
+        ours = model(x, t, enc)
+        theirs = ref(x, timestep=t * 1000, encoder_hidden_states=enc).sample
+    assert _rel(ours, theirs) <= 1e-5
+
+
 def test_import_from_diffusers_gives_the_same_output(tmp_path):
     from diffusers import PixArtTransformer2DModel
 
@@ -92,6 +106,8 @@ def test_non_pixart_presets_are_refused():
         to_diffusers(tiny(mlp_ratio=2.0))
     with pytest.raises(IncompatibleModel, match="pos_grid='isotropic'"):
         to_diffusers(tiny(pos_grid="isotropic"))
+    with pytest.raises(IncompatibleModel, match="micro_conditions=True"):
+        to_diffusers(tiny(micro_conditions=True))
 
 
 def test_export_script_from_a_reparameterized_checkpoint(tmp_path, shapes_dir):

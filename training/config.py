@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from training import schema  # noqa: F401  (registers the config groups' types with Hydra)
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 

@@ -51,4 +51,5 @@ class TrainingEvaluation:
                           self.samples_dir / f"step_{step:07d}.png")
         self.logger.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
         self.logger.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        self.logger.images(step, {f"eval/{k}": v for k, v in result.items() if k.startswith("grid")})
         return result

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from flow.rectified_flow import loss_by_bin
+from training.config import ConfigError
 from training.distributed import DistInfo, all_reduce_mean
 from training.guards import SpikeDetector
 
@@ -23,27 +24,33 @@ def setup_console(is_main: bool) -> None:
     log.disabled = False  # Hydra's logging config disables loggers that existed before it ran
 
 
-class RunLogger:
-    """Writes metrics to ``metrics.jsonl`` (and wandb if enabled) and shows progress: a tqdm bar
-    on a terminal, one log line per logging interval otherwise (SLURM and CI logs)."""
+TRACKERS = ("none", "wandb", "tensorboard")
 
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, wandb_cfg=None, config=None):
+
+class RunLogger:
+    """Writes metrics to ``metrics.jsonl`` and the tracker ``report_to`` names (wandb, TensorBoard: the
+    numbers and the evaluation grids), and shows progress: a tqdm bar on a terminal, one log line per
+    logging interval otherwise (SLURM and CI logs). ``close`` is the last call of a run."""
+
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, report_to: str = "none",
+                 wandb_cfg=None, config=None):
         self.is_main = is_main
         self.path = run_dir / "metrics.jsonl"
-        self.wandb = None
-        self.bar = None
+        self.wandb = self.tensorboard = self.bar = None
         if not is_main:
             return
-        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            os.environ.setdefault("WANDB_DIR", str(run_dir))
+        if report_to not in TRACKERS:
+            raise ConfigError(f"train.report_to={report_to!r}: expected one of {TRACKERS}")
+        if report_to == "none" and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            report_to = "wandb"  # train.wandb.mode=offline|online alone also asks for wandb
+        if report_to == "wandb":
+            self.wandb = _wandb(run_dir, wandb_cfg, config)
+        elif report_to == "tensorboard":
             try:
-                import wandb  # optional dependency
+                from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError(
-                    f"train.wandb.mode={wandb_cfg.mode} needs wandb: pip install -e '.[wandb]' (or train.wandb.mode=disabled)"
-                ) from e
-
-            self.wandb = wandb.init(project=wandb_cfg.project, mode=wandb_cfg.mode, config=config, dir=str(run_dir), resume="allow")
+                raise RuntimeError("train.report_to=tensorboard needs tensorboard: pip install tensorboard") from e
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
         if sys.stdout.isatty():
             from tqdm import tqdm
@@ -71,6 +78,24 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for k, v in metrics.items():
+                self.tensorboard.add_scalar(k, v, step)
+
+    def images(self, step: int, pngs: dict[str, str]) -> None:
+        """Sample grids (PNG paths by name) to the tracker."""
+        if not self.is_main or not pngs:
+            return
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({k: wandb.Image(v) for k, v in pngs.items()}, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            for k, v in pngs.items():
+                self.tensorboard.add_image(k, np.asarray(Image.open(v).convert("RGB")), step, dataformats="HWC")
 
     def write(self, message: str) -> None:
         """A log line that does not break the progress bar."""
@@ -86,6 +111,20 @@ class RunLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self.wandb = self.tensorboard = self.bar = None
+
+
+def _wandb(run_dir: Path, wandb_cfg, config):
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    try:
+        import wandb  # optional dependency
+    except ImportError as e:
+        raise RuntimeError("train.report_to=wandb needs wandb: pip install wandb (or train.report_to=none)") from e
+    mode = "online" if wandb_cfg is None or wandb_cfg.mode == "disabled" else wandb_cfg.mode
+    return wandb.init(project=wandb_cfg.project if wandb_cfg is not None else "flowdit", mode=mode, config=config,
+                      dir=str(run_dir), resume="allow")
 
 
 class LossStats:

@@ -24,7 +24,7 @@ from data.stage import stage_shards
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
-from models.presets import MODEL_CLASSES, check_shape, model_config
+from models.presets import MODEL_CLASSES, check_shape, model_config, preset_fields
 from training.config import ConfigError
 from training.checkpoint import remove_partial_saves
 from training.distributed import DistInfo, barrier
@@ -43,6 +43,7 @@ class RunSpec:
     shift: the timestep shift (the init checkpoint's when the config leaves it null).
     """
 
+    run_dir: Path
     micro_batch: int
     data_path: Path
     manifest: dict
@@ -59,6 +60,7 @@ class RunSpec:
     def recorded_config(self, cfg: DictConfig) -> str:
         """config.yaml of the run: the composed config with the resolved values in their places."""
         out = copy.deepcopy(cfg)
+        out.run_dir = str(self.run_dir)
         out.data.path = str(self.data_path)
         out.train.timestep.shift = float(self.shift)
         for key in ("base_size", "pos_grid"):
@@ -67,7 +69,7 @@ class RunSpec:
         return OmegaConf.to_yaml(out, resolve=True)
 
 
-def resolve(cfg: DictConfig, dist_info: DistInfo) -> RunSpec:
+def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     """Check the config, build or find the data, and resolve the run spec. Order matters for the
     random stream: the model is built after this, from the seed set here."""
     micro = check_batch(cfg, dist_info.world_size)
@@ -86,7 +88,7 @@ def resolve(cfg: DictConfig, dist_info: DistInfo) -> RunSpec:
     path, manifest = read_data(cfg, dist_info, autoencoder, latent_shape)
     conditioning = make_conditioning(cfg, kind, path, manifest)
     mcfg = build_model_config(cfg, autoencoder, conditioning, init_meta)
-    return RunSpec(micro, path, manifest, autoencoder, conditioning, mcfg, float(shift))
+    return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift))
 
 
 # ---------------------------------------------------------------- checks
@@ -115,6 +117,21 @@ def check_family(cfg: DictConfig) -> type[Conditioning]:
             f"{kind.kind} conditioning needs model={kind.family}"
         )
     return kind
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    """``run_dir``, or under a Hydra sweep (``-m``) this job's own ``run_dir/job<N>``, so the jobs of a
+    sweep never resume each other's checkpoints."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # composed outside a Hydra app (tests, scripts)
+        return Path(cfg.run_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(cfg.run_dir) / f"job{hydra_cfg.job.num}"
+    return Path(cfg.run_dir)
 
 
 def prepare_run_dir(run_dir: Path) -> RunLock:
@@ -212,8 +229,15 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
     where the config leaves them null, the init checkpoint's position-embedding grid."""
     init_config = (init_meta or {}).get("model_config") or {}
     fields_ = dict(input_size=cfg.data.image_size // autoencoder.downsample, in_channels=autoencoder.latent_channels,
-                   qk_norm=cfg.model.qk_norm, **conditioning_fields(conditioning))
+                   **conditioning_fields(conditioning))
     _, config_cls = MODEL_CLASSES[cfg.model.family]
+    preset = {f.name: f.default for f in fields(config_cls)} | preset_fields(cfg.model.family, cfg.model.preset)
+    for key in ("qk_norm",):  # architecture the preset fixes: an explicit setting wins, and says so
+        value = cfg.model.get(key)
+        if value is not None:
+            if value != preset[key]:
+                log.info("model.%s=%s overrides the %s preset's %s", key, value, cfg.model.preset, preset[key])
+            fields_[key] = value
     if "pixels_per_latent" in {f.name for f in fields(config_cls)}:  # micro-conditions are in pixels
         fields_["pixels_per_latent"] = autoencoder.downsample
     for key in ("block", "micro_conditions", "base_size", "pos_grid"):
@@ -222,7 +246,15 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
             value = init_config.get(key)  # absent in older checkpoints: the default
         if value is not None:
             fields_[key] = value
-    return model_config(cfg.model.family, cfg.model.preset, **fields_)
+    config = model_config(cfg.model.family, cfg.model.preset, **fields_)
+    if cfg.model.get("check_diffusers_export"):
+        from models.diffusers_pixart import IncompatibleModel, check_exportable
+
+        try:
+            check_exportable(config)
+        except IncompatibleModel as e:
+            raise ConfigError(f"model.check_diffusers_export: {e}") from e
+    return config
 
 
 def conditioning_fields(conditioning: Conditioning) -> dict:

@@ -42,11 +42,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop = StopRequest().install()  # before anything slow: a pre-emption at start-up still exits 75
     dist_info = setup_processes()
     setup_console(dist_info.is_main)
+    run_dir = setup.run_directory(cfg)
     lock = None
     try:
         if dist_info.is_main:  # one trainer per run_dir, and the project's own messages for a bad one
-            lock = setup.prepare_run_dir(Path(cfg.run_dir))
-        return run(cfg, dist_info, stop)
+            lock = setup.prepare_run_dir(run_dir)
+        return run(cfg, dist_info, stop, run_dir)
     finally:
         stop.uninstall()
         if lock is not None:
@@ -57,10 +58,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 class Run:
     """The parts of one run, built in the order the random stream and the checks need."""
 
-    def __init__(self, cfg: DictConfig, dist_info: DistInfo):
-        self.cfg, self.dist_info = cfg, dist_info
-        self.run_dir = Path(cfg.run_dir)
-        self.spec = spec = setup.resolve(cfg, dist_info)  # checks, data, conditioning: before any weight exists
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo, run_dir: Path):
+        self.cfg, self.dist_info, self.run_dir = cfg, dist_info, run_dir
+        self.spec = spec = setup.resolve(cfg, dist_info, run_dir)  # checks, data, conditioning: before any weight exists
         parallel_kind = cfg.train.get("parallel", "ddp")
         if parallel_kind not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={parallel_kind!r}: expected ddp or fsdp")
@@ -86,8 +86,8 @@ class Run:
         if dist_info.is_main:
             log_config_changes(self.run_dir, config_yaml)
             (self.run_dir / "config.yaml").write_text(config_yaml)
-        self.logger = RunLogger(self.run_dir, dist_info.is_main, cfg.train.max_steps, self.start.step, cfg.train.wandb,
-                                OmegaConf.to_container(cfg, resolve=True))
+        self.logger = RunLogger(self.run_dir, dist_info.is_main, cfg.train.max_steps, self.start.step,
+                                cfg.train.get("report_to", "none"), cfg.train.wandb, OmegaConf.to_container(cfg, resolve=True))
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", run_meta(cfg, spec), config_yaml, cfg.train.keep_last,
                                         cfg.train.keep_every, self.parallel, self.ema, self.logger)
         self.checkpoints.last = self.start.checkpoint
@@ -170,9 +170,9 @@ class Run:
         return summary
 
 
-def run(cfg: DictConfig, dist_info: DistInfo, stop: StopRequest) -> dict[str, Any]:
+def run(cfg: DictConfig, dist_info: DistInfo, stop: StopRequest, run_dir: Path) -> dict[str, Any]:
     """The loop: a step, its metrics, then (before the last) checkpoints, evaluations and signals."""
-    r, t = Run(cfg, dist_info), cfg.train
+    r, t = Run(cfg, dist_info, run_dir), cfg.train
     step, t_start = r.start.step, time.time()
     until = t.max_steps if t.get("stop_after") is None else min(t.max_steps, t.stop_after)  # stop_after: pause, same schedule
     r.stop_if_asked(step, stop)  # a signal during start-up

@@ -16,6 +16,10 @@ import shlex
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's examples as written, and every option's default."""
+
+
 def expand_hostlist(spec: str) -> list[str]:
     """SLURM's compressed host list -> host names: 'gpu[01-03,07],cpu5' -> gpu01 gpu02 gpu03 gpu07 cpu5."""
     hosts = []
@@ -52,7 +56,7 @@ def torchrun_command(env: dict[str, str], script_and_args: list[str], gpus_per_n
 
 
 def main(argv=None) -> list[str]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--gpus-per-node", type=int, default=None, help="default: SLURM_GPUS_ON_NODE")
     ap.add_argument("--port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
     ap.add_argument("--exec", action="store_true", help="replace this process with torchrun instead of printing")

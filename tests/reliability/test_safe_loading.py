@@ -24,11 +24,26 @@ def trained(tmp_path, shapes_dir):
 
 
 def test_trainer_refuses_a_pickle_payload_in_train_state(tmp_path, shapes_dir, trained):
+    # a torch archive whose pickle would run code: weights_only refuses it, nothing runs
+    import torch
+
     marker = tmp_path / "pwned"
-    (trained / "train_state.pt").write_bytes(pickle.dumps({"optimizer": Payload(marker), "step": 6}))
+    torch.save({"optimizer": Payload(marker), "step": 6}, trained / "train_state.pt")
+    assert not marker.exists()
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 8})))
     assert not marker.exists()
+
+
+def test_trainer_skips_a_raw_pickle_in_place_of_train_state(tmp_path, shapes_dir, trained, capsys):
+    # not a torch archive at all: resume=auto names it and takes the older checkpoint
+    marker = tmp_path / "pwned"
+    (trained / "train_state.pt").write_bytes(pickle.dumps({"optimizer": Payload(marker), "step": 6}))
+    summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.max_steps": 8})))
+    out = capsys.readouterr().out
+    assert not marker.exists()
+    assert "skipping" in out and "step_0000006: train_state.pt cannot be read" in out
+    assert "step_0000003 at step 3" in out and summary["steps_this_run"] == 5
 
 
 @pytest.mark.parametrize("ema", [True, False])

@@ -1,0 +1,141 @@
+"""The types of the config groups, as Hydra structured configs: a value of the wrong type is refused
+when the config is composed, naming the key (``train.lr=abc``: "Value 'abc' of type 'str' could not
+be converted to Float ... full_key: train.lr"), before anything runs.
+
+Each group's YAML files start from their schema (``defaults: [<group>_schema, _self_]``); the
+defaults here are the values the code assumes when a file leaves a key out, so a schema never
+changes what a config means. Registered on import (training/config.py imports this module).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TimestepSchema:
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: Optional[float] = 1.0  # null: the init checkpoint's
+
+
+@dataclass
+class SampleSchema:
+    steps: int = 20
+    cfg_scale: float = 4.0
+    solver: str = "euler"
+    seed: int = 0
+
+
+@dataclass
+class WandbSchema:
+    mode: str = "disabled"
+    project: str = "flowdit"
+
+
+@dataclass
+class TrainSchema:
+    global_batch_size: int = 256
+    grad_accum: int = 1
+    max_steps: int = 400000
+    lr: float = 1e-4
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 1000
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    cond_dropout: float = 0.1
+    timestep: TimestepSchema = field(default_factory=TimestepSchema)
+    log_every: int = 50
+    sample_every: int = 5000
+    checkpoint_every: int = 5000
+    keep_last: int = 3
+    keep_every: int = 0
+    sample: SampleSchema = field(default_factory=SampleSchema)
+    report_to: str = "none"
+    wandb: WandbSchema = field(default_factory=WandbSchema)
+    max_nonfinite_steps: int = 5
+    spike_factor: float = 3.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    parallel: str = "ddp"
+    stop_after: Optional[int] = None
+
+
+@dataclass
+class PrecisionSchema:
+    linear: str = "torch"
+    autocast: str = "bf16"
+    autocast_cpu: bool = False
+    te_recipe: str = "auto"
+    fuse_wgrad: bool = False
+
+
+@dataclass
+class CCDiTSchema:
+    family: str = "ccdit"
+    preset: str = MISSING
+    qk_norm: Optional[bool] = None
+
+
+@dataclass
+class MMDiTSchema(CCDiTSchema):
+    family: str = "mmdit"
+    block: Optional[str] = None
+    micro_conditions: Optional[bool] = None
+    base_size: Optional[int] = None
+    pos_grid: Optional[str] = None
+    check_diffusers_export: bool = False
+
+
+@dataclass
+class DataSchema:
+    name: str = MISSING
+    path: str = MISSING
+    generate: bool = False
+    num_samples: Optional[int] = None
+    image_size: int = MISSING
+    autoencoder: str = "none"
+    autoencoder_subfolder: Optional[str] = None
+    num_classes: Optional[int] = None
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    evaluator: Optional[str] = None
+    eval_samples: int = 0
+    max_bad_fraction: float = 0.01
+    min_score: Optional[float] = None
+    score_key: str = "aesthetic"
+    buckets: Optional[Any] = None  # {target_pixels, step, max_ratio}
+    eval_aspects: Optional[Any] = None  # [[h, w], ...]
+    text_encoder: Optional[str] = None
+    max_length: int = 16
+    text_mode: str = "precomputed"
+    caption_mix: Optional[dict[str, float]] = None
+    holdout: bool = False
+    eval_prompts: Any = None  # a list of prompts, or held_out
+
+
+@dataclass
+class StageSchema:
+    name: str = MISSING
+    index: int = MISSING
+    conditioning: str = MISSING
+    init_from: Optional[str] = None
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    for group, name, node in [("train", "train_schema", TrainSchema), ("precision", "precision_schema", PrecisionSchema),
+                              ("model", "ccdit_schema", CCDiTSchema), ("model", "mmdit_schema", MMDiTSchema),
+                              ("data", "data_schema", DataSchema)]:
+        cs.store(group=group, name=name, node=node)
+    cs.store(group="stage", name="stage_schema", node=StageSchema, package="stage")
+
+
+register()
