@@ -27,13 +27,10 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from models.cli import HelpFormatter
 
 TRANSITIONS = {"stage1": "1to2", "stage2": "2to3", "stage3": "3to4", "stage4": "4to5"}
 NEXT = {"1to2": 2, "2to3": 3, "3to4": 4, "4to5": 5}
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
 
 
 def relative_errors(new, old, ts, n: int) -> dict[str, float]:

@@ -35,10 +35,7 @@ QUEUE = 16  # requests waiting at most; more are turned away
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "bosh3": 3, "rk4": 4, "dopri5": 6}  # dopri5: adaptive, at least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
+from models.cli import HelpFormatter  # noqa: E402
 
 
 class UserError(ValueError):
@@ -376,8 +373,8 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a checkpoint directory, a run directory or a folder of runs")
-    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    ap.add_argument("--port", type=int, default=7860, help="port to listen on")
     ap.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     ap.add_argument("--max-params", type=float, default=MAX_PARAMS, help="largest model served, in parameters")
     ap.add_argument("--max-work", type=float, default=MAX_WORK,

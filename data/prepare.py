@@ -53,16 +53,13 @@ from typing import Callable
 import numpy as np
 
 from models.atomic import AtomicFile, atomic_write_text
+from models.cli import HelpFormatter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 UNIT_FORMAT = "shard-{:06d}"
 PLAN = "prepare.json"
 PLAN_FORMAT = "flowdit-prepare-v1"
 MAX_PIXELS = 40_000_000  # an 8000 x 5000 photo; decoding needs ~4 bytes a pixel and more to resize
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
 
 
 class Skip(Exception):

@@ -23,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.results import write_json  # noqa: E402
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
+from models.cli import HelpFormatter  # noqa: E402
 
 
 def main(argv=None) -> dict:

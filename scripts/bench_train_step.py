@@ -22,10 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.results import write_json  # noqa: E402
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
+from models.cli import HelpFormatter  # noqa: E402
 
 
 def gemm_flops(n: int, repeats: int, device) -> float:

@@ -31,10 +31,7 @@ WARMUP = 25
 
 from scripts.results import write_json  # noqa: E402
 from training.config import compose  # noqa: E402
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
+from models.cli import HelpFormatter  # noqa: E402
 
 
 def bare_step_fn(cfg):

@@ -45,13 +45,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.results import write_json  # noqa: E402
+from models.cli import HelpFormatter  # noqa: E402
 
 CFG = dict(depth=12, hidden_size=384, num_heads=6, input_size=32, in_channels=16, caption_channels=384, patch_size=2)
 BATCH, TOKENS = 8, 64
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
 
 
 def build(seed: int = 0):

@@ -19,10 +19,7 @@ import json
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
+from models.cli import HelpFormatter  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

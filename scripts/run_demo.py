@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # in place: the checkout's packages, not an install's
+from models.cli import HelpFormatter  # noqa: E402
 STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
 PROFILES = {  # profile -> (experiment per stage, default output folder)
     "quick": ({s: f"quick_{s}" for s in STAGES}, "runs/demo"),
@@ -48,10 +49,6 @@ SCORES = {  # stage -> (main score, what it counts, chance)
     "stage4": ("caption_accuracy", "held-out captions, mean over 1:1, 1:2, 2:1", "1/72"),
     "stage5": ("caption_accuracy", "held-out captions, mean over 1:1, 1:2, 2:1", "1/72"),
 }
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's examples as written, and every option's default."""
 
 
 def run(cmd: list[str]) -> None:
