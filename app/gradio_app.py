@@ -264,13 +264,14 @@ def _display(images):
     return [np.ascontiguousarray(im.repeat(up, 0).repeat(up, 1)) for im in images]
 
 
-def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info: str = ""):
+def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info: str = "", first: str | None = None):
+    """The page; it opens with ``first`` (default: the first of ``checkpoints``)."""
     import gradio as gr
 
     from flow.sampling import SOLVERS
 
     sampler = sampler or Sampler()
-    first = checkpoints[0] if checkpoints else None
+    first = first or (checkpoints[0] if checkpoints else None)
     classes, d, examples, size = [], None, [], (None, None)
     try:
         if first:
@@ -386,7 +387,8 @@ def main(argv=None):
     if not found:
         raise SystemExit(f"no checkpoint found at or below {args.checkpoint} (looked for folders with meta.json + model.safetensors)")
     sampler = Sampler(args.checkpoint, args.max_params, args.max_work, args.device, args.dtype)
-    ui = build_ui(found, sampler)  # the first checkpoint loads here, at start, not at import
+    newest = max(found, key=lambda c: (Path(c) / "meta.json").stat().st_mtime)
+    ui = build_ui(found, sampler, first=newest)  # the newest checkpoint loads here, at start, not at import
     print(f"{len(found)} checkpoint(s); serving on http://{args.host}:{args.port}" + (" and a public share link" if args.share else ""))
     ui.launch(server_name=args.host, server_port=args.port, share=args.share)
 
