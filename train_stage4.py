@@ -5,12 +5,12 @@ signals.catch()  # before the slow imports: a pre-emption while starting still e
 
 import hydra  # noqa: E402
 
-from training.trainer import train  # noqa: E402
+from training.trainer import main as run_stage  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="stage4")
 def main(cfg) -> None:
-    train(cfg)
+    run_stage(cfg)
 
 
 if __name__ == "__main__":

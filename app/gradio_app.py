@@ -360,10 +360,10 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
                     label_b, gallery_b = gr.Markdown(), gr.Gallery(label="B", columns=2, format="png")
         ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, example, cfg, steps, solver, shift, height, width, status],
                     api_name="pick")
-        example.change(lambda e: e or gr.update(), [example], [prompt])
+        example.change(lambda e: e or gr.update(), [example], [prompt], api_name=False)  # page-only: not part of the API
         inputs = [ckpt, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory]
         running = [go.click(run, inputs, [gallery, strip, record, status], api_name="generate"),
-                   prompt.submit(run, inputs, [gallery, strip, record, status]),
+                   prompt.submit(run, inputs, [gallery, strip, record, status], api_name=False),  # the same as /generate
                    go_b.click(compare, [ckpt, weights, ckpt_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch],
                               [gallery_a, label_a, gallery_b, label_b], api_name="compare")]
         cancel.click(None, None, None, cancels=running, api_name="stop")
@@ -390,7 +390,7 @@ def main(argv=None):
     newest = max(found, key=lambda c: (Path(c) / "meta.json").stat().st_mtime)
     ui = build_ui(found, sampler, first=newest)  # the newest checkpoint loads here, at start, not at import
     print(f"{len(found)} checkpoint(s); serving on http://{args.host}:{args.port}" + (" and a public share link" if args.share else ""))
-    ui.launch(server_name=args.host, server_port=args.port, share=args.share)
+    ui.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True)  # quiet: our line above says where
 
 
 if __name__ == "__main__":

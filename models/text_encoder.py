@@ -56,6 +56,9 @@ class TextEncoder(nn.Module):
             AutoTokenizer,
         )
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a weights bar on every load buries the run's own output
         kw = {"trust_remote_code": trust_remote_code}
         self.name = name_or_path
         name_or_path = resolve(name_or_path)

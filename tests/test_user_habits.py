@@ -18,13 +18,26 @@ def test_wandb_offline_gets_numbers_grids_and_the_final_evaluation(tmp_path, sha
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.report_to": "wandb", "train.wandb.mode": "offline",
-                                                                    "train.sample_every": 3})))
+    summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.report_to": "wandb", "train.sample_every": 3})))
     assert summary["step"] == 6 and "eval_class_accuracy" in summary  # the final evaluation ran before wandb closed
     assert (tmp_path / "run" / "summary.json").is_file()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the run's log, for `wandb sync`
     assert len(list(runs[0].rglob("media/images/**/*.png"))) == 2, "the evaluation grids (steps 3 and 6) reach wandb as images"
+
+
+def test_wandb_without_an_account_says_how_to_log_offline(tmp_path, shapes_dir):
+    pytest.importorskip("wandb")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env.update(HOME=str(tmp_path), WANDB_SILENT="true")  # no ~/.netrc: no stored key; a process of its own, as a user's run
+    out = subprocess.run([sys.executable, str(ROOT / "train_stage1.py"), *tiny_overrides(tmp_path, shapes_dir),
+                          "train.report_to=wandb"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "train.report_to=wandb" in out.stderr and "add train.wandb.mode=offline (or set WANDB_MODE=offline)" in out.stderr, \
+        out.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_tensorboard_gets_numbers_and_grids(tmp_path, shapes_dir):

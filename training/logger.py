@@ -41,7 +41,7 @@ class RunLogger:
             return
         if report_to not in TRACKERS:
             raise ConfigError(f"train.report_to={report_to!r}: expected one of {TRACKERS}")
-        if report_to == "none" and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+        if report_to == "none" and wandb_cfg is not None and wandb_cfg.mode in ("offline", "online"):
             report_to = "wandb"  # train.wandb.mode=offline|online alone also asks for wandb
         if report_to == "wandb":
             self.wandb = _wandb(run_dir, wandb_cfg, config)
@@ -122,9 +122,13 @@ def _wandb(run_dir: Path, wandb_cfg, config):
         import wandb  # optional dependency
     except ImportError as e:
         raise RuntimeError("train.report_to=wandb needs wandb: pip install wandb (or train.report_to=none)") from e
-    mode = "online" if wandb_cfg is None or wandb_cfg.mode == "disabled" else wandb_cfg.mode
-    return wandb.init(project=wandb_cfg.project if wandb_cfg is not None else "flowdit", mode=mode, config=config,
-                      dir=str(run_dir), resume="allow")
+    mode = wandb_cfg.mode if wandb_cfg is not None else None  # None: WANDB_MODE, else wandb's default (online)
+    try:
+        return wandb.init(project=wandb_cfg.project if wandb_cfg is not None else "flowdit", mode=mode, config=config,
+                          dir=str(run_dir), resume="allow")
+    except wandb.errors.UsageError as e:
+        raise ConfigError(f"train.report_to=wandb: {e} To log without an account or a network, add "
+                          "train.wandb.mode=offline (or set WANDB_MODE=offline) and upload later with `wandb sync`.") from e
 
 
 class LossStats:

@@ -32,7 +32,7 @@ class SampleSchema:
 
 @dataclass
 class WandbSchema:
-    mode: str = "disabled"
+    mode: Optional[str] = None
     project: str = "flowdit"
 
 

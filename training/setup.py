@@ -130,7 +130,9 @@ def run_directory(cfg: DictConfig) -> Path:
     except (ImportError, ValueError):  # composed outside a Hydra app (tests, scripts)
         return Path(cfg.run_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return Path(cfg.run_dir) / f"job{hydra_cfg.job.num}"
+        job = Path(cfg.run_dir) / f"job{hydra_cfg.job.num}"
+        log.info("sweep job %d -> %s: %s", hydra_cfg.job.num, job, " ".join(hydra_cfg.overrides.task))
+        return job
     return Path(cfg.run_dir)
 
 

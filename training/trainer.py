@@ -10,6 +10,7 @@ from any checkpoint: same step, optimizer, EMA, data position and random stream.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import checkpoint_meta, latest_checkpoint
+from data.shards import ShardError
+from inference.conditioning import ConditioningError
+from models.checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint
 from models.presets import build_model, count_parameters
 from training import precision, setup
 from training.checkpoint import Checkpointer
@@ -34,7 +37,20 @@ from training.parallel import wrap
 from training.resume import resume_or_init
 from training.step import step_generator, train_step
 
-__all__ = ["train", "ConfigError"]
+__all__ = ["train", "main", "ConfigError"]
+
+# A user's mistake (a setting, a checkpoint, a data folder): the message says what to do, a traceback adds nothing.
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, ConditioningError)
+
+
+def main(cfg: DictConfig) -> None:
+    """What ``train_stageN.py`` runs: ``train(cfg)``, with a user's mistake reported as one message on
+    stderr and exit status 1 instead of a traceback."""
+    try:
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
