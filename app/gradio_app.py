@@ -32,10 +32,9 @@ MAX_PARAMS = 3e9  # larger models are refused from their meta.json, before any w
 # 1024 x 1024 pixels, 50 Euler steps, batch 8 with CFG; one request holds the only worker while it runs.
 MAX_WORK = 1e9
 QUEUE = 16  # requests waiting at most; more are turned away
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "bosh3": 3, "rk4": 4, "dopri5": 6}  # dopri5: adaptive, at least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
-from models.cli import HelpFormatter  # noqa: E402
+from models.cli import HelpFormatter, add_device_arguments  # noqa: E402
 
 
 class UserError(ValueError):
@@ -174,7 +173,7 @@ class Sampler:
 
         import torch
 
-        from flow.sampling import SOLVERS
+        from flow.sampling import EVALS_PER_STEP, SOLVERS
         from inference.conditioning import ConditioningError
         from inference.images import make_grid, to_uint8
 
@@ -198,7 +197,8 @@ class Sampler:
         _, gh, gw = pipe.latent_shape()
         h = _int(gh * pipe.downsample if height in (None, "") else height, "height", 1, 10**5)
         w = _int(gw * pipe.downsample if width in (None, "") else width, "width", 1, 10**5)
-        work = settings.steps * EVALS_PER_STEP.get(settings.solver, 1) * n * h * w * (2 if settings.cfg_scale != 1 else 1)
+        evals = settings.steps * EVALS_PER_STEP[settings.solver]  # the solver is one of SOLVERS: checked above
+        work = evals * n * h * w * (2 if settings.cfg_scale != 1 else 1)
         if work > self.max_work:
             raise UserError(f"this request is {work:.2g} pixel-evaluations (steps x solver evaluations x batch x pixels x 2 for CFG), "
                             f"more than this app runs at once ({self.max_work:.2g}): fewer steps, a smaller batch or size, or euler")
@@ -216,7 +216,6 @@ class Sampler:
             record.update(prompt=value, negative_prompt=str(negative_prompt or ""))
         else:
             record.update(class_id=value, class_name=pipe.conditioning.describe(value) if pipe.conditioning.class_names else None)
-        evals = settings.steps * EVALS_PER_STEP.get(settings.solver, 1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = pipe([value] * n, settings, negative=str(negative_prompt or ""), shape=shape, return_trajectory=trajectory,
@@ -380,8 +379,7 @@ def main(argv=None):
     ap.add_argument("--max-params", type=float, default=MAX_PARAMS, help="largest model served, in parameters")
     ap.add_argument("--max-work", type=float, default=MAX_WORK,
                     help="largest request: steps x solver evaluations x batch x pixels x 2 with CFG")
-    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the models' weights while sampling")
+    add_device_arguments(ap)
     args = ap.parse_args(argv)
     found = find_checkpoints(args.checkpoint)
     if not found:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
-from models.cli import HelpFormatter  # noqa: E402
+from models.cli import HelpFormatter, add_device_arguments  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -42,8 +42,7 @@ def main(argv=None) -> dict:
                                                                "stage-4 bucket; default: the trained size)")
     ap.add_argument("--width", type=int, default=None, help="image width in pixels (default: the trained size)")
     ap.add_argument("--batch", type=int, default=None, help="samples per forward pass (default: all at once)")
-    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's weights during sampling")
+    add_device_arguments(ap)
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     ap.add_argument("--out", default="samples.png", help="PNG path; the settings go to the same name with .json")
     args = ap.parse_args(argv)

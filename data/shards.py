@@ -347,6 +347,11 @@ def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> di
     return batch
 
 
+def is_bucketed(manifest: dict) -> bool:
+    """Aspect-ratio buckets: each sample's shape comes from its bucket, the manifest records no one shape."""
+    return manifest.get("latent_shape") is None and bool(manifest.get("buckets"))
+
+
 @dataclass
 class SampleCheck:
     """What every training sample must be, checked as it is read; a sample that is not is skipped and
@@ -418,7 +423,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed, self.shuffle_buffer, self.start_batch = seed, shuffle_buffer, start_batch
         self.text_length = (self.manifest.get("text_encoder") or {}).get("max_length")  # pad stored embeddings to this
         # aspect-ratio buckets (data/prepare.py --buckets): every batch from one bucket
-        self.bucketed = self.manifest.get("latent_shape") is None and bool(self.manifest.get("buckets"))
+        self.bucketed = is_bucketed(self.manifest)
         self.max_bad_fraction = max_bad_fraction
         self.text_names = list(text_names) if text_names is not None else None  # decode only these captions' embeddings
         self.start_positions = {int(k): int(v) for k, v in (start_positions or {}).items()}

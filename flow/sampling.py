@@ -15,6 +15,8 @@ from flow.rectified_flow import shift_time
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "heun3", "bosh3")
+# model evaluations per step (dopri5 adapts its steps: at least this many): what a request costs, and progress
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6, "heun3": 3, "bosh3": 3}
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:

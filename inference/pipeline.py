@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from flow.sampling import sample
 from inference.conditioning import Conditioning, from_meta
+from models.cli import DTYPE_NAMES
 
 
 @dataclass
@@ -64,17 +65,14 @@ def initial_noise(n: int, latent_shape: tuple[int, ...], seed: int, device, dtyp
     return torch.randn((n, *latent_shape), generator=g).to(device=device, dtype=dtype)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_device() -> torch.device:
-    """The GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def pick_device(name: str | torch.device | None) -> torch.device:
     """``auto`` (or None): the GPU when there is one; otherwise the device named (cpu, cuda, cuda:1, ...)."""
-    return default_device() if name in (None, "auto") else torch.device(name)
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

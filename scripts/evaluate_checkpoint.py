@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
-from models.cli import HelpFormatter  # noqa: E402
+from models.cli import HelpFormatter, add_device_arguments  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -37,8 +37,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
     ap.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
                     help="image size in pixels (mmDiT: any multiple of the patch, e.g. an aspect bucket); default: the trained size")
-    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's weights while sampling")
+    add_device_arguments(ap)
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args(argv)
 

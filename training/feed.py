@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from data.shards import SampleCheck, ShardStream
+from data.shards import SampleCheck, ShardStream, is_bucketed
 from inference.conditioning import ClassConditioning
 from training.distributed import DistInfo, shared_items
 from training.setup import RunSpec
@@ -52,8 +52,7 @@ def sample_check(spec: RunSpec) -> SampleCheck:
     """What each sample must be for this run: its latent shape (per bucket for bucketed data), a label
     in range for class conditioning, a stored caption embedding for precomputed text, finite values."""
     c = spec.latent_shape[0]
-    bucketed = spec.manifest.get("latent_shape") is None and bool(spec.manifest.get("buckets"))
     cond = spec.conditioning
-    return SampleCheck(latent_shape=None if bucketed else spec.latent_shape, channels=c, downsample=spec.autoencoder.downsample,
+    return SampleCheck(latent_shape=None if is_bucketed(spec.manifest) else spec.latent_shape, channels=c, downsample=spec.autoencoder.downsample,
                        num_classes=cond.num_classes if isinstance(cond, ClassConditioning) else None,
                        text=bool(cond.stored_captions()))

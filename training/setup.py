@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from data.shards import check_manifest
+from data.shards import check_manifest, is_bucketed
 from data.stage import stage_shards
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
@@ -194,7 +194,7 @@ def read_data(cfg: DictConfig, dist_info: DistInfo, autoencoder: nn.Module, late
         "scaling_factor": autoencoder.scaling_factor,
         "shift_factor": autoencoder.shift_factor,
     }
-    if manifest.get("latent_shape") is None and manifest.get("buckets"):  # aspect-ratio buckets: shapes vary
+    if is_bucketed(manifest):  # shapes vary
         del expected["latent_shape"]
     if cfg.stage.conditioning == "class":
         expected["num_classes"] = cfg.data.num_classes
