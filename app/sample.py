@@ -1,4 +1,5 @@
-"""Sample a checkpoint from the command line: class ids or prompts -> PNG grid + JSON of every setting.
+"""Sample a checkpoint from the command line: class ids or prompts -> PNG grid, one PNG per sample, and a
+JSON of every setting.
 
     python app/sample.py runs/quality/stage1 --classes 0 1 2 --per-class 4          # a run dir: its newest checkpoint
     python app/sample.py CKPT --classes all --cfg 4 --steps 20 --solver euler --seed 7 --out samples.png
@@ -7,9 +8,11 @@
     python app/sample.py runs/quality/stage4 --prompt "a large blue square on a white background" --height 24 --width 48
     python app/sample.py CKPT --prompt "..." --per-class 64 --batch 16 --device cuda --dtype bf16
 
-The JSON written beside the PNG records the checkpoint, its step and every
-setting, so the same command reproduces the same pixels (the batch size does not
-change them). Uses the same sampling function as the training previews
+Each sample is also written on its own, named by class or prompt and its row
+(samples/red_circle_0.png, samples/a_small_red_circle_on_a_black_background_1.png, ...:
+the folder is --out without .png unless --images says). The JSON written beside the
+grid records the checkpoint, its step, every setting and the per-image files, so the
+same command reproduces the same pixels (the batch size does not change them). Uses the same sampling function as the training previews
 (inference/pipeline.py); the GPU when there is one.
 """
 from __future__ import annotations
@@ -44,7 +47,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="samples per forward pass (default: all at once)")
     add_device_arguments(ap)
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    ap.add_argument("--out", default="samples.png", help="PNG path; the settings go to the same name with .json")
+    ap.add_argument("--out", default="samples.png", help="PNG path of the grid; the settings go to the same name with .json")
+    ap.add_argument("--images", default=None, help="folder for the per-image PNGs (default: --out without .png; 'none': grid only)")
     args = ap.parse_args(argv)
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise SystemExit(f"--steps must be between 1 and 1000, got {args.steps}")
@@ -77,7 +81,19 @@ def main(argv=None) -> dict:
     images = pipe([v for _ in range(args.per_class) for v in values], settings, negative=args.negative_prompt, shape=shape,
                   batch_size=args.batch)
     out = Path(args.out)
-    save_png(make_grid(to_uint8(images), ncols=len(values), upscale=max(1, 96 // max(images.shape[-2:]))), out)
+    pixels = to_uint8(images)
+    save_png(make_grid(pixels, ncols=len(values), upscale=max(1, 96 // max(images.shape[-2:]))), out)
+    files = []
+    if args.images != "none":
+        folder = Path(args.images) if args.images else out.with_suffix("")
+        folder.mkdir(parents=True, exist_ok=True)
+        names = [file_stem(cond.describe(v)) for v in values]
+        if len(set(names)) < len(names):  # prompts that differ only past the name's length
+            names = [f"{j:02d}_{n}" for j, n in enumerate(names)]
+        for i, tile in enumerate(pixels):  # row r = seed row, column = class or prompt (the grid's layout)
+            path = folder / f"{names[i % len(values)]}_{i // len(values)}.png"
+            save_png(tile, path)
+            files.append(str(path))
     record = {
         "checkpoint": str(pipe.path.resolve()),
         "stage": pipe.meta["stage"],
@@ -91,10 +107,19 @@ def main(argv=None) -> dict:
         "device": str(pipe.device),
         "dtype": args.dtype,
         **settings.to_dict(),
+        "images": files,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {out} ({images.shape[0]} samples) and {out.with_suffix('.json')}")
+    print(f"wrote {out} ({images.shape[0]} samples)" + (f", {len(files)} images in {Path(files[0]).parent}/" if files else "")
+          + f" and {out.with_suffix('.json')}")
     return record
+
+
+def file_stem(text: str, limit: int = 60) -> str:
+    """A file name from a class name or prompt: lower-case words joined by _, at most ``limit`` characters."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit].rstrip("_") or "sample"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from data.shards import ShardError, read_manifest, write_subset
+from data.shards import ShardError, _iter_tar, read_manifest, write_subset
 
 
 def stage_shards(data_cfg, seed: int, is_main: bool = True, wait: Callable[[], None] = lambda: None,
@@ -55,3 +55,26 @@ def build_demo(data_cfg, path: Path, seed: int, log: Callable[..., None] = print
 def _score(meta: dict, key: str) -> float:
     value = (meta.get("scores") or {}).get(key)
     return float("-inf") if value is None else float(value)
+
+
+def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
+    """``count`` distinct captions drawn (seeded) from the first shards' samples: the evaluation prompts
+    of text data that holds none out. Reads only the samples' JSON, at most 2000 of them."""
+    import json
+
+    import numpy as np
+
+    captions: list[str] = []
+    for shard in manifest.get("shards", []):
+        for _, group in _iter_tar(Path(path) / shard["name"]):
+            text = json.loads(group["json"]).get("caption") if "json" in group else None
+            if text and text not in captions:
+                captions.append(text)
+            if len(captions) >= 2000:
+                break
+        if len(captions) >= 2000:
+            break
+    if len(captions) <= count:
+        return captions
+    pick = np.random.default_rng(seed).choice(len(captions), count, replace=False)
+    return [captions[i] for i in sorted(pick)]

@@ -23,6 +23,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
         # The CPU demo model (see README "The demo"): 1.8M parameters, 64 tokens on 16x16 pixels.
         "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=2),
+        # Small pixel-space data (32x32 images, autoencoder none): the demo's shape with 4x4 patches, 64 tokens.
+        "small/4": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=4),
         # Unit tests: milliseconds per forward.
         "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
     },
@@ -33,9 +35,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "B/2": dict(_DIT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
         "S/2": dict(_DIT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
         "demo": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=2),
+        "small/4": dict(_DIT, depth=6, hidden_size=128, num_heads=4, patch_size=4),
         "tiny": dict(_DIT, depth=2, hidden_size=32, num_heads=2, patch_size=2),
     },
 }
+
+# The shape a preset fixes and a config may change on top of it (model.patch_size=4, model.depth=8, ...).
+SHAPE_KEYS = ("patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio")
 
 MODEL_CLASSES = {"ccdit": (CCDiT, CCDiTConfig), "mmdit": (MMDiT, MMDiTConfig)}
 
@@ -49,10 +55,13 @@ def preset_fields(family: str, preset: str) -> dict[str, Any]:
     return dict(PRESETS[family][preset])
 
 
-def check_shape(family: str, preset: str, input_size: int) -> None:
-    """The preset at this latent size obeys the shape rules (before anything is built or read)."""
-    p = preset_fields(family, preset)
+def check_shape(family: str, preset: str, input_size: int, overrides: dict[str, Any] | None = None) -> None:
+    """The preset, with ``overrides`` of its shape, at this latent size obeys the shape rules (before
+    anything is built or read)."""
+    p = preset_fields(family, preset) | dict(overrides or {})
     check_transformer_shape(input_size, p["patch_size"], p["hidden_size"], p["num_heads"])
+    if p["depth"] < 1 or p["mlp_ratio"] <= 0:
+        raise ValueError(f"depth must be at least 1 and mlp_ratio positive (got depth={p['depth']}, mlp_ratio={p['mlp_ratio']})")
 
 
 def model_config(family: str, preset: str, **fields: Any):

@@ -39,6 +39,19 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def encoder_width(name_or_path: str, subfolder: str | None = None) -> int:
+    """The width of an encoder's hidden states, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve(name_or_path), subfolder=subfolder or "")
+    return _hidden_size(config)
+
+
+def _hidden_size(config) -> int:
+    text_config = getattr(config, "text_config", None) or getattr(config, "encoder", None) or config
+    return int(getattr(text_config, "d_model", None) or getattr(text_config, "hidden_size"))
+
+
 class TextEncoder(nn.Module):
     def __init__(
         self,
@@ -75,8 +88,7 @@ class TextEncoder(nn.Module):
             if hasattr(model, "get_encoder") and getattr(config, "is_encoder_decoder", False):
                 model = model.get_encoder()  # T5Gemma and other encoder-decoders: the encoder alone
         self.model = model.eval().requires_grad_(False)
-        text_config = getattr(config, "text_config", None) or getattr(config, "encoder", None) or config
-        self.hidden_size = int(getattr(text_config, "d_model", None) or getattr(text_config, "hidden_size"))
+        self.hidden_size = _hidden_size(config)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

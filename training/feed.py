@@ -20,7 +20,8 @@ class Feed:
         stream = ShardStream(spec.data_path, spec.micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer,
                              batches_done, max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01)),
                              text_names=spec.conditioning.stored_captions(), start_positions=positions, check=sample_check(spec))
-        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+        workers = cfg.data.num_workers if cfg.data.get("num_workers") is not None else default_workers(dist_info)
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                   pin_memory=self.device.type == "cuda")
         self._batches = iter(self.loader)
         self.batches_done, self.bad_samples, self.first_batch_overlap = batches_done, 0, None
@@ -46,6 +47,16 @@ class Feed:
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
             yield MicroBatch.draw(x0, cond, *self.timesteps, gen)
+
+
+def default_workers(dist_info: DistInfo) -> int:
+    """data.num_workers=null: the cores this process may use beyond its own, split among the ranks on
+    this machine, at most 8 (a 2-core machine gets 1 worker, a 16-core 8-GPU node 1 per rank)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cores // max(local, 1) - 1))
 
 
 def sample_check(spec: RunSpec) -> SampleCheck:

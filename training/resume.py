@@ -93,7 +93,7 @@ def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: di
     if mine is not None and theirs is not None and mine != theirs:
         raise ConfigError(
             f"stage.init_from={source} was built for text embeddings of width {theirs}, but the shards' text encoder "
-            f"gives width {mine}. Reparameterize with --caption-channels {mine}, or use shards from the matching encoder."
+            f"gives width {mine}. Reparameterize with --data SHARDS (or --caption-channels {mine}), or use shards from the matching encoder."
         )
     changed = model_config_changes(meta, model_config)
     if changed:

@@ -82,6 +82,12 @@ class CCDiTSchema:
     family: str = "ccdit"
     preset: str = MISSING
     qk_norm: Optional[bool] = None
+    # The preset's shape, changed where set (null: the preset's, or the init checkpoint's)
+    patch_size: Optional[int] = None
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
 
 
 @dataclass
@@ -100,13 +106,15 @@ class DataSchema:
     path: str = MISSING
     generate: bool = False
     num_samples: Optional[int] = None
-    image_size: int = MISSING
-    autoencoder: str = "none"
+    # null: what the shards' manifest records (training/setup.py data_from_manifest)
+    image_size: Optional[int] = None
+    autoencoder: Optional[str] = None
     autoencoder_subfolder: Optional[str] = None
     num_classes: Optional[int] = None
     shuffle_buffer: int = 1000
-    num_workers: int = 0
-    evaluator: Optional[str] = None
+    interleave: int = 8
+    num_workers: Optional[int] = None  # null: what the machine has (training/feed.py default_workers)
+    evaluator: Any = None  # shapes | {kind: fid, reference: PATH, ...} | null
     eval_samples: int = 0
     max_bad_fraction: float = 0.01
     min_score: Optional[float] = None
@@ -118,7 +126,7 @@ class DataSchema:
     text_mode: str = "precomputed"
     caption_mix: Optional[dict[str, float]] = None
     holdout: bool = False
-    eval_prompts: Any = None  # a list of prompts, or held_out
+    eval_prompts: Any = None  # a list of prompts, held_out, or null: held-out captions, else a sample of the data's own
 
 
 @dataclass
@@ -127,6 +135,17 @@ class StageSchema:
     index: int = MISSING
     conditioning: str = MISSING
     init_from: Optional[str] = None
+
+
+# Each typed group's schema, for the start-up check that no key was added that nothing reads
+# (training/setup.py check_known_keys); the model's depends on its family.
+SCHEMAS = {
+    "train": lambda node: TrainSchema,
+    "precision": lambda node: PrecisionSchema,
+    "model": lambda node: MMDiTSchema if node.get("family") == "mmdit" else CCDiTSchema,
+    "data": lambda node: DataSchema,
+    "stage": lambda node: StageSchema,
+}
 
 
 def register() -> None:

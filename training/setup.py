@@ -20,11 +20,11 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from data.shards import check_manifest, is_bucketed
-from data.stage import stage_shards
+from data.stage import own_captions, stage_shards
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
-from models.presets import MODEL_CLASSES, check_shape, model_config, preset_fields
+from models.presets import MODEL_CLASSES, SHAPE_KEYS, check_shape, model_config, preset_fields
 from training.config import ConfigError
 from training.checkpoint import remove_partial_saves
 from training.distributed import DistInfo, barrier
@@ -72,6 +72,7 @@ class RunSpec:
 def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     """Check the config, build or find the data, and resolve the run spec. Order matters for the
     random stream: the model is built after this, from the seed set here."""
+    check_known_keys(cfg)
     micro = check_batch(cfg, dist_info.world_size)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     kind = check_family(cfg)
@@ -79,19 +80,53 @@ def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     shift = cfg.train.timestep.shift
     if shift is None:  # the init checkpoint's (reparameterize.py applies SD3's rule at 2->3)
         shift = float((init_meta.get("sampling") or {}).get("shift", 1.0))
+    path, manifest = stage_shards(cfg.data, cfg.seed, dist_info.is_main, lambda: barrier(dist_info), log.info)
+    data_from_manifest(cfg, manifest, path)  # before anything is loaded: what the manifest names is what loads
     autoencoder = load_autoencoder(cfg.data.autoencoder, cfg.data.autoencoder_subfolder).to(dist_info.device)
     size = cfg.data.image_size
     if size % autoencoder.downsample:
         raise ConfigError(f"data.image_size={size} is not divisible by the autoencoder's downsampling ({autoencoder.downsample})")
     latent_shape = (autoencoder.latent_channels, size // autoencoder.downsample, size // autoencoder.downsample)
-    check_shape(cfg.model.family, cfg.model.preset, latent_shape[1])  # impossible shapes fail before any data is touched
-    path, manifest = read_data(cfg, dist_info, autoencoder, latent_shape)
+    try:  # impossible shapes fail before any weight is allocated
+        check_shape(cfg.model.family, cfg.model.preset, latent_shape[1], model_shape(cfg, init_meta))
+    except ValueError as e:
+        raise ConfigError(f"model (preset {cfg.model.preset}, data.image_size={size}): {e}") from e
+    check_data(cfg, path, manifest, autoencoder, latent_shape)
     conditioning = make_conditioning(cfg, kind, path, manifest)
     mcfg = build_model_config(cfg, autoencoder, conditioning, init_meta)
     return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift))
 
 
 # ---------------------------------------------------------------- checks
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key of a typed group is one its schema declares. Struct mode already refuses unknown keys,
+    except those added with '+' (``+model.patch_sise=4``), which nothing would read: refused here."""
+    from training.schema import SCHEMAS
+
+    unknown = []
+
+    def walk(node, schema, prefix: str) -> None:
+        known = {f.name: f for f in fields(schema)}
+        for key in node:
+            if key not in known:
+                unknown.append((f"{prefix}.{key}", sorted(known)))
+            elif isinstance(node._get_node(key), DictConfig) and is_dataclass_type(known[key].default_factory):
+                walk(node._get_node(key), known[key].default_factory, f"{prefix}.{key}")  # (not node[key]: it may be ???)
+
+    for group, schema in SCHEMAS.items():
+        if group in cfg:
+            walk(cfg._get_node(group), schema(cfg._get_node(group)), group)
+    if unknown:
+        raise ConfigError("; ".join(f"{k} is not a setting (nothing would read it); {k.rsplit('.', 1)[0]} has: {', '.join(names)}"
+                                    for k, names in unknown))
+
+
+def is_dataclass_type(obj) -> bool:
+    from dataclasses import is_dataclass
+
+    return isinstance(obj, type) and is_dataclass(obj)
+
+
 def check_batch(cfg: DictConfig, world_size: int) -> int:
     """Per-rank micro-batch from the global batch; refuses uneven splits."""
     gbs, accum = cfg.train.global_batch_size, cfg.train.grad_accum
@@ -185,9 +220,43 @@ def init_checkpoint_meta(source: str | None) -> dict:
 
 
 # ---------------------------------------------------------------- data and conditioning
-def read_data(cfg: DictConfig, dist_info: DistInfo, autoencoder: nn.Module, latent_shape: tuple[int, int, int]) -> tuple[Path, dict]:
-    """The stage's shards (built or subset on first use), their manifest checked against this config."""
-    path, manifest = stage_shards(cfg.data, cfg.seed, dist_info.is_main, lambda: barrier(dist_info), log.info)
+def data_from_manifest(cfg: DictConfig, manifest: dict, path: Path) -> None:
+    """Fill the data fields the config leaves null from the shards' manifest (``data=shards`` leaves them
+    all null): the autoencoder, the image size, the classes, the text encoder. Values the config sets
+    are kept and checked against the manifest (check_data). The filled config is what the run records."""
+    d = cfg.data
+    filled = {}
+
+    def fill(key: str, value) -> None:
+        if d.get(key) is None and value is not None:
+            d[key] = value
+            filled[key] = value
+
+    if d.get("autoencoder") is None:
+        fill("autoencoder", manifest.get("autoencoder"))
+        fill("autoencoder_subfolder", manifest.get("autoencoder_subfolder"))
+    size = manifest.get("image_size")
+    spec = manifest.get("bucket_spec") or {}
+    if size is None and spec.get("target_pixels"):  # bucketed data: the square of the same area, PixArt's base size
+        step = int(spec.get("step") or 1)
+        size = max(step, round(spec["target_pixels"] ** 0.5 / step) * step)
+    fill("image_size", size)
+    fill("num_classes", manifest.get("num_classes"))
+    te = manifest.get("text_encoder") or {}
+    fill("text_encoder", te.get("name"))
+    if filled:
+        log.info("from %s/manifest.json: %s", path, ", ".join(f"data.{k}={v}" for k, v in filled.items()))
+    missing = [k for k in ("autoencoder", "image_size") if d.get(k) is None]
+    if missing:
+        raise ConfigError(f"{path}/manifest.json records no {' or '.join(missing)}: set " + " and ".join(f"data.{k}" for k in missing))
+    if cfg.stage.conditioning == "class" and d.get("num_classes") is None:
+        raise ConfigError(f"stage {cfg.stage.name} trains on class labels but {path} has none (its manifest records no "
+                          "num_classes): prepare it from class folders or a table with a label column, or set data.num_classes")
+    check_manifest(manifest, {"autoencoder": d.autoencoder}, where=str(path))  # before the config's autoencoder is loaded
+
+
+def check_data(cfg: DictConfig, path: Path, manifest: dict, autoencoder: nn.Module, latent_shape: tuple[int, int, int]) -> None:
+    """The shards' manifest agrees with this config (autoencoder and its scaling, latent shape, classes)."""
     expected = {
         "autoencoder": cfg.data.autoencoder,
         "latent_shape": list(latent_shape),
@@ -199,18 +268,26 @@ def read_data(cfg: DictConfig, dist_info: DistInfo, autoencoder: nn.Module, late
     if cfg.stage.conditioning == "class":
         expected["num_classes"] = cfg.data.num_classes
     check_manifest(manifest, expected, where=str(path))
-    return path, manifest
 
 
-def eval_prompts(cfg: DictConfig, manifest: dict) -> list[str]:
-    """data.eval_prompts: a list, or 'held_out' for the captions the data builder held out."""
+def eval_prompts(cfg: DictConfig, path: Path, manifest: dict) -> list[str]:
+    """data.eval_prompts: a list; 'held_out' for the captions the data builder held out; null for those,
+    or where the data holds none out, EVAL_PROMPTS of the data's own captions (seeded)."""
     spec = cfg.data.get("eval_prompts")
+    held_out = list(manifest.get("held_out_captions") or [])
     if spec == "held_out":
-        prompts = list(manifest.get("held_out_captions") or [])
-        if not prompts:
+        if not held_out:
             raise ConfigError(f"data.eval_prompts=held_out but {cfg.data.path} holds nothing out (build it with --holdout)")
+        return held_out
+    if spec is None:
+        prompts = held_out or own_captions(path, manifest, EVAL_PROMPTS, cfg.seed)
+        log.info("evaluation prompts (data.eval_prompts=null: %s): %s", "held out" if held_out else "the data's own captions",
+                 "; ".join(prompts))
         return prompts
-    return list(spec or [])
+    return list(spec)
+
+
+EVAL_PROMPTS = 8  # drawn from the data's own captions when data.eval_prompts is null and nothing is held out
 
 
 def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, manifest: dict) -> Conditioning:
@@ -219,7 +296,7 @@ def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, man
             return ClassConditioning(int(cfg.data.num_classes), manifest.get("class_names"))
         mix = cfg.data.get("caption_mix")
         cond = TextConditioning.for_training(str(path), manifest, cfg.data.get("text_mode", "precomputed"), dict(mix) if mix else None)
-        cond.examples = eval_prompts(cfg, manifest)  # what the evaluation prompts, and the sampler offers as examples
+        cond.examples = eval_prompts(cfg, path, manifest)  # what the evaluation prompts, and the sampler offers as examples
         return cond
     except ConditioningError as e:
         raise ConfigError(str(e)) from e
@@ -240,6 +317,12 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
             if value != preset[key]:
                 log.info("model.%s=%s overrides the %s preset's %s", key, value, cfg.model.preset, preset[key])
             fields_[key] = value
+    shape = model_shape(cfg, init_meta)
+    changed = {k: v for k, v in shape.items() if v != preset[k]}
+    if changed:
+        log.info("model shape: %s instead of the %s preset's %s", ", ".join(f"{k}={v}" for k, v in changed.items()),
+                 cfg.model.preset, ", ".join(f"{k}={preset[k]}" for k in changed))
+    fields_.update(shape)
     if "pixels_per_latent" in {f.name for f in fields(config_cls)}:  # micro-conditions are in pixels
         fields_["pixels_per_latent"] = autoencoder.downsample
     for key in ("block", "micro_conditions", "base_size", "pos_grid"):
@@ -257,6 +340,20 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
         except IncompatibleModel as e:
             raise ConfigError(f"model.check_diffusers_export: {e}") from e
     return config
+
+
+def model_shape(cfg: DictConfig, init_meta: dict | None = None) -> dict:
+    """The shape fields that differ from the preset's source: ``model.<key>`` where set, else the init
+    checkpoint's (a stage continues the architecture it starts from)."""
+    init_config = (init_meta or {}).get("model_config") or {}
+    shape = {}
+    for key in SHAPE_KEYS:
+        value = cfg.model.get(key)
+        if value is None:
+            value = init_config.get(key)
+        if value is not None:
+            shape[key] = value
+    return shape
 
 
 def conditioning_fields(conditioning: Conditioning) -> dict:
