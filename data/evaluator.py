@@ -14,6 +14,8 @@ point: the score rewards sharp, obedient samples.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from data.shapes import BACKGROUNDS, CLASSES, COLOURS, SIZES
@@ -140,10 +142,36 @@ class ShapesEvaluator:
 EVALUATORS = {"shapes": ShapesEvaluator}
 
 
-def make_evaluator(name: str | None):
-    """The evaluator a data config names (``data.evaluator``); None: sample grids only."""
-    if name is None:
+def make_evaluator(spec=None, decode=None):
+    """The evaluator a data config names (``data.evaluator``); None: sample grids only.
+
+    ``spec`` is a name (``shapes``) or a mapping naming the kind and its settings, for evaluators that
+    need some: ``{kind: fid, reference: PATH, weights: null, max_reference: 5000, kid_subset_size: 1000,
+    clip_model: null}`` (data/fid.py: FID and KID against real images, CLIP score given a CLIP model).
+    ``decode``: for an FID reference of latent shards, the stored latents -> images in [-1, 1]."""
+    if spec is None:
         return None
-    if name not in EVALUATORS:
-        raise ValueError(f"data.evaluator={name!r}: expected one of {sorted(EVALUATORS)} or null (grids only)")
-    return EVALUATORS[name]()
+    fid_form = "data.evaluator={kind: fid, reference: PATH} (a shard folder or a folder of PNG/JPEG images; settings in data/fid.py)"
+    if isinstance(spec, str):
+        if spec == "fid":
+            raise ValueError(f"data.evaluator=fid needs the real images it compares against: write it as {fid_form}")
+        if spec not in EVALUATORS:
+            raise ValueError(f"data.evaluator={spec!r}: expected one of {sorted(EVALUATORS)}, {fid_form}, or null (grids only)")
+        return EVALUATORS[spec]()
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"data.evaluator={spec!r}: expected a name ({sorted(EVALUATORS)}), {fid_form}, or null")
+    settings = {k: v for k, v in spec.items() if k != "kind"}
+    kind = spec.get("kind")
+    if kind in EVALUATORS and not settings:
+        return EVALUATORS[kind]()
+    if kind != "fid":
+        raise ValueError(f"data.evaluator.kind={kind!r}: expected fid (with settings) or one of {sorted(EVALUATORS)}")
+    from data.fid import FIDEvaluator
+
+    allowed = {"reference", "weights", "max_reference", "kid_subset_size", "kid_subsets", "clip_model", "batch_size"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ValueError(f"data.evaluator (kind fid): unknown settings {unknown}; expected some of {sorted(allowed)}")
+    if settings.get("reference") in (None, ""):
+        raise ValueError(f"data.evaluator.reference is missing: FID compares samples with real images; set {fid_form}")
+    return FIDEvaluator(decode=decode, **settings)

@@ -57,15 +57,23 @@ def evaluate(model: nn.Module, autoencoder: nn.Module, conditioning: Conditionin
 
 def _evaluate_at(model, autoencoder, conditioning: Conditioning, spec: EvalSpec, latent_shape, device, out_png) -> dict:
     columns = len(spec.values)
-    n = max(spec.samples, 2 * columns) if spec.evaluator is not None else 4 * min(columns, 8)
+    if spec.evaluator is None:
+        n = 4 * min(columns, 8)
+    elif getattr(spec.evaluator, "per_condition", True):  # scores each condition (shapes): at least two samples per value
+        n = max(spec.samples, 2 * columns)
+    else:  # scores the set as a whole (FID): exactly the samples asked for
+        n = spec.samples
     chosen = [spec.values[i % columns] for i in range(n)]
     cond, uncond = conditioning.guided(chosen, device)
     images = generate(model, autoencoder, cond, uncond, latent_shape, spec.settings, device)
     result: dict[str, Any] = {}
     if spec.evaluator is not None:
-        acc = spec.evaluator.score(images, [conditioning.describe(v) for v in chosen])
-        result[conditioning.accuracy_name] = acc.pop("all")
-        result.update({f"{k}_accuracy": v for k, v in acc.items()})
+        scores = spec.evaluator.score(images, [conditioning.describe(v) for v in chosen])
+        if "all" in scores:  # attribute accuracy (shapes): the headline under the conditioning's name
+            result[conditioning.accuracy_name] = scores.pop("all")
+            result.update({f"{k}_accuracy": v for k, v in scores.items()})
+        else:  # scores of the whole set (fid, kid, ...), as the evaluator names them
+            result.update(scores)
     if out_png is not None:
         k = min(columns, 16)  # one column per class or prompt, four rows of seeds
         idx = [i for r in range(4) for i in range(r * columns, r * columns + k) if i < n]

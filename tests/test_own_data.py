@@ -155,3 +155,40 @@ def test_worker_count_defaults_to_the_machine(monkeypatch):
     assert default_workers(info) == 7
     assert compose(["data=shards", "data.path=x"]).data.num_workers is None
     assert (ROOT / "configs" / "data" / "shards.yaml").is_file()
+
+
+def test_the_trainer_logs_fid_and_kid_for_a_custom_data_run(own_shards, tmp_path, monkeypatch):
+    """data.evaluator={kind: fid, reference: ...}: FID and KID at each evaluation, in the log, metrics.jsonl and the
+    pinned setup beside the grids. The Inception network is replaced by a small random one (no download here)."""
+    import torch
+
+    import data.fid as fid
+    from training.trainer import train
+
+    def small_network(weights=None):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(_Float(), torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten())
+        if weights is not None:
+            net.load_state_dict(fid.load_weights(weights))
+        return net
+
+    from safetensors.torch import save_file
+
+    save_file(small_network().state_dict(), str(tmp_path / "features.safetensors"))  # random weights, saved locally
+    monkeypatch.setattr(fid, "_inception", small_network)
+    cfg = compose(["experiment=small", f"data.path={own_shards}", f"run_dir={tmp_path / 'run'}", "train.max_steps=2",
+                   "train.global_batch_size=8", "train.sample_every=2", "train.sample.steps=2", "data.eval_samples=16",
+                   f"data.evaluator={{kind: fid, reference: {own_shards}, weights: {tmp_path / 'features.safetensors'}, kid_subset_size: 8}}"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "eval/fid" in r]
+    assert scored and scored[-1]["step"] == 2
+    assert scored[-1]["eval/fid"] > 0 and abs(scored[-1]["eval/kid"]) < 10
+    setup = json.loads((tmp_path / "run" / "samples" / "fid_setup.json").read_text())
+    assert setup["reference_count"] == 24 and setup["num_generated"] == 16
+
+
+class _Float(__import__("torch").nn.Module):
+    def forward(self, x):
+        return x.float() / 127.5 - 1

@@ -4,6 +4,7 @@ the evaluator the data config names (inference/evaluation.py). Rank 0 samples; u
 samples a plain copy of the gathered EMA weights."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from data.evaluator import make_evaluator
@@ -27,8 +28,13 @@ class TrainingEvaluation:
         except ConditioningError:
             values = []  # text without evaluation prompts
         self.eval_spec = EvalSpec(values, cfg.data.eval_samples, SampleSettings(s.steps, s.cfg_scale, s.solver, spec.shift, s.seed),
-                                  spec.latent_shape, make_evaluator(cfg.data.get("evaluator")),
+                                  spec.latent_shape, make_evaluator(cfg.data.get("evaluator"), decode=self._decode_stored),
                                   [tuple(hw) for hw in (cfg.data.get("eval_aspects") or [])], spec.autoencoder.downsample)
+
+    def _decode_stored(self, raw):
+        """Latents as the shards store them (raw, unscaled) -> images in [-1, 1]: an FID reference of latent shards."""
+        ae = self.spec.autoencoder
+        return ae.decode(ae.normalize(raw.to(self.parallel.dist_info.device)))
 
     def run(self, step: int) -> dict:
         """Every rank calls it (the FSDP gather is collective); rank 0 returns the scores."""
@@ -49,6 +55,10 @@ class TrainingEvaluation:
             return {}
         result = evaluate(model, self.spec.autoencoder, self.spec.conditioning, self.eval_spec, self.parallel.dist_info.device,
                           self.samples_dir / f"step_{step:07d}.png")
+        setup = result.pop("fid_setup", None)
+        if setup is not None:  # what pins the FID (reference set, resize, weights): once per run, beside the grids
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            (self.samples_dir / "fid_setup.json").write_text(json.dumps(setup, indent=2))
         self.logger.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
         self.logger.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         self.logger.images(step, {f"eval/{k}": v for k, v in result.items() if k.startswith("grid")})
