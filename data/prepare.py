@@ -14,24 +14,34 @@ Inputs (--input):
                  ``key.jpg`` + ``key.txt`` (or ``key.json`` with "caption") [+ ``key.cls``]
 
 Images: EXIF orientation applied, any mode to RGB (alpha composited on white), images
-smaller than --min-size skipped, then resized (shorter side) and center-cropped to
---size, or to the nearest aspect-ratio bucket of about --buckets pixels (sides multiples
-of --bucket-step). Original size, crop box and bucket go into each sample's metadata.
+smaller than --min-size skipped (by default half the output's shorter side), then resized
+(shorter side) and center-cropped to --size, or to the nearest aspect-ratio bucket of about
+--buckets pixels (sides multiples of --bucket-step). Original size, crop box and bucket go
+into each sample's metadata.
 
 Images larger than --max-pixels are skipped from their header, before they are decoded;
 16-bit and 32-bit images are scaled to 8 bits, not clipped.
 
-Work is cut into units of --samples-per-shard inputs in a fixed sorted order; unit u
-becomes shard ``shard-{u:06d}.tar`` and belongs to worker ``u % world_size``. A shard is
-written to a temporary name and renamed when complete, with a small summary beside
-it, so a rerun skips finished units and redoes interrupted ones; any number of workers
-produce the same shards. The last worker to finish writes ``manifest.json``.
-Skipped inputs are listed with their reasons in each unit's summary and counted at the end.
+Work is cut into units of --samples-per-shard inputs, taken from the sorted inputs in a
+permutation seeded by --shuffle-seed, so that shards made from class folders hold every
+class rather than one or two (--shuffle-seed -1 keeps the sorted order). Unit u becomes
+shard ``shard-{u:06d}.tar`` and belongs to worker ``u % world_size``. A shard is written to
+a temporary name and renamed when complete, with a small summary beside it, so a rerun
+skips finished units and redoes interrupted ones; any number of workers produce the same
+shards. The last worker to finish writes ``manifest.json``.
+
+Skipped inputs are listed with their reasons in each unit's summary, and the run ends with
+the samples kept and the inputs skipped by reason. When the folder is complete, a folder
+that holds no sample, or one that skipped more than --max-skipped of its inputs, ends the
+run with exit status 1 and what to change (the kept samples and the manifest are written
+first; a folder with no sample gets no manifest). The check covers the whole folder, units
+of earlier runs included, so rerunning a failed preparation fails again until its settings
+change (with --force) or --max-skipped allows it.
 
 Reruns into the same --out add up: ``prepare.json`` records the settings and which inputs
 went into which unit. The same settings resume; new inputs become new units (nothing
-redone, lost or duplicated); other settings, or inputs of the earlier run that are gone,
-are refused with the reason (--force starts the folder afresh).
+redone, lost or duplicated; --shuffle-seed permutes them too); other settings, or inputs of
+the earlier run that are gone, are refused with the reason (--force starts the folder afresh).
 """
 from __future__ import annotations
 
@@ -40,8 +50,10 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
+import shlex
 import sys
 import tarfile
 import time
@@ -409,24 +421,39 @@ def settings_of(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int) -> list[list[str]]:
+def arrange(keys: list[str], shuffle_seed: int, salt: int = 0) -> list[str]:
+    """The order in which ``keys`` (sorted) are cut into units: a permutation seeded by ``shuffle_seed``
+    and ``salt`` (the number of units planned before them), or the sorted order for a negative seed.
+    Inputs listed class folder by class folder would otherwise give shards of one or two classes."""
+    if shuffle_seed < 0:
+        return list(keys)
+    return [keys[i] for i in np.random.default_rng([shuffle_seed, salt]).permutation(len(keys))]
+
+
+def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int, shuffle_seed: int = 0) -> list[list[str]]:
     """Which input keys each unit holds: the earlier run's plan (``prepare.json``) with any new inputs
     in new units after it, or a fresh plan. ``sizes``: every input key (in order) and its size in
-    bytes, the fingerprint kept in the plan. SystemExit with the reason when the folder was made
-    with other settings, or inputs of the earlier run are gone or changed."""
+    bytes, the fingerprint kept in the plan. The inputs a plan adds are cut into units in the order
+    ``arrange(keys, shuffle_seed)`` gives; the seed is recorded, but is no setting: units already
+    planned stay as they are whatever it is (plans from before it existed resume too).
+    SystemExit with the reason when the folder was made with other settings, or inputs of the
+    earlier run are gone or changed."""
     keys = list(sizes)
     path = out / PLAN
     if not path.is_file():
         if any(out.glob("shard-*")) or (out / "manifest.json").exists():
             raise SystemExit(f"{out} already holds shards without a {PLAN} (an older preparation): nothing is known of what "
                              "they hold. Use another --out, or --force to start this folder afresh.")
-        units = [keys[i: i + per_unit] for i in range(0, len(keys), per_unit)]
+        order = arrange(keys, shuffle_seed)
+        units = [order[i: i + per_unit] for i in range(0, len(order), per_unit)]
     else:
         plan = json.loads(path.read_text())
         changed = {k: (plan["settings"].get(k), v) for k, v in settings.items() if plan["settings"].get(k) != v}
         if changed:
+            then = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(a))}" for k, (a, _) in changed.items() if a is not None)
             raise SystemExit(f"{out} was prepared with other settings (then, now): {changed}. Rerun with the same settings to "
-                             "resume or add inputs, use another --out, or --force to start this folder afresh.")
+                             f"resume or add inputs{f' ({then})' if then else ''}, use another --out, or --force to start "
+                             "this folder afresh.")
         units = plan["units"]
         planned = {k for unit in units for k in unit}
         gone = sorted(planned - set(keys))
@@ -438,9 +465,12 @@ def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int) 
         if changed:
             raise SystemExit(f"{len(changed)} input(s) changed since the earlier run into {out} (other sizes, e.g. {changed[:3]}): "
                              "their shards would hold the old images. Restore them, use another --out, or --force to start afresh.")
-        new = [k for k in keys if k not in planned]
+        new = arrange([k for k in keys if k not in planned], shuffle_seed, salt=len(units))
         units = units + [new[i: i + per_unit] for i in range(0, len(new), per_unit)]
-    atomic_write_text(path, json.dumps({"format": PLAN_FORMAT, "settings": settings, "units": units, "sizes": sizes}, indent=1))
+        if not new:  # nothing added: the record stays as it was (None: a plan from before the seed, in sorted order)
+            shuffle_seed = plan.get("shuffle_seed")
+    atomic_write_text(path, json.dumps({"format": PLAN_FORMAT, "settings": settings, "shuffle_seed": shuffle_seed, "units": units,
+                                        "sizes": sizes}, indent=1))
     return units
 
 
@@ -458,7 +488,8 @@ def unit_done(out: Path, u: int) -> bool:
 
 
 def write_manifest(out: Path, units: int, fields: dict) -> dict | None:
-    """Once every unit is done (by any worker), the manifest: idempotent, same content whoever writes it."""
+    """Once every unit is done (by any worker), the manifest: idempotent, same content whoever writes it.
+    None while units are missing. A folder without any sample gets no manifest file (the dict is returned)."""
     from data.shards import FORMAT, MANIFEST
 
     if not all(unit_done(out, u) for u in range(units)):
@@ -481,8 +512,85 @@ def write_manifest(out: Path, units: int, fields: dict) -> dict | None:
     }
     if manifest.get("text_encoder"):
         manifest["text_encoder"]["captions"] = names
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    if manifest["num_samples"]:  # an empty folder must not look like training data
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def reason_of(text: str) -> str:
+    """A skip's reason without its details: 'too small (32x32, --min-size 64)' -> 'too small'."""
+    return text.split(" (")[0]
+
+
+def tally(out: Path, units) -> dict:
+    """Inputs, samples kept and inputs skipped by reason (most first) over the summaries of the finished
+    ``units``; ``too_small``: the sizes ('WxH') of the images skipped as too small, and how many of each."""
+    inputs = kept = 0
+    reasons: dict[str, int] = {}
+    small: dict[str, int] = {}
+    for u in units:
+        path = out / f"{UNIT_FORMAT.format(u)}.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        inputs += s["inputs"]
+        kept += s["num_samples"]
+        for sk in s["skipped"]:
+            reason = reason_of(sk["reason"])
+            reasons[reason] = reasons.get(reason, 0) + 1
+            m = re.match(r"too small \((\d+x\d+)", sk["reason"])
+            if m:
+                small[m.group(1)] = small.get(m.group(1), 0) + 1
+    return {"inputs": inputs, "kept": kept, "skipped": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "too_small": dict(sorted(small.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+def describe(t: dict) -> str:
+    """'kept 5 of 7 inputs, skipped 2 (unreadable image: 1, too small: 1)'."""
+    by = ", ".join(f"{r}: {n}" for r, n in t["skipped"].items())
+    return f"kept {t['kept']} of {t['inputs']} inputs, skipped {t['inputs'] - t['kept']}" + (f" ({by})" if by else "")
+
+
+def advice(t: dict, args) -> list[str]:
+    """What to change, for each reason inputs were skipped for."""
+    out = []
+    for reason, n in t["skipped"].items():
+        if reason == "too small":
+            sizes = list(t["too_small"].items())
+            seen = (f" of {sizes[0][0]}" if len(sizes) == 1 else
+                    " sized " + ", ".join(f"{k} ({v})" for k, v in sizes[:3]) + (", ..." if len(sizes) > 3 else "") if sizes else "")
+            smallest = min((min(int(v) for v in k.split("x")) for k in t["too_small"]), default=None)
+            keep = f" (--min-size {smallest} keeps them all)" if smallest else ""
+            out.append(f"--min-size {args.min_size} skipped {n} images{seen}: lower --min-size{keep}")
+        elif reason == "too large":
+            out.append(f"--max-pixels {args.max_pixels} skipped {n} images: raise --max-pixels if this machine has the memory")
+        elif reason == "unreadable image":
+            out.append(f"{n} files are not images that can be read: see the 'skipped' lines, or the shards' .json summaries")
+        elif reason == "cannot read":
+            out.append(f"{n} inputs could not be read (missing, or no permission): check the paths --input lists")
+        elif reason == "no caption":
+            out.append(f"{n} images have no caption, which --text-encoder needs: add captions (x.txt beside x.jpg, or a "
+                       "caption column), or leave out --text-encoder")
+        else:
+            out.append(f"{n} inputs skipped: {reason}")
+    return out
+
+
+def verdict(t: dict, args, out: Path) -> str | None:
+    """Why a complete folder is a failed preparation (nothing kept, or more than --max-skipped of its inputs
+    skipped), with what to change; None when it is not."""
+    skipped = t["inputs"] - t["kept"]
+    if not t["inputs"] or (t["kept"] and skipped <= args.max_skipped * t["inputs"]):  # no sample fails even at --max-skipped 1
+        return None
+    hints = "; ".join(advice(t, args))
+    redo = f"then rerun with --force ({out / PLAN} holds this run's settings, so other settings are refused without it)"
+    if not t["kept"]:
+        return f"{out}: {describe(t)}: no sample, so no manifest.json was written. {hints}; {redo}."
+    share = skipped / t["inputs"]
+    return (f"{out}: {describe(t)}: {share:.0%} of the inputs, more than --max-skipped {args.max_skipped:g}. {hints}. "
+            f"The {t['kept']} samples kept are written, with manifest.json: to keep them as they are, rerun with "
+            f"--max-skipped {math.floor(share * 100) / 100 + 0.01:.2f} (nothing is redone); to redo them with other settings, "
+            f"change them and {redo.removeprefix('then ')}.")
 
 
 def parse_args(argv=None):
@@ -490,25 +598,56 @@ def parse_args(argv=None):
     ap.add_argument("--input", required=True, help="image folder, .csv/.jsonl table, or .tar shard(s) / URL template")
     ap.add_argument("--out", required=True, help="output folder: shards, per-shard summaries, manifest.json")
     ap.add_argument("--size", type=int, default=256, help="square output side in pixels (ignored with --buckets)")
-    ap.add_argument("--buckets", type=int, default=0, help="aspect-ratio buckets of about this many pixels (e.g. 65536)")
+    ap.add_argument("--buckets", type=int, default=0, help="aspect-ratio buckets of about this many pixels (e.g. 65536; 0: square --size)")
     ap.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
-    ap.add_argument("--min-size", type=int, default=64, help="skip images whose shorter side is smaller")
+    ap.add_argument("--min-size", type=int, default=None,
+                    help="skip images whose shorter side is smaller (default: half the output's shorter side: half of --size, "
+                         "or of the smallest bucket's shorter side with --buckets)")
+    ap.add_argument("--max-skipped", type=float, default=0.5, metavar="FRACTION",
+                    help="a complete folder that skipped more than this share of its inputs ends the run with exit status 1 "
+                         "and the counts by reason, after writing what it kept (a folder with no sample always does)")
     ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip images with more pixels, read from the header before decoding")
     ap.add_argument("--force", action="store_true", help="start --out afresh: delete what an earlier preparation wrote there")
     ap.add_argument("--autoencoder", default="none", help="diffusers AutoencoderKL id or folder; 'none' keeps pixels")
-    ap.add_argument("--autoencoder-subfolder", default=None, help="e.g. 'vae' inside a pipeline repo")
-    ap.add_argument("--text-encoder", default=None, help="also store caption embeddings (fp16) from this encoder")
+    ap.add_argument("--autoencoder-subfolder", default=None,
+                    help="e.g. 'vae' inside a pipeline repo (default: none, the autoencoder is at the top of --autoencoder)")
+    ap.add_argument("--text-encoder", default=None,
+                    help="also store caption embeddings (fp16) from this encoder (default: none, no embeddings)")
     ap.add_argument("--max-length", type=int, default=120, help="text encoder token limit (longer captions are truncated)")
     ap.add_argument("--captioner", default="existing", help="existing (default) or vllm (GPU, see data/captioners)")
     ap.add_argument("--vlm-model", default="Qwen/Qwen2-VL-7B-Instruct", help="vllm captioner: the VLM")
     ap.add_argument("--long-prompt", default="Describe this image in detail in one paragraph.", help="vllm captioner")
     ap.add_argument("--short-prompt", default="Describe this image in one short sentence.", help="vllm captioner")
     ap.add_argument("--samples-per-shard", type=int, default=1000, help="inputs per unit of work (= per shard)")
+    ap.add_argument("--shuffle-seed", type=int, default=0,
+                    help="inputs are cut into units in a permutation of their sorted order seeded by this, so shards made "
+                         "from class folders hold every class; -1 keeps the sorted order. It arranges the inputs a run adds "
+                         "to the plan; units planned earlier stay as they are")
     ap.add_argument("--batch-size", type=int, default=32, help="images per autoencoder batch")
     ap.add_argument("--rank", type=int, default=None, help="this worker (default: SLURM_ARRAY_TASK_ID, else 0)")
     ap.add_argument("--world-size", type=int, default=None, help="number of workers (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.max_skipped <= 1.0:
+        ap.error(f"--max-skipped {args.max_skipped}: a fraction of the inputs, 0 to 1")
+    if args.shuffle_seed < -1:
+        ap.error(f"--shuffle-seed {args.shuffle_seed}: 0 or more, or -1 for the sorted order")
+    if args.min_size is None:  # a number before it is recorded, so that reruns compare numbers
+        args.min_size = default_min_size(args)
+    return args
+
+
+def default_min_size(args) -> int:
+    """Half the output's shorter side: of --size, or of the smallest bucket's shorter side with --buckets."""
+    side = args.size
+    if args.buckets:
+        from data.buckets import make_buckets
+
+        try:
+            side = min(min(hw) for hw in make_buckets(args.buckets, args.bucket_step))
+        except ValueError as e:
+            raise SystemExit(f"--buckets {args.buckets} --bucket-step {args.bucket_step}: {e}") from None
+    return max(1, side // 2)
 
 
 def main(argv=None) -> dict:
@@ -525,7 +664,7 @@ def main(argv=None) -> dict:
     if args.force and rank == 0:
         clear(out)
     by_key = {it.key: it for it in items}
-    plan = plan_units(out, {it.key: it.size for it in items}, settings_of(args), args.samples_per_shard)
+    plan = plan_units(out, {it.key: it.size for it in items}, settings_of(args), args.samples_per_shard, args.shuffle_seed)
     units = [[by_key[k] for k in unit] for unit in plan]
     mine = [u for u in range(len(units)) if u % world == rank]
     for u in mine:  # left by a killed run of this worker (never another worker's): redone below
@@ -562,7 +701,7 @@ def main(argv=None) -> dict:
         done_inputs += s["inputs"]
         written += s["num_samples"]
         for sk in s["skipped"]:
-            reason = sk["reason"].split(" (")[0]
+            reason = reason_of(sk["reason"])
             reasons[reason] = reasons.get(reason, 0) + 1
             print(f"skipped {sk['source']}: {sk['reason']}", flush=True)
         if bar is not None:
@@ -573,16 +712,26 @@ def main(argv=None) -> dict:
     if bar is not None:
         bar.close()
     dt = time.time() - t0
-    manifest = write_manifest(out, len(units), fields)
+    manifest = write_manifest(out, len(units), fields)  # None until every worker's units are done
+    complete = manifest is not None
+    # the counts: the whole folder once it is complete, else this worker's units; earlier runs' units included
+    totals = tally(out, range(len(units)) if complete else mine)
     summary = {"worker": rank, "world_size": world, "units": len(mine), "units_run": len(todo), "samples_written": written,
                "skipped": reasons, "seconds": round(dt, 1), "img_per_s": round(done_inputs / dt, 1) if dt > 0 else None,
-               "manifest": bool(manifest)}
+               "manifest": bool(manifest and manifest["num_samples"]),
+               "totals": {"of": "folder" if complete else "worker", **{k: totals[k] for k in ("inputs", "kept", "skipped")}}}
     print("summary: " + json.dumps(summary), flush=True)
-    if manifest:
+    n = len(units) if complete else len(mine)
+    where = f"{'the folder' if complete else 'this worker'}'s {n} unit{'s' * (n != 1)}"
+    print(f"{describe(totals)} in {where} ({len(todo)} run now)", flush=True)
+    if not complete:
+        print("other workers' units are not finished yet; the last worker to finish writes manifest.json", flush=True)
+    elif manifest["num_samples"]:
         print(f"manifest: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, {manifest['skipped']} skipped, "
               f"buckets {manifest['buckets']}", flush=True)
-    else:
-        print("other workers' units are not finished yet; the last worker to finish writes manifest.json", flush=True)
+    failed = verdict(totals, args, out) if complete else None
+    if failed:
+        raise SystemExit(failed)
     return summary
 
 

@@ -16,9 +16,10 @@ demo data, subsets and the trainer's loader all go through it.
 The reader is an ``IterableDataset`` yielding whole batches. Each (rank,
 dataloader worker) slot reads a disjoint part of the data: whole shards when
 there are at least as many shards as slots, else every n-th sample. Order is
-reshuffled per epoch (shard order and a shuffle buffer) from a seed, so the
-stream is a pure function of (seed, epoch, slot) and resuming after k batches is
-exact: each worker skips what it already produced.
+reshuffled per epoch (shard order, several shards read at once with their samples
+interleaved, and a shuffle buffer) from a seed, so the stream is a pure function of
+(seed, epoch, slot) and resuming after k batches is exact: each worker skips what it
+already produced.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from models.text_encoder import pad
 MANIFEST = "manifest.json"
 FORMAT = "flowdit-shards-v1"
 NULL_TEXT = "null_text.npy"
+INTERLEAVE = 8  # ShardStream's default: shards each reader reads at once
 
 
 class ShardError(RuntimeError):
@@ -409,13 +411,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         start_positions: {role: samples read} when resuming: the exact place in each reader's stream
             (bad samples make batches take more than batch_size samples); from each batch's "position".
         check: a SampleCheck every sample must pass (None: only decodability).
+        interleave: shards each reader reads at once, its next sample drawn from a random one of them
+            (seeded), each replaced by the reader's next shard when it runs out; before the shuffle
+            buffer. Shards written in class order hold one or two classes each: reading several at
+            once mixes them. 1: one shard after the other.
     With a DataLoader of W workers, batch i of this rank comes from worker i % W.
     """
 
     def __init__(self, data_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  start_batch: int = 0, max_bad_fraction: float = 0.01, text_names: list[str] | None = None,
-                 start_positions: dict[int, int] | None = None, check: SampleCheck | None = None):
+                 start_positions: dict[int, int] | None = None, check: SampleCheck | None = None,
+                 interleave: int = INTERLEAVE):
         super().__init__()
+        if int(interleave) < 1:
+            raise ValueError(f"interleave={interleave}: shards read at once, 1 or more")
+        self.interleave = int(interleave)
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         self.shards = [(self.data_dir / s["name"], s["num_samples"]) for s in self.manifest["shards"]]
@@ -434,10 +444,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         """The reading position (batches produced, samples read) and what it depends on. Without DataLoader
         workers this object counts its batches; with workers the trainer's count is authoritative."""
         return {"start_batch": self.start_batch + self._produced, "positions": dict(self.start_positions), "seed": self.seed,
-                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size}
+                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size, "interleave": self.interleave}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("seed", "world_size", "batch_size"):
+        state = {"interleave": 1, **state}  # states from before interleaving read one shard at a time
+        for k in ("seed", "world_size", "batch_size", "interleave"):
             if state[k] != getattr(self, k):
                 raise ShardError(f"cannot resume the loader: {k} was {state[k]} and is now {getattr(self, k)}")
         self.start_batch, self._produced = int(state["start_batch"]), 0
@@ -469,29 +480,58 @@ class ShardStream(torch.utils.data.IterableDataset):
         return _Slot(self.rank * workers + role, self.world_size * workers), workers, role
 
     def _epoch_samples(self, epoch: int, slot: _Slot) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """One epoch of the slot's samples: its shards in this epoch's order, through the shuffle buffer.
-        With fewer shards than slots, every slot reads all shards and keeps every n-th sample."""
+        """One epoch of the slot's samples: its shards in this epoch's order, ``interleave`` at a time,
+        through the shuffle buffer. With fewer shards than slots, every slot reads all shards, interleaved
+        alike (seeded without the slot), and keeps every n-th sample."""
         rng = np.random.default_rng([self.seed, epoch, slot.index])
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         by_shard = len(self.shards) >= slot.count
         mine = order[slot.index :: slot.count] if by_shard else order
+        # the interleaving's own stream (a spawn key apart from the others): per slot, or one for all slots
+        mix = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, slot.index] if by_shard else [self.seed, epoch],
+                                                           spawn_key=(1 if by_shard else 2,)))
         buffer: list = []
         i = -1
-        for s in mine:
-            for item in self._read_shard(s, slot):
-                i += 1
-                if not by_shard and i % slot.count != slot.index:
-                    continue
-                if self.shuffle_buffer <= 1:
-                    yield item
-                    continue
-                buffer.append(item)
-                if len(buffer) >= self.shuffle_buffer:
-                    j = rng.integers(len(buffer))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    yield buffer.pop()
+        for item in self._interleaved(mine, slot, mix):
+            i += 1
+            if not by_shard and i % slot.count != slot.index:
+                continue
+            if self.shuffle_buffer <= 1:
+                yield item
+                continue
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                j = rng.integers(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
+
+    def _interleaved(self, shards, slot: _Slot, rng: np.random.Generator) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """The samples of ``shards``, ``interleave`` of them open at once: each next sample from one of the
+        open shards drawn by ``rng``; a shard that runs out is replaced by the next of ``shards``. A function
+        of the shards' contents and ``rng`` alone, so the same for every reader given the same ``rng``."""
+        if self.interleave <= 1:
+            for s in shards:
+                yield from self._read_shard(s, slot)
+            return
+        waiting = iter(shards)
+        reading = [self._read_shard(s, slot) for _, s in zip(range(self.interleave), waiting)]
+        draws, d = rng.random(1024), 0
+        while reading:
+            if d == len(draws):
+                draws, d = rng.random(1024), 0
+            j = int(draws[d] * len(reading))
+            d += 1
+            item = next(reading[j], None)
+            if item is not None:
+                yield item
+                continue
+            s = next(waiting, None)
+            if s is None:
+                reading.pop(j)
+            else:
+                reading[j] = self._read_shard(s, slot)
 
     def _read_shard(self, s: int, slot: _Slot) -> Iterator[tuple[str, dict[str, bytes]]]:
         path, expected = self.shards[s]

@@ -83,7 +83,7 @@ def test_reparameterize_cli_writes_an_init_checkpoint(tmp_path, shapes_dir):
         reparam_main([str(tmp_path / "init"), str(tmp_path / "x"), "--transition", "1to2", "--caption-channels", "16"])
     with pytest.raises(SystemExit, match="2to3 needs --image-size"):
         reparam_main([str(tmp_path / "init"), str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="needs --caption-channels"):
+    with pytest.raises(SystemExit, match="needs the stage-2 text width: --data SHARDS"):
         reparam_main([ckpt, str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="exists; pass --force"):
         reparam_main([ckpt, str(tmp_path / "init"), "--caption-channels", "16"])
