@@ -17,8 +17,8 @@ Layouts:
             shuffle buffer 1000. --scale multiplies the samples per class, per shard and the
             buffer alike (default 0.25: 325, 250 and 250, ~1.3 shards per class as in ImageNet);
             the batch stays 256.
-  small     200 classes x 50 samples, 500 per shard, batch 64, buffer 1000 (the layout of the
-            user's report).
+  small     200 classes x 50 samples, 500 per shard, batch 64, buffer 1000 (the layout of a
+            small real dataset that showed the problem).
 Per arm: the distinct classes in each of --batches batches, median and mean, against a uniform
 draw: K(1 - (1 - 1/K)^B) exactly (B draws with replacement from K equal classes) and simulated
 (B of the layout's samples without replacement). Prints a table, writes JSON (default
@@ -65,7 +65,7 @@ def layouts(scale: float) -> list[Layout]:
     note = "ImageNet's counts" if scale == 1 else (f"ImageNet's 1300 per class, 1000 per shard and a 1000-sample buffer, "
                                                    f"all scaled by {scale:g}; the batch is not scaled")
     return [Layout("imagenet", 1000, round(1300 * scale), round(1000 * scale), 256, round(1000 * scale), note),
-            Layout("small", 200, 50, 500, 64, 1000, "the user's report: 200 classes x 50, 500 per shard")]
+            Layout("small", 200, 50, 500, 64, 1000, "a small real dataset's layout: 200 classes x 50, 500 per shard")]
 
 
 def class_sorted_keys(layout: Layout) -> list[str]:

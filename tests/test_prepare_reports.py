@@ -20,7 +20,7 @@ def _images(folder, n, side, start=0):
 
 @pytest.fixture
 def small_classes(tmp_path):
-    """Two class folders of 32x32 images, 6 in all (the user's report, small)."""
+    """Two class folders of 32x32 images, 6 in all (a small real dataset's shape)."""
     _images(tmp_path / "in" / "cat", 3, 32)
     _images(tmp_path / "in" / "dog", 3, 32, start=3)
     return tmp_path / "in"
