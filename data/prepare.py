@@ -430,7 +430,24 @@ def arrange(keys: list[str], shuffle_seed: int, salt: int = 0) -> list[str]:
     return [keys[i] for i in np.random.default_rng([shuffle_seed, salt]).permutation(len(keys))]
 
 
-def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int, shuffle_seed: int = 0) -> list[list[str]]:
+def stable_labels(out: Path, items: list[Item], class_names: list[str]) -> list[str]:
+    """Class folders' labels as an earlier run into ``out`` numbered them, new folders numbered after
+    those: a folder added on a rerun (sorted before the others, say) must not renumber the classes of
+    shards already written. Relabels ``items`` in place; returns the class names in label order."""
+    path = out / PLAN
+    before = json.loads(path.read_text()).get("class_names") if path.is_file() else None
+    if not before or not class_names or before == class_names:
+        return class_names
+    names = list(before) + [n for n in class_names if n not in before]
+    index = {n: i for i, n in enumerate(names)}
+    for item in items:
+        if item.label is not None:
+            item.label = index[class_names[item.label]]
+    return names
+
+
+def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int, shuffle_seed: int = 0,
+               class_names: list[str] | None = None) -> list[list[str]]:
     """Which input keys each unit holds: the earlier run's plan (``prepare.json``) with any new inputs
     in new units after it, or a fresh plan. ``sizes``: every input key (in order) and its size in
     bytes, the fingerprint kept in the plan. The inputs a plan adds are cut into units in the order
@@ -470,7 +487,7 @@ def plan_units(out: Path, sizes: dict[str, int], settings: dict, per_unit: int, 
         if not new:  # nothing added: the record stays as it was (None: a plan from before the seed, in sorted order)
             shuffle_seed = plan.get("shuffle_seed")
     atomic_write_text(path, json.dumps({"format": PLAN_FORMAT, "settings": settings, "shuffle_seed": shuffle_seed, "units": units,
-                                        "sizes": sizes}, indent=1))
+                                        "sizes": sizes, "class_names": class_names or None}, indent=1))
     return units
 
 
@@ -663,8 +680,10 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.force and rank == 0:
         clear(out)
+    class_names = stable_labels(out, items, class_names)
     by_key = {it.key: it for it in items}
-    plan = plan_units(out, {it.key: it.size for it in items}, settings_of(args), args.samples_per_shard, args.shuffle_seed)
+    plan = plan_units(out, {it.key: it.size for it in items}, settings_of(args), args.samples_per_shard, args.shuffle_seed,
+                      class_names)
     units = [[by_key[k] for k in unit] for unit in plan]
     mine = [u for u in range(len(units)) if u % world == rank]
     for u in mine:  # left by a killed run of this worker (never another worker's): redone below

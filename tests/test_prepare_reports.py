@@ -131,3 +131,23 @@ def test_units_are_cut_from_a_permutation_and_old_plans_resume(small_classes, tm
     assert after["units"][:3] == plan["units"] and after["shuffle_seed"] == 0
     added = [k for u in after["units"][3:] for k in u]
     assert sorted(added) == sorted(set(after["sizes"]) - set(keys)) and added != sorted(added)
+
+
+def test_a_class_folder_added_on_a_rerun_keeps_the_earlier_labels(small_classes, tmp_path):
+    """'ant' sorts before 'cat' and 'dog': numbered afresh it would relabel the shards already written."""
+    from data.shards import _iter_tar
+
+    out = tmp_path / "out"
+    argv = ["--input", str(small_classes), "--out", str(out), "--size", "32", "--samples-per-shard", "4"]
+    _run(argv)
+    _images(small_classes / "ant", 2, 32, start=10)
+    _run(argv)
+    manifest = read_manifest(out)
+    assert manifest["class_names"] == ["cat", "dog", "ant"] and manifest["num_classes"] == 3
+    labels = {}
+    for shard in manifest["shards"]:
+        for _, group in _iter_tar(out / shard["name"]):
+            meta = json.loads(group["json"])
+            labels[meta["source"]] = meta["label"]
+    assert len(labels) == 8
+    assert all(labels[s] == {"cat": 0, "dog": 1, "ant": 2}[s.split("/")[0]] for s in labels)
