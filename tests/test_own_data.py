@@ -86,18 +86,12 @@ def test_model_knobs_change_the_model_and_wrong_ones_are_refused(own_shards, tmp
 
 
 def test_every_shipped_config_has_only_known_keys():
-    experiments = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-    checked = set()
+    """Each stage alone, and each experiment with the stage it names (stage 1 where it names none)."""
     for stage in ("stage1", "stage2", "stage3", "stage4", "stage5"):
         check_known_keys(compose([], config_name=stage))
-        for exp in experiments:
-            try:
-                cfg = compose([f"experiment={exp}"], config_name=stage)
-            except ConfigCompositionException:  # an experiment of another stage
-                continue
-            check_known_keys(cfg)
-            checked.add(exp)
-    assert checked == set(experiments)
+    for path in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
+        stage = next((f"stage{n}" for n in "2345" if path.stem.endswith(f"stage{n}")), "stage1")
+        check_known_keys(compose([f"experiment={path.stem}"], config_name=stage))
 
 
 def test_a_stage_continues_the_architecture_of_its_init_checkpoint(own_shards, tmp_path):

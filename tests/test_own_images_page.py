@@ -48,7 +48,7 @@ def test_the_page_runs_end_to_end(tmp_path):
     make_images(tmp_path / "images")
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
            "IMAGES": str(tmp_path / "images"), "DATA": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs"), "SIZE": "32",
-           "STEPS1": "6", "STEPS2": "4", "PROMPT": "a large red circle on a black background"}
+           "STEPS1": "3", "STEPS2": "2", "PROMPT": "a large red circle on a black background"}
     data, runs = tmp_path / "data", tmp_path / "runs"
     outputs = []
     for block in steps:
@@ -66,7 +66,7 @@ def test_the_page_runs_end_to_end(tmp_path):
 
     ckpt1 = sorted((runs / "stage1" / "checkpoints").glob("step_*"))[-1]  # 2. stage 1
     meta1 = json.loads((ckpt1 / "meta.json").read_text())
-    assert meta1["step"] == 6 and meta1["preset"] == "small/4" and meta1["model_config"]["patch_size"] == 4
+    assert meta1["step"] == 3 and meta1["preset"] == "small/4" and meta1["model_config"]["patch_size"] == 4
     assert meta1["model_config"]["num_classes"] == 3 and meta1["conditioning"]["class_names"] == sorted(CLASSES)
 
     record = json.loads((runs / "stage1_samples.json").read_text())  # 3. samples, one file per sample
@@ -79,8 +79,8 @@ def test_the_page_runs_end_to_end(tmp_path):
 
     ckpt2 = sorted((runs / "stage2" / "checkpoints").glob("step_*"))[-1]  # 5. stage 2, evaluated on the data's captions
     meta2 = json.loads((ckpt2 / "meta.json").read_text())
-    assert meta2["step"] == 4 and meta2["family"] == "mmdit" and meta2["model_config"]["patch_size"] == 4
-    assert "the data's own captions" in outputs[4] and (runs / "stage2" / "samples" / "step_0000004.png").is_file()
+    assert meta2["step"] == 2 and meta2["family"] == "mmdit" and meta2["model_config"]["patch_size"] == 4
+    assert "the data's own captions" in outputs[4] and (runs / "stage2" / "samples" / "step_0000002.png").is_file()
 
     record = json.loads((runs / "stage2_samples.json").read_text())  # 6. samples of a prompt
     assert record["prompts"] == [env["PROMPT"]] and len(record["images"]) == 4
