@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from inference.conditioning import Conditioning
 from inference.images import make_grid, save_png, to_uint8
-from inference.pipeline import SampleSettings, generate
+from inference.pipeline import SampleSettings, generate, initial_noise
 
 
 @dataclass
@@ -33,6 +34,7 @@ class EvalSpec:
     evaluator: Any = None
     aspects: list[tuple[int, int]] = field(default_factory=list)
     downsample: int = 1
+    batch: int = 1024  # samples per sampling call: an FID evaluation of thousands must not sample them all at once
 
 
 def evaluate(model: nn.Module, autoencoder: nn.Module, conditioning: Conditioning, spec: EvalSpec, device,
@@ -64,8 +66,12 @@ def _evaluate_at(model, autoencoder, conditioning: Conditioning, spec: EvalSpec,
     else:  # scores the set as a whole (FID): exactly the samples asked for
         n = spec.samples
     chosen = [spec.values[i % columns] for i in range(n)]
-    cond, uncond = conditioning.guided(chosen, device)
-    images = generate(model, autoencoder, cond, uncond, latent_shape, spec.settings, device)
+    noise = initial_noise(n, latent_shape, spec.settings.seed, device)  # for all n first: the images do not depend on spec.batch
+    parts = []
+    for i in range(0, n, spec.batch):
+        cond, uncond = conditioning.guided(chosen[i:i + spec.batch], device)
+        parts.append(generate(model, autoencoder, cond, uncond, latent_shape, spec.settings, device, noise=noise[i:i + spec.batch]))
+    images = torch.cat(parts)
     result: dict[str, Any] = {}
     if spec.evaluator is not None:
         scores = spec.evaluator.score(images, [conditioning.describe(v) for v in chosen])

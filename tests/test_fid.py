@@ -383,12 +383,12 @@ def test_evaluation_names_scores_and_counts_samples_by_evaluator(monkeypatch):
 
     import inference.evaluation as evaluation
 
-    monkeypatch.setattr(evaluation, "generate", lambda model, ae, cond, uncond, shape, *_: torch.zeros(len(cond), *shape))
+    monkeypatch.setattr(evaluation, "generate", lambda model, ae, cond, uncond, shape, *_, **k: torch.zeros(len(cond), *shape))
     conditioning = SimpleNamespace(accuracy_name="class_accuracy", describe=str, guided=lambda chosen, device: (chosen, None))
     values = list(range(12))  # 12 classes, 10 samples asked for
 
     def run(evaluator):
-        spec = evaluation.EvalSpec(values, 10, None, (3, 8, 8), evaluator)
+        spec = evaluation.EvalSpec(values, 10, SimpleNamespace(seed=0), (3, 8, 8), evaluator, batch=7)  # two sampling calls
         return evaluation.evaluate(None, None, conditioning, spec, "cpu", None)
 
     shapes_like = Counting(True, {"all": 0.5, "shape": 0.75})
@@ -396,3 +396,23 @@ def test_evaluation_names_scores_and_counts_samples_by_evaluator(monkeypatch):
     fid_like = Counting(False, {"fid": 12.5, "kid": 0.01, "fid_setup": {"reference_count": 4}})
     assert run(fid_like) == {"fid": 12.5, "kid": 0.01, "fid_setup": {"reference_count": 4}}
     assert shapes_like.seen == [24] and fid_like.seen == [10]  # two per class for per-condition scores; exactly 10 for FID
+
+
+def test_evaluation_samples_in_chunks_the_same_images(monkeypatch):
+    """An FID-sized evaluation samples spec.batch at a time, from noise drawn for all of them first."""
+    import inference.evaluation as evaluation
+    from inference.conditioning import ClassConditioning
+    from inference.pipeline import SampleSettings
+    from models.autoencoder import load_autoencoder
+    from models.presets import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model("ccdit", model_config("ccdit", "tiny", input_size=8, in_channels=3, num_classes=4)).eval()
+    grabbed = []
+    evaluator = Counting(False, {"fid": 1.0})
+    evaluator.score = lambda images, descriptions: grabbed.append(images) or {"fid": 1.0}
+    for batch in (1024, 3):
+        spec = evaluation.EvalSpec(list(range(4)), 10, SampleSettings(4, 2.0, "euler", 1.0, 0), (3, 8, 8), evaluator, batch=batch)
+        evaluation.evaluate(model, load_autoencoder("none"), ClassConditioning(4), spec, "cpu", None)
+    assert grabbed[0].shape == (10, 3, 8, 8)
+    torch.testing.assert_close(grabbed[1], grabbed[0], rtol=0, atol=1e-5)

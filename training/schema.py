@@ -116,6 +116,7 @@ class DataSchema:
     num_workers: Optional[int] = None  # null: what the machine has (training/feed.py default_workers)
     evaluator: Any = None  # shapes | {kind: fid, reference: PATH, ...} | null
     eval_samples: int = 0
+    eval_batch: int = 1024  # samples per sampling call at an evaluation (lower it if an FID-sized evaluation runs out of memory)
     max_bad_fraction: float = 0.01
     min_score: Optional[float] = None
     score_key: str = "aesthetic"
