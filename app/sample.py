@@ -18,6 +18,7 @@ same command reproduces the same pixels (the batch size does not change them). U
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import json
 from pathlib import Path
@@ -95,6 +96,7 @@ def main(argv=None) -> dict:
             save_png(tile, path)
             files.append(str(path))
     record = {
+        "command": " ".join(shlex.quote(a) for a in ["python", "app/sample.py", *(sys.argv[1:] if argv is None else argv)]),
         "checkpoint": str(pipe.path.resolve()),
         "stage": pipe.meta["stage"],
         "step": pipe.meta["step"],

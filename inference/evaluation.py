@@ -59,8 +59,8 @@ def evaluate(model: nn.Module, autoencoder: nn.Module, conditioning: Conditionin
 
 def _evaluate_at(model, autoencoder, conditioning: Conditioning, spec: EvalSpec, latent_shape, device, out_png) -> dict:
     columns = len(spec.values)
-    if spec.evaluator is None:
-        n = 4 * min(columns, 8)
+    if spec.evaluator is None:  # a grid only: four rows of the columns it shows
+        n = 4 * min(columns, 16)
     elif getattr(spec.evaluator, "per_condition", True):  # scores each condition (shapes): at least two samples per value
         n = max(spec.samples, 2 * columns)
     else:  # scores the set as a whole (FID): exactly the samples asked for

@@ -3,7 +3,7 @@
     python scripts/evaluate_checkpoint.py runs/quality/stage1/checkpoints/step_0003500 --cfg 4 --steps 20
     python scripts/evaluate_checkpoint.py CKPT --cfg 2 4 6 --steps 10 20 40     # a sweep
     python scripts/evaluate_checkpoint.py runs/quality/stage2 --prompts held_out   # text: the held-out captions
-    python scripts/evaluate_checkpoint.py runs/mine/stage1 --fid-reference data/mine_val --fid-weights pt_inception.pth --n 2000
+    python scripts/evaluate_checkpoint.py runs/mine/stage1 --fid-reference datasets/mine_val --fid-weights pt_inception.pth --n 2000
 
 Prints a table (EMA weights unless --raw) and writes a grid PNG per setting into the checkpoint
 folder. Shapes demo, class checkpoints: class / shape / colour accuracy over every class; text

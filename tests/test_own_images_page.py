@@ -84,4 +84,5 @@ def test_the_page_runs_end_to_end(tmp_path):
 
     record = json.loads((runs / "stage2_samples.json").read_text())  # 6. samples of a prompt
     assert record["prompts"] == [env["PROMPT"]] and len(record["images"]) == 4
+    assert record["command"].startswith("python app/sample.py ") and "--prompt" in record["command"]
     assert [os.path.basename(p) for p in record["images"]] == [f"a_large_red_circle_on_a_black_background_{i}.png" for i in range(4)]

@@ -65,7 +65,10 @@ class RunLogger:
             self.bar.update(n)
             self.bar.set_postfix(postfix, refresh=False)
             return
-        rate = (step - self.start_step) / max(time.time() - self.t0, 1e-9)
+        now = time.time()
+        last_step, last_time = getattr(self, "_last", (self.start_step, self.t0))
+        rate = (step - last_step) / max(now - last_time, 1e-9)  # since the last line: the machine's speed now, not the run's average
+        self._last = (step, now)
         eta = (self.total - step) / max(rate, 1e-9)
         extra = " ".join(f"{k} {v}" for k, v in postfix.items())
         log.info("step %d/%d %s | %.2f it/s | ETA %d:%02d", step, self.total, extra, rate, eta // 60, eta % 60)
