@@ -49,7 +49,7 @@ def build_demo(data_cfg, path: Path, seed: int, log: Callable[..., None] = print
         canvases = make_buckets(int(spec.target_pixels), int(spec.step), float(spec.get("max_ratio", 4.0)))
     log(f"building {data_cfg.num_samples} shapes samples into {path} (first use only)")
     build_shards(path, data_cfg.num_samples, data_cfg.image_size, seed=seed, text_encoder=data_cfg.get("text_encoder"),
-                 max_length=data_cfg.get("max_length", 16), holdout=bool(data_cfg.get("holdout", False)), canvases=canvases)
+                 max_length=data_cfg.get("max_length") or 16, holdout=bool(data_cfg.get("holdout", False)), canvases=canvases)
 
 
 def _score(meta: dict, key: str) -> float:

@@ -123,7 +123,7 @@ class DataSchema:
     buckets: Optional[Any] = None  # {target_pixels, step, max_ratio}
     eval_aspects: Optional[Any] = None  # [[h, w], ...]
     text_encoder: Optional[str] = None
-    max_length: int = 16
+    max_length: Optional[int] = None  # the demo builder's token limit; null: the manifest's
     text_mode: str = "precomputed"
     caption_mix: Optional[dict[str, float]] = None
     holdout: bool = False

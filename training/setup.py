@@ -244,6 +244,7 @@ def data_from_manifest(cfg: DictConfig, manifest: dict, path: Path) -> None:
     fill("num_classes", manifest.get("num_classes"))
     te = manifest.get("text_encoder") or {}
     fill("text_encoder", te.get("name"))
+    fill("max_length", te.get("max_length"))
     if filled:
         log.info("from %s/manifest.json: %s", path, ", ".join(f"data.{k}={v}" for k, v in filled.items()))
     missing = [k for k in ("autoencoder", "image_size") if d.get(k) is None]
