@@ -64,16 +64,17 @@ def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
 
     import numpy as np
 
-    captions: list[str] = []
+    seen: dict[str, None] = {}  # distinct, in the order read
     for shard in manifest.get("shards", []):
         for _, group in _iter_tar(Path(path) / shard["name"]):
             text = json.loads(group["json"]).get("caption") if "json" in group else None
-            if text and text not in captions:
-                captions.append(text)
-            if len(captions) >= 2000:
+            if text:
+                seen[text] = None
+            if len(seen) >= 2000:
                 break
-        if len(captions) >= 2000:
+        if len(seen) >= 2000:
             break
+    captions = list(seen)
     if len(captions) <= count:
         return captions
     pick = np.random.default_rng(seed).choice(len(captions), count, replace=False)

@@ -30,7 +30,7 @@ class TrainingEvaluation:
         self.eval_spec = EvalSpec(values, cfg.data.eval_samples, SampleSettings(s.steps, s.cfg_scale, s.solver, spec.shift, s.seed),
                                   spec.latent_shape, make_evaluator(cfg.data.get("evaluator"), decode=self._decode_stored),
                                   [tuple(hw) for hw in (cfg.data.get("eval_aspects") or [])], spec.autoencoder.downsample,
-                                  int(cfg.data.get("eval_batch") or 1024))
+                                  int(cfg.data.eval_batch))
 
     def _decode_stored(self, raw):
         """Latents as the shards store them (raw, unscaled) -> images in [-1, 1]: an FID reference of latent shards."""

@@ -20,7 +20,7 @@ class Feed:
         stream = ShardStream(spec.data_path, spec.micro_batch, dist_info.rank, dist_info.world_size, cfg.seed, cfg.data.shuffle_buffer,
                              batches_done, max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.01)),
                              text_names=spec.conditioning.stored_captions(), start_positions=positions, check=sample_check(spec),
-                             interleave=int(cfg.data.get("interleave") or 1))
+                             interleave=int(cfg.data.interleave))
         workers = cfg.data.num_workers if cfg.data.get("num_workers") is not None else default_workers(dist_info)
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                   pin_memory=self.device.type == "cuda")

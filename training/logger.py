@@ -52,6 +52,7 @@ class RunLogger:
                 raise RuntimeError("train.report_to=tensorboard needs tensorboard: pip install tensorboard") from e
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
+        self._last = (start_step, self.t0)  # the previous progress line: the rate shown is the one since then
         if sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -66,8 +67,8 @@ class RunLogger:
             self.bar.set_postfix(postfix, refresh=False)
             return
         now = time.time()
-        last_step, last_time = getattr(self, "_last", (self.start_step, self.t0))
-        rate = (step - last_step) / max(now - last_time, 1e-9)  # since the last line: the machine's speed now, not the run's average
+        last_step, last_time = self._last
+        rate = (step - last_step) / max(now - last_time, 1e-9)  # the machine's speed now, not the run's average
         self._last = (step, now)
         eta = (self.total - step) / max(rate, 1e-9)
         extra = " ".join(f"{k} {v}" for k, v in postfix.items())
