@@ -14,9 +14,11 @@ import torch
 from flow.rectified_flow import shift_time
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "heun3", "bosh3")
+ODE_SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "heun3", "bosh3")
+# every solver a sampler offers: the ODE's, then diffusers' DPM-Solver++ and DDIM schedulers (flow/objectives.py)
+SOLVERS = ODE_SOLVERS + ("dpm++", "ddim")
 # model evaluations per step (dopri5 adapts its steps: at least this many): what a request costs, and progress
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6, "heun3": 3, "bosh3": 3}
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6, "heun3": 3, "bosh3": 3, "dpm++": 1, "ddim": 1}
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -87,8 +89,8 @@ def sample(
                 traj.append(x - t * vel)
             x = x + (t_next - t) * vel
         return (x, traj) if return_trajectory else x
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown ODE solver {solver!r}; expected one of {ODE_SOLVERS} (dpm++ and ddim: sample_with_scheduler)")
     if return_trajectory:
         raise ValueError("return_trajectory needs solver='euler'")
     from torchdiffeq import odeint  # imported on use: only these solvers need it
@@ -98,3 +100,28 @@ def sample(
     else:  # fixed-step: take exactly the shifted grid's steps
         out = odeint(lambda t, x: v(x, t), noise, ts, method=solver)
     return out[-1]
+
+
+@torch.no_grad()
+def sample_with_scheduler(
+    model_fn: VelocityFn,
+    noise: torch.Tensor,
+    cond: Any,
+    scheduler,
+    steps: int,
+    uncond: Any = None,
+    cfg_scale: float = 1.0,
+    time_scale: float = 1000.0,
+    prepare: Callable[[Any], Any] | None = None,
+) -> torch.Tensor:
+    """Sample with a diffusers scheduler (DPM-Solver++, DDIM: flow/objectives.py ``Objective.scheduler``),
+    the loop ``PixArtAlphaPipeline`` runs: the scheduler's integer timesteps, the model called at
+    t = timestep / ``time_scale`` (our models take t in [0, 1]), guidance on the prediction."""
+    f = guided_velocity(model_fn, cond, uncond, cfg_scale, prepare)
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        t = (timestep.to(torch.float32) / time_scale).to(noise.device)
+        out = f(scheduler.scale_model_input(x, timestep), t)
+        x = scheduler.step(out, timestep, x, return_dict=False)[0]
+    return x

@@ -15,30 +15,35 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from flow.sampling import sample
+from flow.objectives import FLOW, SCHEDULER_SOLVERS, Objective, prediction
+from flow.sampling import sample, sample_with_scheduler
 from inference.conditioning import Conditioning, from_meta
 from models.cli import DTYPE_NAMES
 
 
 @dataclass
 class SampleSettings:
-    """steps (`int`), cfg_scale (`float`, 1 = no guidance), solver (`str`), shift (`float`), seed (`int`)."""
+    """steps (`int`), cfg_scale (`float`, 1 = no guidance), solver (`str`: an ODE solver of flow/sampling.py,
+    or dpm++ / ddim through diffusers' schedulers), shift (`float`), seed (`int`); objective: what the
+    model predicts (flow/objectives.py), the checkpoint's, not a choice."""
 
     steps: int = 20
     cfg_scale: float = 4.0
     solver: str = "euler"
     shift: float = 1.0
     seed: int = 0
+    objective: Objective = FLOW
 
     @classmethod
-    def from_meta(cls, sampling: dict, **overrides: Any) -> "SampleSettings":
-        """A checkpoint's sampling defaults (meta["sampling"]), with every override that is not None."""
-        names = {f.name for f in fields(cls)}
-        base = cls(**{k: v for k, v in (sampling or {}).items() if k in names})
+    def from_meta(cls, sampling: dict, objective: dict | None = None, **overrides: Any) -> "SampleSettings":
+        """A checkpoint's sampling defaults (meta["sampling"]) and objective (meta["objective"]), with every
+        override that is not None."""
+        names = {f.name for f in fields(cls)} - {"objective"}
+        base = cls(**{k: v for k, v in (sampling or {}).items() if k in names}, objective=Objective.from_meta(objective))
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "objective": self.objective.to_meta()}
 
 
 def call_model(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
@@ -102,6 +107,7 @@ def generate(
     evaluation (progress).
     """
     n = len(next(iter(cond.values())))
+    settings.objective.check_solver(settings.solver)
     if noise is None:
         noise = initial_noise(n, latent_shape, settings.seed, device)
     dtype = next(model.parameters()).dtype
@@ -110,12 +116,18 @@ def generate(
     calls = [0]
 
     def velocity(x, t, c):
-        v = call_model(model, x.to(dtype), t, c).float()
+        v = prediction(call_model(model, x.to(dtype), t, c).float(), x.shape[1])
         if callback is not None:
             calls[0] += 1
             callback(calls[0])
         return v
 
+    if settings.solver in SCHEDULER_SOLVERS:
+        if return_trajectory:
+            raise ValueError("the denoising strip (return_trajectory) needs solver='euler'")
+        out = sample_with_scheduler(velocity, noise, cond, settings.objective.scheduler(settings.solver, settings.shift),
+                                    settings.steps, uncond, settings.cfg_scale, prepare=lambda c: prepare_condition(model, c))
+        return autoencoder.decode(out)
     out = sample(
         velocity,
         noise,
@@ -202,7 +214,7 @@ class Pipeline:
         return cls(resolve(ckpt), model.to(DTYPES[dtype]), autoencoder, meta, from_meta(meta), device)
 
     def defaults(self, **overrides: Any) -> SampleSettings:
-        return SampleSettings.from_meta(self.meta.get("sampling") or {}, **overrides)
+        return SampleSettings.from_meta(self.meta.get("sampling") or {}, self.meta.get("objective"), **overrides)
 
     @property
     def downsample(self) -> int:

@@ -1,8 +1,9 @@
-"""Weight interop between mmDiT's PixArt-α preset and diffusers' ``PixArtTransformer2DModel``.
+"""Weight interop between mmDiT's PixArt preset and diffusers' ``PixArtTransformer2DModel``
+(PixArt-α and PixArt-Σ, with or without the PixArt-MS size / aspect-ratio micro-conditions).
 
 Both directions are exact renames: no tensor changes shape or value. Requirements
-(checked, with a message): the PixArt block, QK-norm off, MLP ratio 4, and the
-position embedding tied to the model's own grid (diffusers has no base-size knob).
+(checked, with a message): the PixArt block, QK-norm off, MLP ratio 4, the stretched position
+grid, and micro-conditions (if any) in PixArt-MS's layout (``micro_embedder="pixart"``).
 Our model takes t in [0, 1]; diffusers takes the timestep t * 1000: the same numbers.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ _NAMES = [
     ("t_embedder.linear_1.", "adaln_single.emb.timestep_embedder.linear_1."),
     ("t_embedder.linear_2.", "adaln_single.emb.timestep_embedder.linear_2."),
     ("t_block.1.", "adaln_single.linear."),
+    ("micro_embedder.resolution_embedder.", "adaln_single.emb.resolution_embedder."),
+    ("micro_embedder.aspect_ratio_embedder.", "adaln_single.emb.aspect_ratio_embedder."),
     ("y_embedder.linear_1.", "caption_projection.linear_1."),
     ("y_embedder.linear_2.", "caption_projection.linear_2."),
     ("blocks.{i}.attn.to_{x}.", "transformer_blocks.{i}.attn1.to_{x}."),
@@ -71,8 +74,9 @@ def check_exportable(config: MMDiTConfig) -> None:
         problems.append("qk_norm=True (diffusers' PixArt has no QK-norm; train with model.qk_norm=false)")
     if config.mlp_ratio != 4.0:
         problems.append(f"mlp_ratio={config.mlp_ratio} (diffusers' PixArt uses 4)")
-    if getattr(config, "micro_conditions", False):
-        problems.append("micro_conditions=True (our size / aspect-ratio embedder is one MLP; diffusers' PixArt-MS has two)")
+    if getattr(config, "micro_conditions", False) and getattr(config, "micro_embedder", "mlp") != "pixart":
+        problems.append("micro_embedder='mlp' (this model embeds size and aspect ratio with one MLP; diffusers' PixArt-MS "
+                        "has PixArt's two embedders: train stage 4 from a 3to4 init of a width divisible by 3, which uses them)")
     if getattr(config, "pos_grid", "stretch") != "stretch":
         problems.append(f"pos_grid={config.pos_grid!r} (diffusers stretches each axis of non-square grids; "
                         "reparameterize 3to4 with --pos-grid stretch for an exportable model)")
@@ -97,7 +101,7 @@ def diffusers_config(config: MMDiTConfig) -> dict:
         sample_size=(config.base_size or config.grid_size) * config.patch_size,
         patch_size=config.patch_size,
         interpolation_scale=config.interpolation_scale,
-        use_additional_conditions=False,
+        use_additional_conditions=bool(getattr(config, "micro_conditions", False)),
         attention_bias=True,
         activation_fn="gelu-approximate",
         norm_type="ada_norm_single",
@@ -107,26 +111,45 @@ def diffusers_config(config: MMDiTConfig) -> dict:
     )
 
 
+# diffusers' settings that our mmDiT has exactly one value for: anything else is refused on import
+_FIXED = dict(norm_type="ada_norm_single", activation_fn="gelu-approximate", attention_bias=True, upcast_attention=False,
+              norm_elementwise_affine=False, norm_eps=1e-6, attention_type="default")
+
+
 def mmdit_config_from_diffusers(cfg) -> MMDiTConfig:
-    """Our config for a diffusers PixArt config (a dict or its FrozenDict)."""
+    """Our config for a diffusers PixArt config (a dict or its FrozenDict); IncompatibleModel says what
+    cannot map. PixArt-MS micro-conditions (diffusers' ``use_additional_conditions``, on by default at
+    sample_size 128) come in as ``micro_conditions=True, micro_embedder="pixart"``."""
     cfg = dict(cfg)
-    if cfg.get("use_additional_conditions") or (cfg.get("use_additional_conditions") is None and cfg.get("sample_size") == 128):
-        raise IncompatibleModel("PixArt models with size/aspect micro-conditions are not importable yet")
-    if cfg.get("norm_type", "ada_norm_single") != "ada_norm_single" or cfg.get("activation_fn") != "gelu-approximate":
-        raise IncompatibleModel("only the PixArt-α block (ada_norm_single, gelu-approximate) maps onto mmDiT")
+    problems = [f"{k}={cfg[k]!r} (mmDiT has {v!r})" for k, v in _FIXED.items() if k in cfg and cfg[k] != v]
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    hidden = heads * head_dim
+    if cfg.get("cross_attention_dim") not in (None, hidden):
+        problems.append(f"cross_attention_dim={cfg['cross_attention_dim']} differs from the width {hidden}")
+    if not cfg.get("caption_channels"):
+        problems.append("caption_channels is not set (a PixArt without a caption projection)")
+    micro = cfg.get("use_additional_conditions")
+    if micro is None:
+        micro = cfg.get("sample_size") == 128  # diffusers' own default
+    if micro and hidden % 3:
+        problems.append(f"size micro-conditions need a width divisible by 3 (got {hidden})")
+    if problems:
+        raise IncompatibleModel("this PixArt transformer does not map onto mmDiT: " + "; ".join(problems))
     interp = cfg.get("interpolation_scale") or max(cfg["sample_size"] // 64, 1)
     return MMDiTConfig(
         input_size=cfg["sample_size"],
         patch_size=cfg["patch_size"],
         in_channels=cfg["in_channels"],
         out_channels=cfg.get("out_channels") or cfg["in_channels"],
-        hidden_size=heads * head_dim,
+        hidden_size=hidden,
         depth=cfg["num_layers"],
         num_heads=heads,
         caption_channels=cfg["caption_channels"],
         qk_norm=False,
         interpolation_scale=float(interp),
+        micro_conditions=bool(micro),
+        micro_embedder="pixart",
+        pixels_per_latent=8,
     )
 
 
@@ -143,18 +166,35 @@ def to_diffusers(model) -> "torch.nn.Module":
     return target
 
 
-def from_diffusers(pixart) -> "torch.nn.Module":
-    """A ``PixArtTransformer2DModel`` (instance, or a folder / hub id to load) -> our mmDiT."""
+def from_diffusers(pixart, subfolder: str | None = None) -> "torch.nn.Module":
+    """A ``PixArtTransformer2DModel`` (instance, or a folder / hub id to load; ``subfolder``: "transformer"
+    for a pipeline's root) -> our mmDiT."""
     from models.mmdit import MMDiT
 
-    if isinstance(pixart, str):
-        from diffusers import PixArtTransformer2DModel
-
-        pixart = PixArtTransformer2DModel.from_pretrained(pixart)
+    if not isinstance(pixart, torch.nn.Module):
+        pixart = load_transformer(str(pixart), subfolder)
     model = MMDiT(mmdit_config_from_diffusers(pixart.config))
     state = {k: v for k, v in pixart.state_dict().items() if k != "pos_embed.pos_embed"}
     model.load_state_dict(_rename(state, _INVERSE), strict=True)
     return model
+
+
+def load_transformer(source: str, subfolder: str | None = None):
+    """A diffusers PixArt transformer from a folder or hub id. A pipeline root (it has model_index.json)
+    without ``subfolder`` reads its ``transformer`` folder."""
+    from pathlib import Path
+
+    from diffusers import PixArtTransformer2DModel
+
+    if subfolder is None and (Path(source) / "model_index.json").is_file():
+        subfolder = "transformer"
+    try:
+        return PixArtTransformer2DModel.from_pretrained(source, subfolder=subfolder)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
+        raise IncompatibleModel(f"could not load a diffusers PixArt transformer from {where}: {e}. Expected a folder with "
+                                "config.json and diffusion_pytorch_model.safetensors, a pipeline root (its transformer/ is "
+                                "read), or a hub id with --subfolder transformer") from e
 
 
 def flow_scheduler(shift: float = 1.0):

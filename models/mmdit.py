@@ -37,6 +37,7 @@ from models.layers import (
 
 
 POS_GRIDS = ("stretch", "isotropic", "shortside")  # MMDiTConfig.pos_grid
+MICRO_EMBEDDERS = ("pixart", "mlp")  # MMDiTConfig.micro_embedder
 
 
 @dataclass
@@ -51,6 +52,11 @@ class MMDiTConfig(DiTConfig):
     micro_conditions (`bool`): PixArt-MS size and aspect-ratio conditions (stage 4 on), added to
         the timestep embedding through a zero-initialized output, so switching them on
         changes nothing until training does.
+    micro_embedder (`str` or None): how they are embedded. "pixart" is PixArt-MS's and diffusers'
+        layout (a resolution MLP applied to height and width, an aspect-ratio MLP, each to D/3,
+        concatenated), so stage-4/5 models import from and export to diffusers; it needs
+        hidden_size divisible by 3. "mlp" is one MLP over the three sinusoids (checkpoints saved
+        before "pixart" existed, and widths not divisible by 3). None picks "pixart" when it can.
     pixels_per_latent (`int`): the autoencoder's downsampling; micro-conditions are in pixels.
     pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
         each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
@@ -68,6 +74,7 @@ class MMDiTConfig(DiTConfig):
     caption_channels: int = 4096
     block: str = "pixart"
     micro_conditions: bool = False
+    micro_embedder: str | None = None
     pixels_per_latent: int = 8
     pos_grid: str = "stretch"
 
@@ -75,6 +82,13 @@ class MMDiTConfig(DiTConfig):
         super().__post_init__()
         if self.pos_grid not in POS_GRIDS:
             raise ValueError(f"pos_grid={self.pos_grid!r}: expected one of {POS_GRIDS} ('stretch' is PixArt's)")
+        if self.micro_embedder is None:
+            self.micro_embedder = "pixart" if self.hidden_size % 3 == 0 else "mlp"
+        if self.micro_embedder not in MICRO_EMBEDDERS:
+            raise ValueError(f"micro_embedder={self.micro_embedder!r}: expected one of {MICRO_EMBEDDERS}")
+        if self.micro_embedder == "pixart" and self.hidden_size % 3:
+            raise ValueError(f"micro_embedder='pixart' splits the width in thirds, but hidden_size={self.hidden_size} "
+                             "is not divisible by 3: use micro_embedder='mlp' or a width divisible by 3")
 
 
 class PixArtBlock(DiTBlockLayers):
@@ -163,7 +177,7 @@ class PixArtFinalLayer(nn.Module):
 
 class MicroConditionEmbedder(nn.Module):
     """Image height, width (pixels) and aspect ratio h/w -> (N, D) added to the timestep embedding
-    (PixArt-MS): a sinusoid per value, an MLP, a zero-initialized output."""
+    (PixArt-MS): one MLP over the three sinusoids, zero-initialized output (``micro_embedder="mlp"``)."""
 
     def __init__(self, hidden_size: int, frequency_size: int = 256):
         super().__init__()
@@ -175,6 +189,25 @@ class MicroConditionEmbedder(nn.Module):
         values = torch.cat([resolution.float(), aspect_ratio.float().reshape(-1, 1)], dim=1)  # (N, 3)
         freq = timestep_sinusoid(values.reshape(-1), self.frequency_size).reshape(values.shape[0], -1)
         return self.linear_2(F.silu(self.linear_1(freq.to(self.linear_1.weight.dtype))))
+
+
+class PixArtMicroConditionEmbedder(nn.Module):
+    """PixArt-MS's micro-conditions (``micro_embedder="pixart"``), parameter for parameter diffusers'
+    ``PixArtAlphaCombinedTimestepSizeEmbeddings``: height and width each go through the resolution
+    MLP, the aspect ratio through its own, each to D/3; the three are concatenated
+    [height, width, aspect] to (N, D). Both output layers start at zero."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.resolution_embedder = TimestepEmbedder(hidden_size // 3, frequency_size, time_scale=1.0)
+        self.aspect_ratio_embedder = TimestepEmbedder(hidden_size // 3, frequency_size, time_scale=1.0)
+
+    def forward(self, resolution: torch.Tensor, aspect_ratio: torch.Tensor) -> torch.Tensor:
+        n = resolution.shape[0]
+        size = self.resolution_embedder(resolution.reshape(-1).float()).reshape(n, -1)  # (N, 2 D/3)
+        aspect = self.aspect_ratio_embedder(aspect_ratio.reshape(-1).float()).reshape(n, -1)  # (N, D/3)
+        return torch.cat([size, aspect], dim=1)
 
 
 class CaptionProjection(nn.Module):
@@ -223,7 +256,8 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = CaptionProjection(c.caption_channels, c.hidden_size)
         if c.micro_conditions:
-            self.micro_embedder = MicroConditionEmbedder(c.hidden_size)
+            embedder = PixArtMicroConditionEmbedder if c.micro_embedder == "pixart" else MicroConditionEmbedder
+            self.micro_embedder = embedder(c.hidden_size)
         if c.block == "pixart":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size))  # adaLN-single
             self.blocks = nn.ModuleList(
@@ -267,8 +301,11 @@ class MMDiT(nn.Module):
                     nn.init.zeros_(mod.weight)
                     nn.init.zeros_(mod.bias)
         if self.config.micro_conditions:  # closed until trained: adding them preserves the function
-            nn.init.zeros_(self.micro_embedder.linear_2.weight)
-            nn.init.zeros_(self.micro_embedder.linear_2.bias)
+            outputs = [self.micro_embedder.linear_2] if self.config.micro_embedder == "mlp" else [
+                self.micro_embedder.resolution_embedder.linear_2, self.micro_embedder.aspect_ratio_embedder.linear_2]
+            for out in outputs:
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
         nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
         nn.init.zeros_(self.final_layer.linear.bias)
 

@@ -78,7 +78,10 @@ RETIRED_KEYS = ("linear_backend",)
 def config_from_dict(family: str, config: dict[str, Any]):
     """The config dataclass from the dict a checkpoint saved (any version of it)."""
     _, config_cls = MODEL_CLASSES[family]
-    return config_cls(**{k: v for k, v in config.items() if k not in RETIRED_KEYS})
+    config = {k: v for k, v in config.items() if k not in RETIRED_KEYS}
+    if config.get("micro_conditions") and config.get("micro_embedder") is None:
+        config["micro_embedder"] = "mlp"  # saved before the PixArt-MS layout existed: their embedder is the one MLP
+    return config_cls(**config)
 
 
 def build_model(family: str, config: dict[str, Any] | Any) -> nn.Module:

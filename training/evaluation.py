@@ -27,7 +27,8 @@ class TrainingEvaluation:
             values = spec.conditioning.default_inputs()
         except ConditioningError:
             values = []  # text without evaluation prompts
-        self.eval_spec = EvalSpec(values, cfg.data.eval_samples, SampleSettings(s.steps, s.cfg_scale, s.solver, spec.shift, s.seed),
+        self.eval_spec = EvalSpec(values, cfg.data.eval_samples, SampleSettings(s.steps, s.cfg_scale, s.solver, spec.shift, s.seed,
+                                                                                    spec.objective),
                                   spec.latent_shape, make_evaluator(cfg.data.get("evaluator"), decode=self._decode_stored),
                                   [tuple(hw) for hw in (cfg.data.get("eval_aspects") or [])], spec.autoencoder.downsample,
                                   int(cfg.data.eval_batch))

@@ -47,7 +47,7 @@ class Feed:
                     raise RuntimeError(f"DDP ranks read {self.first_batch_overlap} identical samples in their first batch")
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
-            yield MicroBatch.draw(x0, cond, *self.timesteps, gen)
+            yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective)
 
 
 def default_workers(dist_info: DistInfo) -> int:

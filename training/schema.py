@@ -51,6 +51,7 @@ class TrainSchema:
     ema_warmup: bool = True
     cond_dropout: float = 0.1
     timestep: TimestepSchema = field(default_factory=TimestepSchema)
+    objective: Optional[str] = None  # flow | epsilon; null: the init checkpoint's, else flow
     log_every: int = 50
     sample_every: int = 5000
     checkpoint_every: int = 5000
@@ -95,6 +96,7 @@ class MMDiTSchema(CCDiTSchema):
     family: str = "mmdit"
     block: Optional[str] = None
     micro_conditions: Optional[bool] = None
+    micro_embedder: Optional[str] = None
     base_size: Optional[int] = None
     pos_grid: Optional[str] = None
     check_diffusers_export: bool = False

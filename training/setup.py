@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.shards import check_manifest, is_bucketed
 from data.stage import own_captions, stage_shards
+from flow.objectives import FLOW, Objective
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
@@ -41,6 +42,8 @@ class RunSpec:
     autoencoder: the stage's autoencoder (sampling decodes with it). conditioning: from the
     shards (inference/conditioning.py). model_config: the architecture (a config dataclass).
     shift: the timestep shift (the init checkpoint's when the config leaves it null).
+    objective: what the model learns to predict (flow/objectives.py; the init checkpoint's when
+    ``train.objective`` is null, else rectified flow).
     """
 
     run_dir: Path
@@ -51,6 +54,7 @@ class RunSpec:
     conditioning: Conditioning
     model_config: Any
     shift: float
+    objective: Objective = FLOW
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -63,6 +67,7 @@ class RunSpec:
         out.run_dir = str(self.run_dir)
         out.data.path = str(self.data_path)
         out.train.timestep.shift = float(self.shift)
+        out.train.objective = self.objective.kind
         for key in ("base_size", "pos_grid"):
             if key in out.model:
                 out.model[key] = getattr(self.model_config, key)
@@ -94,7 +99,25 @@ def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     check_data(cfg, path, manifest, autoencoder, latent_shape)
     conditioning = make_conditioning(cfg, kind, path, manifest)
     mcfg = build_model_config(cfg, autoencoder, conditioning, init_meta)
-    return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift))
+    return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift), resolve_objective(cfg, init_meta))
+
+
+def resolve_objective(cfg: DictConfig, init_meta: dict | None) -> Objective:
+    """``train.objective``: null continues the init checkpoint's (an imported PixArt predicts DDPM noise),
+    else rectified flow; set, it names the kind (an epsilon run keeps the init's noise schedule)."""
+    init = Objective.from_meta((init_meta or {}).get("objective"))
+    kind = cfg.train.get("objective")
+    try:
+        objective = init if kind in (None, init.kind) else Objective(kind)
+    except ValueError as e:
+        raise ConfigError(f"train.objective: {e}") from e
+    if kind is not None and kind != init.kind and init_meta:
+        log.warning("train.objective=%s, but the init checkpoint was trained with %s: the model starts from "
+                    "predictions of another kind and must relearn its output", kind, init.kind)
+    log.info("objective: %s", objective.kind + (f" (DDPM, {objective.num_train_timesteps} steps, betas "
+                                                 f"{objective.beta_schedule} {objective.beta_start}-{objective.beta_end})"
+                                                 if objective.kind == "epsilon" else " (rectified flow)"))
+    return objective
 
 
 # ---------------------------------------------------------------- checks
@@ -314,6 +337,8 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
     preset = {f.name: f.default for f in fields(config_cls)} | preset_fields(cfg.model.family, cfg.model.preset)
     for key in ("qk_norm",):  # architecture the preset fixes: an explicit setting wins, and says so
         value = cfg.model.get(key)
+        if value is None:
+            value = init_config.get(key)  # a stage continues the architecture it starts from
         if value is not None:
             if value != preset[key]:
                 log.info("model.%s=%s overrides the %s preset's %s", key, value, cfg.model.preset, preset[key])
@@ -326,12 +351,17 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
     fields_.update(shape)
     if "pixels_per_latent" in {f.name for f in fields(config_cls)}:  # micro-conditions are in pixels
         fields_["pixels_per_latent"] = autoencoder.downsample
-    for key in ("block", "micro_conditions", "base_size", "pos_grid"):
+    for key in ("block", "micro_conditions", "base_size", "pos_grid", "micro_embedder"):
         value = cfg.model.get(key)
-        if value is None and key in ("base_size", "pos_grid"):
+        if value is None and key in ("base_size", "pos_grid", "micro_embedder"):
             value = init_config.get(key)  # absent in older checkpoints: the default
         if value is not None:
             fields_[key] = value
+    if init_config.get("micro_conditions") and "micro_embedder" not in fields_:
+        fields_["micro_embedder"] = "mlp"  # an init saved before the PixArt-MS layout existed
+    for key in ("out_channels", "interpolation_scale"):  # an imported model's (8 channels: learned variance)
+        if init_config.get(key) is not None:
+            fields_[key] = init_config[key]
     config = model_config(cfg.model.family, cfg.model.preset, **fields_)
     if cfg.model.get("check_diffusers_export"):
         from models.diffusers_pixart import IncompatibleModel, check_exportable

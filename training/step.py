@@ -1,6 +1,7 @@
 """The training step, written once: the trainer and every benchmark that times a step call it.
 
-Rectified flow (flow/rectified_flow.py): draw t, interpolate, predict the velocity, MSE; the
+The objective (flow/objectives.py; rectified flow unless the run says otherwise): draw t, make the
+noisy input, predict (velocity, or DDPM noise), MSE; the
 gradient accumulated over micro-batches, clipped, then the optimizer step and the EMA update.
 How the model is spread over ranks (DDP, FSDP2, fused weight gradients) reaches the step only
 through a :class:`Local`-like object, so a benchmark passes ``Local(model)`` and times exactly
@@ -15,7 +16,7 @@ from typing import Any, Callable, ContextManager, Iterable
 import torch
 import torch.nn as nn
 
-from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
+from flow.objectives import FLOW, Objective
 from inference.pipeline import call_model
 from training.ema import update_ema
 
@@ -30,8 +31,8 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 
 @dataclass
 class MicroBatch:
-    """The flow's inputs: x0 (N, C, H, W) normalized latents, cond (the model's condition keyword
-    arguments), t (N,) flow times, noise (N, C, H, W)."""
+    """The step's inputs: x0 (N, C, H, W) normalized latents, cond (the model's condition keyword
+    arguments), t (N,) model times in [0, 1], noise (N, C, H, W)."""
 
     x0: torch.Tensor
     cond: dict[str, Any]
@@ -40,9 +41,9 @@ class MicroBatch:
 
     @classmethod
     def draw(cls, x0: torch.Tensor, cond: dict[str, Any], logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
-             gen: torch.Generator | None = None) -> "MicroBatch":
-        """Timesteps (logit-normal, shifted), then noise, from ``gen``."""
-        t = sample_timesteps(x0.shape[0], logit_mean, logit_std, shift, gen, x0.device)
+             gen: torch.Generator | None = None, objective: Objective = FLOW) -> "MicroBatch":
+        """Timesteps (flow: logit-normal, shifted; epsilon: uniform steps), then noise, from ``gen``."""
+        t = objective.draw_t(x0.shape[0], logit_mean, logit_std, shift, gen, x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         return cls(x0, cond, t, noise)
 
@@ -81,15 +82,16 @@ class StepOutput:
 
 def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches: Iterable[MicroBatch], accum: int, *,
                grad_clip: float, forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
-               may_apply: Callable[[float], bool] | None = None, ema: nn.Module | None = None, ema_decay: float = 0.0) -> StepOutput:
+               may_apply: Callable[[float], bool] | None = None, ema: nn.Module | None = None, ema_decay: float = 0.0,
+               objective: Objective = FLOW) -> StepOutput:
     """One optimizer step over ``accum`` micro-batches (read lazily from ``micro_batches``, so a data
     loader can feed them): forward and loss under ``forward_context`` (autocast, FP8), backward,
     then the gradient clipped, and unless ``may_apply(grad_norm)`` says no, the update and the EMA."""
     losses = []
     for i, mb in zip(range(accum), micro_batches):
         with parallel.sync(i == accum - 1), forward_context():
-            pred = call_model(parallel.module, interpolate(mb.x0, mb.noise, mb.t), mb.t, mb.cond)  # (N, C, H, W) velocity
-            per_sample = flow_loss(pred, mb.x0, mb.noise)  # (N,)
+            pred = call_model(parallel.module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.cond)  # (N, C or 2C, H, W)
+            per_sample = objective.loss(pred, mb.x0, mb.noise)  # (N,)
             loss = per_sample.mean() / accum
         loss.backward()
         losses.append((loss.detach() * accum, per_sample.detach(), mb.t))

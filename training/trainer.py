@@ -124,7 +124,8 @@ class Run:
                                                                                                 self.dist_info.device)),
                          t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
                          may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
-                         ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)))
+                         ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
+                         objective=self.spec.objective)
         if not out.applied:
             self.logger.write(f"step {step}: non-finite loss or gradient, update skipped ({self.guard.skipped_total} so far)")
         self.meter.add(out.losses)
@@ -211,6 +212,7 @@ def run_meta(cfg: DictConfig, spec: setup.RunSpec) -> dict:
                      "scaling_factor": float(spec.manifest["scaling_factor"]), "shift_factor": float(spec.manifest["shift_factor"])},
         conditioning=spec.conditioning.meta(),
         sampling={"shift": float(spec.shift), **OmegaConf.to_container(cfg.train.sample)},
+        objective=spec.objective.to_meta(),
         data={"path": str(spec.data_path), "name": cfg.data.name},
     )
 
