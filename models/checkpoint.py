@@ -173,8 +173,14 @@ def load_weights(ckpt_dir: str | os.PathLike, ema: bool = False) -> dict[str, to
 def checkpoint_model(ckpt_dir: str | os.PathLike, meta: dict, use_ema: bool = True) -> nn.Module:
     """The model a checkpoint (with its ``meta``) describes, built with plain linears and its weights
     loaded: EMA when asked and saved. Every precision backend trains the same full-precision weights,
-    so this is the model whatever ``precision.linear`` trained it."""
+    so this is the model whatever ``precision.linear`` trained it. An adapter run's checkpoint gives
+    its base (checked against the recorded sha256) with the adapters on (models/adapters.py)."""
     from models.presets import build_model
+
+    if meta.get("adapter"):
+        from models.adapters import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(ckpt_dir, meta, use_ema)
 
     model = build_model(meta["family"], meta["model_config"])
     load_portable(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))

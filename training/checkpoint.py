@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from models.adapters import adapter_state
 from models.atomic import atomic_write_text
 from models.checkpoint import CheckpointError, list_checkpoints, step_of, write_checkpoint
 from training.distributed import barrier
@@ -104,6 +105,8 @@ class Checkpointer:
         p = self.parallel
         p.check_replicas(step)
         weights, ema_weights = p.full_weights(p.model), p.full_weights(self.ema)
+        if self.meta.get("adapter"):  # an adapter run saves its adapters; the meta names the base they belong to
+            weights, ema_weights = adapter_state(weights), adapter_state(ema_weights)
         optimizer_state = p.full_optimizer_state(optimizer)
         path = None
         if p.dist_info.is_main:

@@ -15,9 +15,11 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model; decay 0 copies the model."""
+    """ema = decay * ema + (1 - decay) * model; decay 0 copies the model. Frozen weights (an adapter
+    run's base) are equal in both and skipped."""
     for e, m in zip(ema.parameters(), model.parameters()):
-        e.lerp_(m.detach(), 1.0 - decay)
+        if m.requires_grad:
+            e.lerp_(m.detach(), 1.0 - decay)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:

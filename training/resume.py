@@ -80,8 +80,8 @@ def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: dict, family: str) -> None:
-    """Start a fresh run from another checkpoint's weights (its EMA if it has one)."""
+def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_config: dict, family: str) -> None:
+    """Start a fresh run from another checkpoint's weights (its EMA if it has one); ``ema`` None: the model only."""
     meta = read_meta(source)
     mine = model_config.get("caption_channels")
     if meta.get("family") != family:
@@ -106,17 +106,38 @@ def init_weights(model: nn.Module, ema: nn.Module, source: str, model_config: di
         )
     weights = load_weights(source, ema=meta.get("has_ema", False))
     load_portable(model, weights)
-    load_portable(ema, weights)
+    if ema is not None:
+        load_portable(ema, weights)
     log.info("initialized from %s (%s, step %d)", source, meta["stage"], meta["step"])
 
 
+def resume_adapters(resume_from: Path, meta: dict, model: nn.Module, ema: nn.Module, adapter_base: dict | None) -> None:
+    from models.adapters import AdapterError, load_adapter_state
+
+    saved = (meta.get("adapter") or {}).get("base")
+    if adapter_base is None or saved is None:
+        raise ConfigError(f"cannot resume {resume_from}: it was saved by a {'LoRA' if saved else 'full'} run and this run "
+                          f"{'trains LoRA adapters' if adapter_base else 'trains every weight'} (train.lora.rank). Resume "
+                          "with the same train.lora, or start a new run_dir")
+    if saved["sha256"] != adapter_base["sha256"]:
+        raise ConfigError(f"cannot resume {resume_from}: its adapters were trained on {saved['path']} (sha256 "
+                          f"{saved['sha256'][:16]}...), and stage.init_from is {adapter_base['path']} (sha256 "
+                          f"{adapter_base['sha256'][:16]}...)")
+    try:
+        load_adapter_state(model, load_weights(resume_from))
+        load_adapter_state(ema, load_weights(resume_from, ema=True))
+    except AdapterError as e:
+        raise ConfigError(f"cannot resume {resume_from}: {e} (train.lora changed?)") from e
+
+
 def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer, ckpt_root: Path, model_config: dict,
-                   use_fsdp: bool) -> ResumePoint:
+                   use_fsdp: bool, adapter_base: dict | None = None) -> ResumePoint:
     """Load the run's latest checkpoint into model, EMA and (unless FSDP shards it later) the
-    optimizer; or, for a new run, the stage.init_from weights."""
+    optimizer; or, for a new run, the stage.init_from weights. ``adapter_base``: an adapter run, whose
+    base is loaded already and whose checkpoints hold the adapters, trained on that base."""
     resume_from = find_resume(cfg, ckpt_root)
     if resume_from is None:
-        if cfg.stage.init_from:
+        if cfg.stage.init_from and adapter_base is None:
             init_weights(model, ema, cfg.stage.init_from, model_config, cfg.model.family)
         return ResumePoint()
     meta = read_meta(resume_from)
@@ -131,8 +152,11 @@ def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer,
             f"cannot resume {resume_from}: the model config changed (checkpoint, now): {changed}. "
             "Architecture keys must match to resume; start a new run_dir instead."
         )
-    load_portable(model, load_weights(resume_from))
-    load_portable(ema, load_weights(resume_from, ema=True))
+    if adapter_base is not None or meta.get("adapter"):
+        resume_adapters(resume_from, meta, model, ema, adapter_base)
+    else:
+        load_portable(model, load_weights(resume_from))
+        load_portable(ema, load_weights(resume_from, ema=True))
     state = load_train_state(resume_from)
     saved_format = state.get("optimizer_format", "torch")
     if saved_format != ("fsdp_full" if use_fsdp else "torch"):

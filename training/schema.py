@@ -37,6 +37,14 @@ class WandbSchema:
 
 
 @dataclass
+class LoraSchema:
+    rank: int = 0  # 0: train the whole model; > 0: LoRA adapters of this rank on a frozen base (models/adapters.py)
+    alpha: Optional[float] = None  # null: the rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out", "fc1", "fc2"])
+
+
+@dataclass
 class TrainSchema:
     global_batch_size: int = 256
     grad_accum: int = 1
@@ -52,6 +60,7 @@ class TrainSchema:
     cond_dropout: float = 0.1
     timestep: TimestepSchema = field(default_factory=TimestepSchema)
     objective: Optional[str] = None  # flow | epsilon; null: the init checkpoint's, else flow
+    lora: LoraSchema = field(default_factory=LoraSchema)
     log_every: int = 50
     sample_every: int = 5000
     checkpoint_every: int = 5000

@@ -102,6 +102,31 @@ def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift), resolve_objective(cfg, init_meta))
 
 
+def lora_spec(cfg: DictConfig, use_fsdp: bool):
+    """``train.lora``, checked: adapters need a base to adapt (stage.init_from), plain linears and DDP."""
+    from models.adapters import LoraSpec
+
+    spec = LoraSpec.from_config(cfg.train.get("lora"))
+    if not spec.enabled:
+        return spec
+    problems = []
+    if not cfg.stage.get("init_from"):
+        problems.append("stage.init_from is not set: adapters fine-tune a trained base (a checkpoint, an imported PixArt, "
+                        "or a reparameterized init)")
+    if cfg.precision.linear != "torch":
+        problems.append(f"precision.linear={cfg.precision.linear}: peft wraps torch's nn.Linear, and the FP8 backends replace "
+                        "those layers; fine-tune adapters with precision.linear=torch (bf16 autocast on GPU), or train the "
+                        "whole model (train.lora.rank=0) in FP8")
+    if use_fsdp:
+        problems.append("train.parallel=fsdp: adapters are megabytes and the frozen base is not sharded with them here; "
+                        "use train.parallel=ddp")
+    if spec.rank < 0 or spec.dropout < 0 or spec.dropout >= 1:
+        problems.append(f"rank {spec.rank} / dropout {spec.dropout}: expected rank >= 0 and 0 <= dropout < 1")
+    if problems:
+        raise ConfigError("train.lora.rank=%d: " % spec.rank + "; ".join(problems))
+    return spec
+
+
 def resolve_objective(cfg: DictConfig, init_meta: dict | None) -> Objective:
     """``train.objective``: null continues the init checkpoint's (an imported PixArt predicts DDPM noise),
     else rectified flow; set, it names the kind (an epsilon run keeps the init's noise schedule)."""

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.shards import ShardError
 from inference.conditioning import ConditioningError
+from models.adapters import AdapterError, adapter_fraction, add_lora, base_record
 from models.checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint
 from models.presets import build_model, count_parameters
 from training import precision, setup
@@ -34,13 +35,13 @@ from training.guards import PREEMPTED_EXIT_CODE, NonFiniteGuard, StopRequest
 from training.logger import Meter, RunLogger, log, setup_console
 from training.optim import lr_at, make_optimizer
 from training.parallel import wrap
-from training.resume import resume_or_init
+from training.resume import init_weights, resume_or_init
 from training.step import step_generator, train_step
 
 __all__ = ["train", "main", "ConfigError"]
 
 # A user's mistake (a setting, a checkpoint, a data folder): the message says what to do, a traceback adds nothing.
-USER_ERRORS = (ConfigError, CheckpointError, ShardError, ConditioningError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, ConditioningError, AdapterError)
 
 
 def main(cfg: DictConfig) -> None:
@@ -81,11 +82,21 @@ class Run:
         if parallel_kind not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={parallel_kind!r}: expected ddp or fsdp")
         use_fsdp = parallel_kind == "fsdp" and dist_info.enabled
+        lora = setup.lora_spec(cfg, use_fsdp)
         model = precision.apply(build_model(cfg.model.family, spec.model_config).to(dist_info.device), cfg.precision)
+        self.adapter = None
+        if lora.enabled:  # the frozen base first, then the adapters around its linears; checkpoints hold the adapters
+            self.adapter = {**lora.to_meta(), "base": base_record(cfg.stage.init_from)}
+            init_weights(model, None, cfg.stage.init_from, asdict(spec.model_config), cfg.model.family)
+            model = add_lora(model, lora)
+            trained, frozen = adapter_fraction(model)
+            log.info("LoRA rank %d (alpha %s) on %s: %d adapter parameters, %.2f%% of the base's %d (frozen)", lora.rank,
+                     lora.alpha if lora.alpha is not None else lora.rank, ", ".join(lora.target_modules), trained,
+                     100 * trained / frozen, frozen)
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
-                                    use_fsdp)
+                                    use_fsdp, self.adapter and self.adapter["base"])
         if dist_info.is_main:
             setup.check_free_space(self.run_dir, model)
         self.parallel, self.optimizer = wrap(cfg, model, self.ema, optimizer, self.start.optimizer_state, dist_info, use_fsdp,
@@ -104,7 +115,8 @@ class Run:
             (self.run_dir / "config.yaml").write_text(config_yaml)
         self.logger = RunLogger(self.run_dir, dist_info.is_main, cfg.train.max_steps, self.start.step,
                                 cfg.train.get("report_to", "none"), cfg.train.wandb, OmegaConf.to_container(cfg, resolve=True))
-        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", run_meta(cfg, spec), config_yaml, cfg.train.keep_last,
+        meta = run_meta(cfg, spec) | ({"adapter": self.adapter} if self.adapter else {})
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", meta, config_yaml, cfg.train.keep_last,
                                         cfg.train.keep_every, self.parallel, self.ema, self.logger)
         self.checkpoints.last = self.start.checkpoint
         self.checkpoints.last_step = self.start.step if self.start.checkpoint else None

@@ -1,0 +1,127 @@
+"""LoRA adapters with peft: a frozen base, adapter-only checkpoints tied to their base, exact resume,
+merge, PEFT export that diffusers loads, and the settings that are refused."""
+import json
+
+import pytest
+import torch
+from conftest import compose, stage2_overrides
+from safetensors.torch import load_file
+
+from models.checkpoint import read_meta
+from training.config import ConfigError
+from training.trainer import train
+
+LORA = {"train.lora.rank": 4, "train.lora.alpha": 8, "train.ema_decay": 0.5, "train.ema_warmup": "false", "train.lr": "3e-3",
+        "train.warmup_steps": 0}
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, text_shapes_dir):
+    """A tiny stage-2 model (diffusers-exportable: QK-norm off), trained a few steps: the base to adapt."""
+    tmp = tmp_path_factory.mktemp("lora_base")
+    train(compose(stage2_overrides(tmp, text_shapes_dir, **{"model.qk_norm": "false", "train.max_steps": 4}), "stage2"))
+    return tmp / "run" / "checkpoints" / "step_0000004"
+
+
+def lora_run(tmp_path, text_shapes_dir, base, **extra):
+    o = {**LORA, "stage.init_from": str(base), "model.qk_norm": "false", "train.checkpoint_every": 3, **extra}
+    return train(compose(stage2_overrides(tmp_path, text_shapes_dir, **o), "stage2"))
+
+
+def test_lora_trains_only_adapters_and_saves_them_with_the_base_hash(tmp_path, text_shapes_dir, base_ckpt):
+    from models.adapters import file_sha256
+    from models.checkpoint import checkpoint_model, load_weights
+
+    out = lora_run(tmp_path, text_shapes_dir, base_ckpt)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000006"
+    saved = load_file(ckpt / "model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # adapters only
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)  # B moved off its zero init
+    meta = read_meta(ckpt)
+    assert meta["adapter"]["rank"] == 4 and meta["adapter"]["base"]["sha256"] == file_sha256(base_ckpt / "ema.safetensors")
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert len(state["optimizer"]["state"]) == len(saved)  # the optimizer holds the adapters, nothing else
+    model = checkpoint_model(ckpt, meta)  # base (checked) + adapters
+    base = load_weights(base_ckpt, ema=True)
+    for name, p in model.named_parameters():  # the base did not move
+        if "lora_" not in name:
+            assert torch.equal(p, base[name.replace(".base_layer", "")]), name
+    n_adapter = sum(v.numel() for v in saved.values())
+    assert n_adapter < 0.2 * sum(v.numel() for v in base.values())
+    assert out["final_loss"] == out["final_loss"]  # finite
+
+
+def test_lora_resume_is_exact(tmp_path, text_shapes_dir, base_ckpt):
+    lora_run(tmp_path / "a", text_shapes_dir, base_ckpt)
+    lora_run(tmp_path / "b", text_shapes_dir, base_ckpt, **{"train.stop_after": 3})
+    lora_run(tmp_path / "b", text_shapes_dir, base_ckpt, resume="auto")
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "a" / "run" / "checkpoints" / "step_0000006" / name)
+        b = load_file(tmp_path / "b" / "run" / "checkpoints" / "step_0000006" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _inputs(model, n=2):
+    g = torch.Generator().manual_seed(0)
+    c = model.config
+    x = torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=g)
+    text = torch.randn(n, 5, c.caption_channels, generator=g)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return x, torch.tensor([0.3, 0.8]), text, mask
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_merge_and_peft_export_give_the_adapted_model(tmp_path, text_shapes_dir, base_ckpt):
+    from diffusers import PixArtTransformer2DModel
+    from peft import PeftModel
+
+    from models.checkpoint import checkpoint_model
+    from scripts.lora import main as lora_main
+
+    lora_run(tmp_path, text_shapes_dir, base_ckpt)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000006"
+    adapted = checkpoint_model(ckpt, read_meta(ckpt)).eval()
+    for name, p in adapted.named_parameters():  # larger adapters than six steps make, so every check has teeth
+        if ".lora_B." in name:
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    from models.adapters import adapter_state
+    from models.checkpoint import write_checkpoint
+
+    meta = read_meta(ckpt)
+    write_checkpoint(tmp_path / "bigger", {**meta, "has_ema": False}, adapter_state(adapted))
+    x, t, text, mask = _inputs(adapted)
+    with torch.no_grad():
+        want = adapted(x, t, text, mask)
+        base = checkpoint_model(base_ckpt, read_meta(base_ckpt)).eval()(x, t, text, mask)
+    assert _rel(want, base) > 1e-2  # the adapters change the function
+
+    lora_main(["merge", str(tmp_path / "bigger"), str(tmp_path / "merged")])
+    merged_meta = read_meta(tmp_path / "merged")
+    assert "adapter" not in merged_meta and merged_meta["merged_from"]["adapter"]["rank"] == 4
+    merged = checkpoint_model(tmp_path / "merged", merged_meta).eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        assert _rel(merged(x, t, text, mask), want) <= 1e-5
+
+    lora_main(["peft", str(tmp_path / "bigger"), str(tmp_path / "peft"), "--base-out", str(tmp_path / "base_diffusers")])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and "ff.net.0.proj" in config["target_modules"]
+    theirs = PeftModel.from_pretrained(PixArtTransformer2DModel.from_pretrained(tmp_path / "base_diffusers"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        got = theirs(x, encoder_hidden_states=text, timestep=t * 1000, encoder_attention_mask=mask.long()).sample
+    assert _rel(got, want) <= 1e-5
+
+
+def test_lora_settings_that_cannot_work_are_refused(tmp_path, text_shapes_dir, base_ckpt):
+    with pytest.raises(ConfigError, match="stage.init_from is not set"):
+        train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **{"train.lora.rank": 4}), "stage2"))
+    with pytest.raises(ConfigError, match="precision.linear=mxfp8_emulated"):
+        lora_run(tmp_path / "b", text_shapes_dir, base_ckpt, precision="mxfp8_emulated")
+    from models.adapters import AdapterError
+
+    with pytest.raises(AdapterError, match="match no linear layer"):
+        lora_run(tmp_path / "c", text_shapes_dir, base_ckpt, **{"train.lora.target_modules": "[to_qq]"})
