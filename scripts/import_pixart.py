@@ -24,7 +24,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
@@ -92,7 +92,7 @@ def autoencoder_meta(args) -> dict:
     except OSError as e:
         raise SystemExit(f"--vae {name}: {e}") from e
     return {"name": name, "subfolder": sub, "scaling_factor": float(cfg["scaling_factor"]),
-            "shift_factor": float(cfg.get("shift_factor") or 0.0)}
+            "shift_factor": float(cfg.get("shift_factor") or 0.0)}, 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
 def compare(model, pixart, generator_seed: int = 0) -> float:
@@ -135,6 +135,8 @@ def main(argv=None) -> dict:
     model.eval()
     error = compare(model, pixart)
     objective = Objective("epsilon", **scheduler_schedule(args.source, args.subfolder))
+    autoencoder, downsample = autoencoder_meta(args)
+    config = replace(config, pixels_per_latent=downsample)  # micro-conditions are in pixels
     stage = args.stage or (4 if config.micro_conditions else 2)
     width = config.caption_channels
     conditioning = {"type": "text", "caption_channels": width}
@@ -144,7 +146,7 @@ def main(argv=None) -> dict:
     source = {"source": args.source, "subfolder": args.subfolder, "diffusers_config": dict(pixart.config),
               "weights_sha256": weights_digest(pixart)}
     meta = checkpoint_meta(stage=f"stage{stage}", stage_index=stage, family="mmdit", preset="PixArt-alpha-XL/2",
-                           model_config=asdict(config), autoencoder=autoencoder_meta(args), conditioning=conditioning,
+                           model_config=asdict(config), autoencoder=autoencoder, conditioning=conditioning,
                            sampling=dict(PIXART_SAMPLING), objective=objective.to_meta(), kind="init", step=0,
                            init={"transition": "import", **{k: v for k, v in source.items() if k != "diffusers_config"}},
                            imported_from=json.loads(json.dumps(source, default=str)))

@@ -125,3 +125,40 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path, text_shapes_dir, b
 
     with pytest.raises(AdapterError, match="match no linear layer"):
         lora_run(tmp_path / "c", text_shapes_dir, base_ckpt, **{"train.lora.target_modules": "[to_qq]"})
+
+
+def test_pipeline_export_loads_in_diffusers_and_samples_like_ours(tmp_path, text_shapes_dir, base_ckpt):
+    """export --pipeline of an adapter checkpoint -> DiffusionPipeline.from_pretrained: a PixArtAlphaPipeline whose
+    scheduler reloads as saved, whose latents equal our sampler's (dpm++, same noise and embeddings), and whose
+    own text encoding is ours (up to the fp16 rounding of our stored embeddings); the card carries the config."""
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    from inference.pipeline import Pipeline
+    from scripts.export_diffusers import main as export_main
+
+    lora_run(tmp_path, text_shapes_dir, base_ckpt)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000006"
+    export_main([str(ckpt), str(tmp_path / "pipe"), "--pipeline"])
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", vae=None)  # pixel space: no autoencoder to load
+    assert isinstance(pipe, PixArtAlphaPipeline) and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.use_flow_sigmas
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert "lora:" in card and "rank: 4" in card and "stage2" in card
+
+    ours = Pipeline.load(ckpt)
+    prompts = ["a large red circle on a white background", "a small blue square on a black background"]
+    settings = ours.defaults(solver="dpm++", steps=6, cfg_scale=3.0, seed=5)
+    images = ours(ours.conditioning.parse(prompts), settings)  # pixel space: the images are the latents
+    cond, uncond = ours.conditioning.guided(ours.conditioning.parse(prompts), "cpu", None)
+    from inference.pipeline import initial_noise
+
+    noise = initial_noise(2, ours.latent_shape(), 5, "cpu")
+    latents = pipe(prompt_embeds=cond["encoder_hidden_states"], prompt_attention_mask=cond["encoder_attention_mask"].long(),
+                   negative_prompt_embeds=uncond["encoder_hidden_states"],
+                   negative_prompt_attention_mask=uncond["encoder_attention_mask"].long(), negative_prompt=None,
+                   latents=noise.clone(), num_inference_steps=6, guidance_scale=3.0, height=16 * 8, width=16 * 8,
+                   output_type="latent", use_resolution_binning=False, return_dict=False)[0]
+    assert _rel(latents.clamp(-1, 1), images) <= 1e-4
+    embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=16)
+    assert torch.equal(mask.bool(), cond["encoder_attention_mask"])
+    assert _rel(embeds * mask[..., None], cond["encoder_hidden_states"]) <= 1e-3
