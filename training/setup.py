@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.shards import check_manifest, is_bucketed
 from data.stage import own_captions, stage_shards
-from flow.objectives import FLOW, Objective
+from flow.objectives import FLOW, SCHEDULER_SOLVERS, Objective
 from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
 from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
@@ -139,6 +139,10 @@ def resolve_objective(cfg: DictConfig, init_meta: dict | None) -> Objective:
     if kind is not None and kind != init.kind and init_meta:
         log.warning("train.objective=%s, but the init checkpoint was trained with %s: the model starts from "
                     "predictions of another kind and must relearn its output", kind, init.kind)
+    solver = cfg.train.sample.solver
+    if objective.kind == "epsilon" and solver not in SCHEDULER_SOLVERS:
+        log.info("train.sample.solver=%s integrates a flow; this run predicts DDPM noise: its samples use dpm++", solver)
+        cfg.train.sample.solver = "dpm++"
     log.info("objective: %s", objective.kind + (f" (DDPM, {objective.num_train_timesteps} steps, betas "
                                                  f"{objective.beta_schedule} {objective.beta_start}-{objective.beta_end})"
                                                  if objective.kind == "epsilon" else " (rectified flow)"))
