@@ -47,8 +47,10 @@ def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str
     return names[int(np.argmin(dists))]
 
 
-def evaluate_image(image) -> dict[str, str | None]:
-    """Attributes shown by one image: {shape, colour, size, background}; None where unreadable."""
+def evaluate_image(image, colours: dict | None = None) -> dict[str, str | None]:
+    """Attributes shown by one image: {shape, colour, size, background}; None where unreadable.
+    ``colours``: the palette to read (default the demo's four)."""
+    colours = colours or COLOURS
     img = _to_uint8_hwc(image)
     h, w, _ = img.shape
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
@@ -60,8 +62,8 @@ def evaluate_image(image) -> dict[str, str | None]:
     area = mask.sum()
     if area < _MIN_AREA * h * w:
         return out
-    colour = _nearest(np.median(img[mask], axis=0), COLOURS)
-    near = np.linalg.norm(img[mask] - np.array(COLOURS[colour], dtype=np.float32), axis=-1) < _COLOUR_RADIUS
+    colour = _nearest(np.median(img[mask], axis=0), colours)
+    near = np.linalg.norm(img[mask] - np.array(colours[colour], dtype=np.float32), axis=-1) < _COLOUR_RADIUS
     if near.mean() < _COLOUR_COHERENT:
         return out  # a smear of colours, not one shape
     out["colour"] = colour
@@ -104,12 +106,12 @@ def class_attribute_accuracy(images, labels) -> dict[str, float]:
     return attribute_accuracy(images, class_attributes(labels))
 
 
-def attribute_accuracy(images, attributes: list[dict[str, str]]) -> dict[str, float]:
+def attribute_accuracy(images, attributes: list[dict[str, str]], colours: dict | None = None) -> dict[str, float]:
     """Per-attribute accuracy and 'all' (every named attribute right) over a batch."""
     keys = list(attributes[0]) if attributes else []
     hits = {k: 0 for k in keys + ["all"]}
     for img, want in zip(images, attributes):
-        got = evaluate_image(img)
+        got = evaluate_image(img, colours)
         ok = [got.get(k) == v for k, v in want.items()]
         for k, good in zip(want, ok):
             hits[k] += good
@@ -125,18 +127,22 @@ class ShapesEvaluator:
 
     name = "shapes"
 
-    @staticmethod
-    def targets(descriptions: list[str]) -> list[dict[str, str]]:
+    def __init__(self, new_colours: bool = False):
+        from data.shapes import ALL_COLOURS
+
+        self.colours = ALL_COLOURS if new_colours else COLOURS  # new_colours: also read the colours no demo data shows
+
+    def targets(self, descriptions: list[str]) -> list[dict[str, str]]:
         from data.shapes import parse_caption
 
-        targets = [parse_caption(d) for d in descriptions]
+        targets = [parse_caption(d, self.colours) for d in descriptions]
         unreadable = [d for d, t in zip(descriptions, targets) if "shape" not in t or "colour" not in t]
         if unreadable:
             raise ValueError(f"the shapes evaluator reads a shape and a colour from each description; these name none: {unreadable[:3]}")
         return targets
 
     def score(self, images, descriptions: list[str]) -> dict[str, float]:
-        return attribute_accuracy(images, self.targets(descriptions))
+        return attribute_accuracy(images, self.targets(descriptions), self.colours)
 
 
 EVALUATORS = {"shapes": ShapesEvaluator}

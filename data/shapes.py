@@ -29,6 +29,11 @@ COLOURS = {
     "blue": (50, 90, 230),
     "yellow": (230, 210, 40),
 }
+# Colours no demo data shows: new concepts for a fine-tune to teach (scripts/bench_finetune.py). Rendering
+# knows them; the evaluator reads them only when asked (ShapesEvaluator(new_colours=True)), so the demo's
+# scores are what they were.
+NEW_COLOURS = {"purple": (170, 40, 210)}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SIZES = {"small": 0.5, "large": 0.8}  # shape side (bounding box) / canvas side
 BACKGROUNDS = {"black": (12, 12, 12), "gray": (110, 110, 110), "white": (240, 240, 240)}
 CLASSES = tuple(itertools.product(SHAPES, COLOURS))  # class id -> (shape, colour)
@@ -53,11 +58,11 @@ def long_caption(shape: str, colour: str, size: str, background: str) -> str:
     return f"a {size} {colour} {shape} on a {background} background"
 
 
-def parse_caption(caption: str) -> dict[str, str]:
+def parse_caption(caption: str, colours: dict = COLOURS) -> dict[str, str]:
     """The attributes a (long or short) demo caption names: {shape, colour[, size, background]}."""
     words = caption.lower().replace(",", " ").split()
     out = {}
-    for key, values in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("background", BACKGROUNDS)):
+    for key, values in (("shape", SHAPES), ("colour", colours), ("size", SIZES), ("background", BACKGROUNDS)):
         named = [w for w in words if w in values]
         if key == "background":
             named = [w for i, w in enumerate(words) if w in values and i + 1 < len(words) and words[i + 1] == "background"]
@@ -143,7 +148,7 @@ def render(spec: ShapeSpec, width: int = 32, height: int = 32, rng: np.random.Ge
         bg = np.clip(bg + jitter, 0, 255)
         if jitter_out is not None:
             jitter_out.append(jitter)
-    fg = np.array(COLOURS[spec.colour], dtype=np.float32)
+    fg = np.array(ALL_COLOURS[spec.colour], dtype=np.float32)
     cover = _shape_mask(spec, width, height)[..., None]
     img = cover * fg + (1 - cover) * bg
     return np.round(img).astype(np.uint8)

@@ -21,8 +21,6 @@ import torch.nn as nn
 
 # Our mmDiT's linear layers by their last name: every attention projection (self and cross) and the MLP.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out", "fc1", "fc2")
-# Our module-name suffix -> diffusers' PixArt transformer's (models/diffusers_pixart.py maps the prefixes)
-_DIFFUSERS_SUFFIX = {"to_out": "to_out.0", "fc1": "ff.net.0.proj", "fc2": "ff.net.2"}
 
 
 @dataclass
@@ -65,11 +63,11 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Wrap ``spec.target_modules`` with LoRA (B = 0: the function is unchanged) and freeze the rest, in place."""
     from peft import inject_adapter_in_model
 
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    unknown = sorted(set(spec.target_modules) - names)
-    if unknown:
-        raise AdapterError(f"train.lora.target_modules: {unknown} match no linear layer of this model; its linear layers are "
-                           f"named {sorted(names)}")
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in spec.target_modules if not any(n == t or n.endswith("." + t) for n in linears)]
+    if unknown:  # peft's rule: a target is a module name's last part(s) (``to_k``, or ``cross_attn.to_k`` for one kind)
+        raise AdapterError(f"train.lora.target_modules: {unknown} match no linear layer of this model; its linear layers end in "
+                           f"{sorted({n.rsplit('.', 1)[-1] for n in linears})} (qualify with the parent, e.g. cross_attn.to_k)")
     model = inject_adapter_in_model(spec.peft_config(), model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -169,8 +167,14 @@ def load_adapter_checkpoint(ckpt_dir: str | os.PathLike, meta: dict, use_ema: bo
 
 
 # ---------------------------------------------------------------- PEFT folder for diffusers
-def diffusers_targets(spec: LoraSpec) -> list[str]:
-    return [_DIFFUSERS_SUFFIX.get(t, t) for t in spec.target_modules]
+def diffusers_targets(model: nn.Module) -> list[str]:
+    """The diffusers module names of every adapted layer (full names: peft matches them exactly)."""
+    from peft.tuners.lora import LoraLayer
+
+    from models.diffusers_pixart import _RULES, _rename
+
+    names = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    return sorted(next(iter(_rename({n + ".weight": None}, _RULES)))[: -len(".weight")] for n in names)
 
 
 def peft_folder(model: nn.Module, spec: LoraSpec, out: str | os.PathLike) -> Path:
@@ -182,7 +186,7 @@ def peft_folder(model: nn.Module, spec: LoraSpec, out: str | os.PathLike) -> Pat
     from models.diffusers_pixart import _RULES, _rename, to_diffusers
 
     base = to_diffusers(merge_copy_base(model))
-    twin = get_peft_model(base, spec.peft_config(diffusers_targets(spec)))
+    twin = get_peft_model(base, spec.peft_config(diffusers_targets(model)))
     ours = adapter_state(model)
     renamed = {}
     for name, tensor in ours.items():

@@ -109,7 +109,7 @@ def test_merge_and_peft_export_give_the_adapted_model(tmp_path, text_shapes_dir,
 
     lora_main(["peft", str(tmp_path / "bigger"), str(tmp_path / "peft"), "--base-out", str(tmp_path / "base_diffusers")])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and "ff.net.0.proj" in config["target_modules"]
+    assert config["r"] == 4 and config["lora_alpha"] == 8
     theirs = PeftModel.from_pretrained(PixArtTransformer2DModel.from_pretrained(tmp_path / "base_diffusers"), tmp_path / "peft").eval()
     with torch.no_grad():
         got = theirs(x, encoder_hidden_states=text, timestep=t * 1000, encoder_attention_mask=mask.long()).sample
