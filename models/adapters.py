@@ -4,8 +4,8 @@ Adapters attach after construction, as the precision converter does: ``add_lora`
 matching ``nn.Linear`` layers with peft's LoRA layers in place, freezing everything else. A
 checkpoint of an adapter run stores only the adapter tensors (peft's names, without the adapter
 name) and, in its meta, the adapter settings plus the base checkpoint it was trained on and the
-sha256 of that base's weight file: ``load_adapter_checkpoint`` rebuilds base + adapters and
-refuses a base that changed. ``merge`` folds the adapters into the base linears (a plain model).
+sha256 of that base's weight file: models/checkpoint.py ``adapter_checkpoint_model`` rebuilds
+base + adapters and refuses a base that changed. ``merge`` folds the adapters into the base linears (a plain model).
 ``peft_folder`` writes a PEFT adapter folder for diffusers' ``PixArtTransformer2DModel``.
 """
 from __future__ import annotations
@@ -118,52 +118,12 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------- the base an adapter belongs to
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def base_record(base_dir: str | os.PathLike) -> dict:
-    """What an adapter checkpoint records of its base: the folder, the weight file (EMA when saved) and its sha256."""
-    from models.checkpoint import read_meta, resolve
-
-    base = resolve(base_dir)
-    meta = read_meta(base)
-    if meta.get("adapter"):
-        raise AdapterError(f"{base} is itself an adapter checkpoint: merge it first (scripts/lora.py merge) to use it as a base")
-    weights = "ema.safetensors" if meta.get("has_ema") else "model.safetensors"
-    return {"path": str(base.resolve()), "weights": weights, "sha256": file_sha256(base / weights)}
-
-
-def load_base(record: dict, check: bool = True) -> tuple[nn.Module, dict]:
-    """The base model an adapter checkpoint names, its weight file checked against the recorded sha256."""
-    from models.checkpoint import CheckpointError, checkpoint_model, read_meta
-
-    path = Path(record["path"])
-    weights = path / record["weights"]
-    if not weights.is_file():
-        raise CheckpointError(f"the adapters' base checkpoint {path} is gone ({record['weights']} missing). Put it back, or use "
-                              "a merged checkpoint (scripts/lora.py merge) that does not need it")
-    if check and file_sha256(weights) != record["sha256"]:
-        raise CheckpointError(f"the adapters' base {weights} changed since they were trained (sha256 differs from "
-                              f"{record['sha256'][:16]}...): these adapters belong to the old weights")
-    meta = read_meta(path)
-    return checkpoint_model(path, meta, use_ema=record["weights"] == "ema.safetensors"), meta
-
-
-def load_adapter_checkpoint(ckpt_dir: str | os.PathLike, meta: dict, use_ema: bool = True) -> nn.Module:
-    """Base (checked) + adapters of an adapter run's checkpoint, unmerged."""
-    from models.checkpoint import load_weights
-
-    model, _ = load_base(meta["adapter"]["base"])
-    spec = LoraSpec(**{k: v for k, v in meta["adapter"].items() if k in ("rank", "alpha", "dropout", "target_modules")})
-    model = add_lora(model, spec)
-    load_adapter_state(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
-    return model
 
 
 # ---------------------------------------------------------------- PEFT folder for diffusers

@@ -178,12 +178,44 @@ def checkpoint_model(ckpt_dir: str | os.PathLike, meta: dict, use_ema: bool = Tr
     from models.presets import build_model
 
     if meta.get("adapter"):
-        from models.adapters import load_adapter_checkpoint
-
-        return load_adapter_checkpoint(ckpt_dir, meta, use_ema)
+        return adapter_checkpoint_model(ckpt_dir, meta, use_ema)
 
     model = build_model(meta["family"], meta["model_config"])
     load_portable(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
+    return model
+
+
+# ---------------------------------------------------------------- adapter (LoRA) checkpoints
+def base_record(base_dir: str | os.PathLike) -> dict:
+    """What an adapter checkpoint records of its base: the folder, the weight file (EMA when saved) and its sha256."""
+    from models.adapters import AdapterError, file_sha256
+
+    base = resolve(base_dir)
+    meta = read_meta(base)
+    if meta.get("adapter"):
+        raise AdapterError(f"{base} is itself an adapter checkpoint: merge it first (scripts/lora.py merge) to use it as a base")
+    weights = "ema.safetensors" if meta.get("has_ema") else "model.safetensors"
+    return {"path": str(base.resolve()), "weights": weights, "sha256": file_sha256(base / weights)}
+
+
+def adapter_checkpoint_model(ckpt_dir: str | os.PathLike, meta: dict, use_ema: bool = True) -> nn.Module:
+    """The base an adapter checkpoint names (its weight file checked against the recorded sha256) with
+    the adapters on, unmerged (models/adapters.py)."""
+    from models.adapters import LoraSpec, add_lora, file_sha256, load_adapter_state
+
+    record = meta["adapter"]["base"]
+    path = Path(record["path"])
+    weights = path / record["weights"]
+    if not weights.is_file():
+        raise CheckpointError(f"the adapters' base checkpoint {path} is gone ({record['weights']} missing). Put it back, or use "
+                              "a merged checkpoint (scripts/lora.py merge) that does not need it")
+    if file_sha256(weights) != record["sha256"]:
+        raise CheckpointError(f"the adapters' base {weights} changed since they were trained (sha256 differs from "
+                              f"{record['sha256'][:16]}...): these adapters belong to the old weights")
+    model = checkpoint_model(path, read_meta(path), use_ema=record["weights"] == "ema.safetensors")
+    spec = LoraSpec(**{k: v for k, v in meta["adapter"].items() if k in ("rank", "alpha", "dropout", "target_modules")})
+    model = add_lora(model, spec)
+    load_adapter_state(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
     return model
 
 

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.shards import ShardError
 from inference.conditioning import ConditioningError
-from models.adapters import AdapterError, adapter_fraction, add_lora, base_record
-from models.checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint
+from models.adapters import AdapterError, adapter_fraction, add_lora
+from models.checkpoint import CheckpointError, base_record, checkpoint_meta, latest_checkpoint
 from models.presets import build_model, count_parameters
 from training import precision, setup
 from training.checkpoint import Checkpointer
