@@ -104,6 +104,9 @@ def main(argv=None) -> dict:
         meta = read_meta(args.source)
     except CheckpointError as e:
         raise SystemExit(str(e)) from e
+    if meta.get("adapter"):
+        raise SystemExit(f"{args.source} holds LoRA adapters, not a model: merge them into their base first "
+                         f"(python scripts/lora.py merge {args.source} MERGED) and reparameterize MERGED")
     transition = TRANSITIONS.get(meta["stage"]) if args.transition == "auto" else args.transition
     if transition is None:
         raise SystemExit(f"{args.source} is a {meta['stage']} checkpoint; no transition starts there (known: {TRANSITIONS})")

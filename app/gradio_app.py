@@ -190,6 +190,10 @@ class Sampler:
             settings.seed = secrets.randbelow(2**31)
         if settings.solver not in SOLVERS:
             raise UserError(f"unknown solver {settings.solver!r}; choose one of {', '.join(SOLVERS)}")
+        try:  # what the checkpoint predicts decides the solvers it takes (an epsilon model: dpm++ or ddim)
+            settings.objective.check_solver(settings.solver)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         note = None
         if trajectory and settings.solver != "euler":
             trajectory, note = False, f"the denoising strip shows Euler steps: left out for {settings.solver}"

@@ -79,6 +79,10 @@ def main(argv=None) -> dict:
     except ConditioningError as e:
         raise SystemExit(str(e)) from e
     settings = pipe.defaults(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift, seed=args.seed)
+    try:
+        settings.objective.check_solver(settings.solver)
+    except ValueError as e:
+        ap.error(f"--solver: {e}")
     images = pipe([v for _ in range(args.per_class) for v in values], settings, negative=args.negative_prompt, shape=shape,
                   batch_size=args.batch)
     out = Path(args.out)

@@ -94,8 +94,7 @@ class Objective:
         if solver not in SCHEDULER_SOLVERS:
             raise ValueError(f"solver {solver!r} is not a scheduler: expected one of {SCHEDULER_SOLVERS}")
         if self.kind == "flow":
-            if solver != "dpm++":
-                raise ValueError("flow models sample with euler, midpoint, rk4, dopri5, heun3, bosh3 or dpm++ (DDIM is for epsilon models)")
+            self.check_solver(solver)
             return DPMSolverMultistepScheduler(num_train_timesteps=self.num_train_timesteps, use_flow_sigmas=True,
                                                prediction_type="flow_prediction", flow_shift=shift, solver_order=2)
         schedule = dict(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start, beta_end=self.beta_end,
@@ -105,8 +104,11 @@ class Objective:
         return DPMSolverMultistepScheduler(**schedule, solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True)
 
     def check_solver(self, solver: str) -> None:
+        """ValueError, saying which solvers fit, when ``solver`` cannot sample this objective."""
         if self.kind == "epsilon" and solver not in SCHEDULER_SOLVERS:
             raise ValueError(f"this checkpoint predicts DDPM noise (epsilon): sample it with solver dpm++ or ddim, not {solver!r}")
+        if self.kind == "flow" and solver == "ddim":
+            raise ValueError("ddim is for epsilon models; this checkpoint is a flow: use euler, another ODE solver, or dpm++")
 
 
 FLOW = Objective()

@@ -102,20 +102,26 @@ def adapter_fraction(model: nn.Module) -> tuple[int, int]:
     return lora, sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
-@torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every LoRA layer into its base linear (W + scale * B A) and unwrap it: a plain model."""
+def _unwrap(model: nn.Module, fold: bool) -> nn.Module:
+    """Replace every LoRA layer by its base linear, in place; ``fold``: merge the adapters into it first."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
+            if fold:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base linear (W + scale * B A) and unwrap it: a plain model."""
+    return _unwrap(model, fold=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -169,14 +175,4 @@ def merge_copy_base(model: nn.Module) -> nn.Module:
     """A plain copy of the base under the adapters (the adapters left out)."""
     import copy
 
-    from peft.tuners.lora import LoraLayer
-
-    twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent_name) if parent_name else twin, child, module.get_base_layer())
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(twin, attr):
-            delattr(twin, attr)
-    return twin
+    return _unwrap(copy.deepcopy(model), fold=False)

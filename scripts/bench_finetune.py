@@ -3,11 +3,14 @@
     python scripts/bench_finetune.py --base runs/demo/stage2/checkpoints/latest
 
 The concept is a colour no demo data shows (purple, data/shapes.py NEW_COLOURS). The script renders
---images captioned purple shapes, prepares them as shards (data.prepare, the demo's text encoder),
-and trains two adapter runs from the same base and seed:
+--images captioned purple shapes and trains two adapter runs from the same base and seed:
   lora        the images under their captions ("a large purple circle on a white background")
-  dreambooth  DreamBooth-style instance prompts ("a large sks circle ..."), plus class images the base
-              generates first from ordinary demo captions (prior preservation, scripts/dreambooth_data.py)
+  dreambooth  DreamBooth-style instance prompts: the colour word is the identifier "sks"
+              ("a large sks circle on a white background")
+Both keep the base's prior (scripts/dreambooth_data.py): --class-images ordinary demo images with
+their captions are trained on beside the new ones (``--prior generated``: the base's own samples of
+those captions instead). Without a prior the adapters pull every colour toward purple. The folders go through data.prepare with the demo's text
+encoder.
 Each is scored by the shapes evaluator (reading purple): on every purple caption (the concept; for
 dreambooth the prompts say "sks" and are scored as purple) and on the demo's held-out captions at
 the base's sampling settings, against the base scored the same way in the same run. Writes
@@ -37,13 +40,16 @@ def parse_args(argv=None):
     ap.add_argument("--grid", default="docs/bench_finetune.png")
     ap.add_argument("--arms", nargs="+", default=["lora", "dreambooth"], choices=["lora", "dreambooth"])
     ap.add_argument("--images", type=int, default=32, help="captioned images of the new concept")
-    ap.add_argument("--class-images", type=int, default=32, help="dreambooth: prior-preservation images the base generates")
+    ap.add_argument("--class-images", type=int, default=256, help="prior-preservation images")
+    ap.add_argument("--prior", choices=["real", "generated"], default="real",
+                    help="class images: demo images of ordinary captions (real), or the base's samples of them (generated)")
+    ap.add_argument("--instance-repeats", type=int, default=4, help="copies of each concept image in the training folder")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", nargs="+", default=["cross_attn.to_k", "cross_attn.to_v"],
                     help="adapted layers: the text's keys and values in cross-attention")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--concept-samples", type=int, default=144, help="samples over the 18 purple captions")
     ap.add_argument("--heldout-samples", type=int, default=240, help="samples over the demo's held-out captions")
     ap.add_argument("--seed", type=int, default=0)
@@ -71,6 +77,24 @@ def render_concept(folder: Path, n: int, seed: int, word: str) -> None:
         spec = dataclasses.replace(random_spec(rng, 16, 16), colour=CONCEPT)
         Image.fromarray(render(spec, 16, 16, rng)).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(spec.caption.replace(CONCEPT, word) + "\n")
+
+
+def render_prior(folder: Path, n: int, seed: int) -> Path:
+    """n ordinary demo images (the demo's generator, held-out combinations left out) with their captions."""
+    import numpy as np
+    from PIL import Image
+
+    from data.shapes import random_spec, render
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        spec = random_spec(rng, 16, 16)
+        while spec.held_out:
+            spec = random_spec(rng, 16, 16)
+        Image.fromarray(render(spec, 16, 16, rng)).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(spec.caption + "\n")
+    return folder
 
 
 def prepare(folder: Path, out: Path, text_encoder: dict) -> Path:
@@ -134,29 +158,35 @@ def main(argv=None) -> dict:
         return {"concept": c, "heldout": h}, c_img[: len(concept)]
 
     t0 = time.time()
-    base_scores, base_row = evaluate(base, CONCEPT)
+    cached = work / "base_eval.pt"  # the base's scores do not change between runs of the same settings
+    key = [args.base, args.concept_samples, args.heldout_samples, settings.to_dict()]
+    saved = torch.load(cached, weights_only=True) if cached.is_file() else None
+    if saved is not None and saved["key"] == json.dumps(key):
+        base_scores, base_row = saved["scores"], saved["row"]
+    else:
+        base_scores, base_row = evaluate(base, CONCEPT)
+        work.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": json.dumps(key), "scores": base_scores, "row": base_row}, cached)
     print(f"base: concept colour {base_scores['concept']['colour']:.3f}, caption {base_scores['concept']['all']:.3f}; "
           f"held-out caption {base_scores['heldout']['all']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    from data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, long_caption
+    from scripts.dreambooth_data import main as dreambooth_data
+
+    ordinary = [long_caption(*c) for c in itertools.product(SHAPES, COLOURS, SIZES, BACKGROUNDS)]
+    ordinary = [c for c in ordinary if c not in HELD_OUT_CAPTIONS]  # the prior: what the demo trained on
+    prior_prompts = [ordinary[i] for i in np.random.default_rng(args.seed).permutation(len(ordinary))]
     rows, arms = [base_row], {}
     for arm in args.arms:
         word = CONCEPT if arm == "lora" else TOKEN
         folder = work / f"{arm}_images"
-        if arm == "lora":
-            render_concept(folder, args.images, args.seed, word)
-        else:
-            from scripts.dreambooth_data import main as dreambooth_data
-
-            render_concept(work / "instances", args.images, args.seed, word)
-            from data.shapes import COLOURS, SHAPES, SIZES, BACKGROUNDS, long_caption
-
-            classes = [long_caption(s, c, z, b) for s, c, z, b in itertools.product(SHAPES, COLOURS, SIZES, BACKGROUNDS)
-                       if long_caption(s, c, z, b) not in HELD_OUT_CAPTIONS]
-            rng = np.random.default_rng(args.seed)
-            picked = [classes[i] for i in rng.permutation(len(classes))]
-            if not (folder / "dreambooth.json").is_file():
-                dreambooth_data(["--instance-dir", str(work / "instances"), "--out", str(folder), "--base", args.base,
-                                 "--num-class-images", str(args.class_images), "--seed", str(args.seed + 1), "--device", "cpu"]
-                                + [x for p in picked for x in ("--class-prompt", p)])
+        if not (folder / "dreambooth.json").is_file():
+            render_concept(work / f"{arm}_concept", args.images, args.seed, word)
+            prior = ["--class-dir", str(render_prior(work / "prior_real", args.class_images, args.seed + 1))] \
+                if args.prior == "real" else \
+                ["--base", args.base, "--num-class-images", str(args.class_images), "--seed", str(args.seed + 1)] \
+                + [x for p in prior_prompts for x in ("--class-prompt", p)]
+            dreambooth_data(["--instance-dir", str(work / f"{arm}_concept"), "--out", str(folder), "--device", "cpu",
+                             "--instance-repeats", str(args.instance_repeats)] + prior)
         shards = prepare(folder, work / f"{arm}_shards", text_encoder)
         ckpt, seconds = train_adapters(args, shards, work / f"{arm}_run")
         pipe = Pipeline.load(ckpt)
@@ -174,7 +204,7 @@ def main(argv=None) -> dict:
     save_png(grid, args.grid)
     result = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
               "base": args.base, "base_step": base.meta["step"], "concept": CONCEPT, "images": args.images,
-              "class_images": args.class_images, "rank": args.rank, "targets": args.targets, "steps": args.steps,
+              "class_images": args.class_images, "prior": args.prior, "instance_repeats": args.instance_repeats, "rank": args.rank, "targets": args.targets, "steps": args.steps,
               "batch": args.batch, "lr": args.lr, "sampling": settings.to_dict(), "concept_samples": args.concept_samples,
               "heldout_samples": args.heldout_samples, "base_scores": base_scores, "arms": arms,
               "grid_rows": ["base"] + args.arms}

@@ -162,3 +162,67 @@ def test_pipeline_export_loads_in_diffusers_and_samples_like_ours(tmp_path, text
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=16)
     assert torch.equal(mask.bool(), cond["encoder_attention_mask"])
     assert _rel(embeds * mask[..., None], cond["encoder_hidden_states"]) <= 1e-3
+
+
+def test_adapters_refuse_a_changed_base_and_dreambooth_data_has_its_prior(tmp_path, text_shapes_dir, base_ckpt):
+    """An adapter checkpoint whose base weights changed is refused; dreambooth_data.py writes the instance images
+    under their prompt and class images that the base generates, each with its caption beside it."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from models.checkpoint import CheckpointError, checkpoint_model
+    from scripts.dreambooth_data import main as dreambooth_data
+
+    base = tmp_path / "base"
+    shutil.copytree(base_ckpt, base)
+    lora_run(tmp_path, text_shapes_dir, base, **{"train.max_steps": 3})
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    checkpoint_model(ckpt, read_meta(ckpt))  # the base as trained on: loads
+    from safetensors.torch import save_file
+
+    weights = load_file(base / "ema.safetensors")
+    weights["final_layer.linear.bias"] = weights["final_layer.linear.bias"] + 1e-3
+    save_file(weights, base / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="changed since they were trained"):
+        checkpoint_model(ckpt, read_meta(ckpt))
+
+    (tmp_path / "inst").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "inst" / f"{i}.png")
+    (tmp_path / "inst" / "2.txt").write_text("a sks square on a white background\n")
+    record = dreambooth_data(["--instance-dir", str(tmp_path / "inst"), "--instance-prompt", "a sks circle", "--out",
+                              str(tmp_path / "db"), "--base", str(base_ckpt), "--class-prompt", "a red circle",
+                              "--class-prompt", "a blue square", "--num-class-images", "4", "--steps", "2", "--device", "cpu"])
+    captions = {p.stem: p.read_text().strip() for p in (tmp_path / "db").glob("*.txt")}
+    assert record["instances"] == 3 and record["class_images"] == 4
+    assert [captions[f"instance_{i:04d}"] for i in range(3)] == ["a sks circle", "a sks circle", "a sks square on a white background"]
+    assert [captions[f"class_{i:04d}"] for i in range(4)] == ["a red circle", "a blue square"] * 2
+    assert all((tmp_path / "db" / f"class_{i:04d}.png").is_file() for i in range(4))
+    with pytest.raises(SystemExit, match="needs --base"):
+        dreambooth_data(["--instance-dir", str(tmp_path / "inst"), "--instance-prompt", "x", "--out", str(tmp_path / "db2"),
+                         "--num-class-images", "2"])
+
+
+def test_dreambooth_data_with_real_class_images_and_repeats(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from scripts.dreambooth_data import main as dreambooth_data
+
+    for folder, n in (("inst", 2), ("cls", 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(tmp_path / folder / f"{i}.png")
+            if folder == "cls":
+                (tmp_path / folder / f"{i}.txt").write_text(f"a class image {i}\n")
+    record = dreambooth_data(["--instance-dir", str(tmp_path / "inst"), "--instance-prompt", "a sks thing", "--out", str(tmp_path / "db"),
+                              "--class-dir", str(tmp_path / "cls"), "--instance-repeats", "3"])
+    names = sorted(p.stem for p in (tmp_path / "db").glob("*.png"))
+    assert record["class_images"] == 3 and names == [f"class_{i:04d}" for i in range(3)] + [
+        f"instance_{i:04d}_{r}" for i in range(2) for r in range(3)]
+    assert (tmp_path / "db" / "class_0002.txt").read_text().strip() == "a class image 2"
+    with pytest.raises(SystemExit, match="not both"):
+        dreambooth_data(["--instance-dir", str(tmp_path / "inst"), "--instance-prompt", "x", "--out", str(tmp_path / "db2"),
+                         "--class-dir", str(tmp_path / "cls"), "--num-class-images", "2", "--base", "b", "--class-prompt", "c"])

@@ -270,7 +270,7 @@ def imported_with_shards(tmp_path_factory, tiny_sd_vae):
     return tmp
 
 
-@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("lora", [pytest.param(0, marks=pytest.mark.slow), 4])
 def test_imported_pixart_fine_tunes_with_its_own_objective(tmp_path, imported_with_shards, lora):
     """stage.init_from an imported PixArt: the run continues its DDPM-epsilon objective (learned-variance channels
     out of the loss), full or LoRA; the checkpoint records it and samples with DPM-Solver++ by default."""

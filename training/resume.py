@@ -83,6 +83,9 @@ def find_resume(cfg: DictConfig, ckpt_root: Path) -> Path | None:
 def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_config: dict, family: str) -> None:
     """Start a fresh run from another checkpoint's weights (its EMA if it has one); ``ema`` None: the model only."""
     meta = read_meta(source)
+    if meta.get("adapter"):
+        raise ConfigError(f"stage.init_from={source} holds LoRA adapters, not a model: merge them into their base first "
+                          f"(python scripts/lora.py merge {source} MERGED) and start from MERGED")
     mine = model_config.get("caption_channels")
     if meta.get("family") != family:
         hint = " Run `python reparameterize.py SOURCE OUT` and pass OUT as stage.init_from." if meta.get("family") == "ccdit" else ""
