@@ -148,7 +148,7 @@ def mmdit_config_from_diffusers(cfg) -> MMDiTConfig:
         qk_norm=False,
         interpolation_scale=float(interp),
         micro_conditions=bool(micro),
-        micro_embedder="pixart",
+        micro_embedder="pixart" if micro else None,
         pixels_per_latent=8,
     )
 

@@ -86,7 +86,7 @@ class MMDiTConfig(DiTConfig):
             self.micro_embedder = "pixart" if self.hidden_size % 3 == 0 else "mlp"
         if self.micro_embedder not in MICRO_EMBEDDERS:
             raise ValueError(f"micro_embedder={self.micro_embedder!r}: expected one of {MICRO_EMBEDDERS}")
-        if self.micro_embedder == "pixart" and self.hidden_size % 3:
+        if self.micro_conditions and self.micro_embedder == "pixart" and self.hidden_size % 3:
             raise ValueError(f"micro_embedder='pixart' splits the width in thirds, but hidden_size={self.hidden_size} "
                              "is not divisible by 3: use micro_embedder='mlp' or a width divisible by 3")
 

@@ -9,7 +9,6 @@ import torch
 
 from conftest import compose, tiny_overrides
 from tests.reliability.conftest import start, train_cmd, wait_for_line
-from training import step as step_mod
 from models.checkpoint import latest_checkpoint, load_weights
 from training.checkpoint import load_train_state
 from training.guards import PREEMPTED_EXIT_CODE
@@ -67,7 +66,9 @@ def test_too_little_disk_space_fails_before_training(tmp_path, shapes_dir, monke
 
 
 def _nan_loss_at(monkeypatch, calls_to_poison):
-    real = step_mod.flow_loss
+    import flow.objectives as objectives_mod
+
+    real = objectives_mod.flow_loss
     count = {"n": 0}
 
     def poisoned(pred, x0, noise):
@@ -75,7 +76,7 @@ def _nan_loss_at(monkeypatch, calls_to_poison):
         count["n"] += 1
         return out * float("nan") if calls_to_poison(count["n"]) else out
 
-    monkeypatch.setattr(step_mod, "flow_loss", poisoned)
+    monkeypatch.setattr(objectives_mod, "flow_loss", poisoned)  # what the training step's objective calls
 
 
 def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, shapes_dir, monkeypatch):
