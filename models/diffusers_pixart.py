@@ -166,14 +166,17 @@ def to_diffusers(model) -> "torch.nn.Module":
     return target
 
 
-def from_diffusers(pixart, subfolder: str | None = None) -> "torch.nn.Module":
+def from_diffusers(pixart, subfolder: str | None = None, **config_changes) -> "torch.nn.Module":
     """A ``PixArtTransformer2DModel`` (instance, or a folder / hub id to load; ``subfolder``: "transformer"
-    for a pipeline's root) -> our mmDiT."""
+    for a pipeline's root) -> our mmDiT. ``config_changes``: config fields that are not weights (say
+    ``pixels_per_latent``, which diffusers' config does not record)."""
+    from dataclasses import replace
+
     from models.mmdit import MMDiT
 
     if not isinstance(pixart, torch.nn.Module):
         pixart = load_transformer(str(pixart), subfolder)
-    model = MMDiT(mmdit_config_from_diffusers(pixart.config))
+    model = MMDiT(replace(mmdit_config_from_diffusers(pixart.config), **config_changes))
     state = {k: v for k, v in pixart.state_dict().items() if k != "pos_embed.pos_embed"}
     model.load_state_dict(_rename(state, _INVERSE), strict=True)
     return model

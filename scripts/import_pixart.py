@@ -24,7 +24,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
@@ -120,23 +120,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from flow.objectives import Objective
     from models.checkpoint import checkpoint_meta, write_checkpoint
-    from models.diffusers_pixart import IncompatibleModel, load_transformer, mmdit_config_from_diffusers
-    from models.mmdit import MMDiT
-    from models.diffusers_pixart import _INVERSE, _rename
+    from models.diffusers_pixart import IncompatibleModel, from_diffusers, load_transformer
 
+    autoencoder, downsample = autoencoder_meta(args)
     try:
         pixart = load_transformer(args.source, args.subfolder).eval()
-        config = mmdit_config_from_diffusers(pixart.config)
+        model = from_diffusers(pixart, pixels_per_latent=downsample).eval()  # micro-conditions are in pixels
     except IncompatibleModel as e:
         raise SystemExit(str(e)) from e
-    model = MMDiT(config)
-    state = {k: v for k, v in pixart.state_dict().items() if k != "pos_embed.pos_embed"}
-    model.load_state_dict(_rename(state, _INVERSE), strict=True)
-    model.eval()
+    config = model.config
     error = compare(model, pixart)
     objective = Objective("epsilon", **scheduler_schedule(args.source, args.subfolder))
-    autoencoder, downsample = autoencoder_meta(args)
-    config = replace(config, pixels_per_latent=downsample)  # micro-conditions are in pixels
     stage = args.stage or (4 if config.micro_conditions else 2)
     width = config.caption_channels
     conditioning = {"type": "text", "caption_channels": width}
