@@ -35,6 +35,7 @@ class LoraSpec:
 
     @classmethod
     def from_config(cls, node) -> "LoraSpec":
+        """From ``train.lora``, or from an adapter checkpoint's ``meta["adapter"]`` (the same keys)."""
         if node is None:
             return cls()
         d = dict(node)
@@ -72,10 +73,6 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -213,7 +213,7 @@ def adapter_checkpoint_model(ckpt_dir: str | os.PathLike, meta: dict, use_ema: b
         raise CheckpointError(f"the adapters' base {weights} changed since they were trained (sha256 differs from "
                               f"{record['sha256'][:16]}...): these adapters belong to the old weights")
     model = checkpoint_model(path, read_meta(path), use_ema=record["weights"] == "ema.safetensors")
-    spec = LoraSpec(**{k: v for k, v in meta["adapter"].items() if k in ("rank", "alpha", "dropout", "target_modules")})
+    spec = LoraSpec.from_config(meta["adapter"])
     model = add_lora(model, spec)
     load_adapter_state(model, load_weights(ckpt_dir, ema=use_ema and meta.get("has_ema", False)))
     return model

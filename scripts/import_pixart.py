@@ -77,7 +77,8 @@ def scheduler_schedule(source: str, subfolder: str | None) -> dict:
     return {k: cfg.get(k, v) for k, v in PIXART_SCHEDULE.items()}
 
 
-def autoencoder_meta(args) -> dict:
+def autoencoder_meta(args) -> tuple[dict, int]:
+    """The meta of the autoencoder the model was trained with, and its downsampling (pixels per latent)."""
     from diffusers import AutoencoderKL
 
     name, sub = args.vae, args.vae_subfolder

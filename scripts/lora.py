@@ -55,7 +55,7 @@ def main(argv=None):
 
     path, meta, model = _load(args.checkpoint, getattr(args, "raw", False))
     adapter = meta["adapter"]
-    spec = LoraSpec(**{k: adapter[k] for k in ("rank", "alpha", "dropout", "target_modules")})
+    spec = LoraSpec.from_config(adapter)
     if args.command == "info":
         trained, frozen = adapter_fraction(model)
         out = {"rank": spec.rank, "alpha": spec.alpha, "target_modules": spec.target_modules, "adapter_parameters": trained,
