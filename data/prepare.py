@@ -354,6 +354,7 @@ class Preparer:
 
     def run_unit(self, u: int, items: list[Item], out: Path) -> dict:
         """Turn one unit of inputs into one shard, atomically. Returns the unit's summary."""
+        from data.control import control_map, to_pixels
         from data.shards import add_member, npy_bytes
 
         a = self.args
@@ -388,17 +389,24 @@ class Preparer:
         for i, (_, _, meta) in enumerate(ready):
             by_bucket.setdefault(tuple(meta["bucket"]), []).append(i)
         latents: list = [None] * len(ready)
+        controls: dict[str, list] = {k: [None] * len(ready) for k in a.control}
         for idx in by_bucket.values():  # batched per bucket: one shape per batch
             for j in range(0, len(idx), a.batch_size):
                 chunk = idx[j : j + a.batch_size]
                 for i, z in zip(chunk, self.encode([to_tensor(ready[i][1]) for i in chunk])):
                     latents[i] = z
+                for kind in a.control:  # the image's control map, through the same autoencoder
+                    maps = [to_pixels(control_map(kind, np.asarray(ready[i][1]))) for i in chunk]
+                    for i, z in zip(chunk, self.encode(maps)):
+                        controls[kind][i] = z
         with tarfile.open(shard.tmp, "w") as tar:
             for i, ((item, _, meta), caps, z) in enumerate(zip(ready, captions, latents)):
                 meta = {**meta, "source": item.source, "captions": caps, "caption": caps.get("long", next(iter(caps.values()), "")),
                         **({"label": item.label} if item.label is not None else {}), **item.extra}
                 add_member(tar, f"{item.key}.latent.npy", npy_bytes(z))
                 add_member(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                for kind in a.control:
+                    add_member(tar, f"{item.key}.control_{kind}.npy", npy_bytes(controls[kind][i]))
                 if self.text is not None:
                     for cname in caps:
                         add_member(tar, f"{item.key}.text_{cname}.npy", npy_bytes(embeddings[(i, cname)]))
@@ -416,6 +424,8 @@ def settings_of(args) -> dict:
     """What decides a unit's contents: a rerun into the same folder must use the same."""
     keys = ["size", "buckets", "bucket_step", "min_size", "max_pixels", "autoencoder", "autoencoder_subfolder", "text_encoder",
             "max_length", "captioner", "samples_per_shard"]
+    if args.control:  # absent when none: folders prepared before control maps existed keep resuming
+        keys.append("control")
     if args.captioner == "vllm":
         keys += ["vlm_model", "long_prompt", "short_prompt"]
     return {k: getattr(args, k) for k in keys}
@@ -635,6 +645,9 @@ def parse_args(argv=None):
     ap.add_argument("--vlm-model", default="Qwen/Qwen2-VL-7B-Instruct", help="vllm captioner: the VLM")
     ap.add_argument("--long-prompt", default="Describe this image in detail in one paragraph.", help="vllm captioner")
     ap.add_argument("--short-prompt", default="Describe this image in one short sentence.", help="vllm captioner")
+    ap.add_argument("--control", nargs="+", default=[], metavar="KIND",
+                    help="also store these control maps of each image for ControlNet training (edges: Canny; mask: the "
+                         "foreground against the border colour; data/control.py), encoded like the image")
     ap.add_argument("--samples-per-shard", type=int, default=1000, help="inputs per unit of work (= per shard)")
     ap.add_argument("--shuffle-seed", type=int, default=0,
                     help="inputs are cut into units in a permutation of their sorted order seeded by this, so shards made "
@@ -647,6 +660,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not 0.0 <= args.max_skipped <= 1.0:
         ap.error(f"--max-skipped {args.max_skipped}: a fraction of the inputs, 0 to 1")
+    from data.control import CONTROL_KINDS
+
+    bad = [k for k in args.control if k not in CONTROL_KINDS]
+    if bad:
+        ap.error(f"--control {' '.join(bad)}: the control maps are {', '.join(CONTROL_KINDS)}")
     if args.shuffle_seed < -1:
         ap.error(f"--shuffle-seed {args.shuffle_seed}: 0 or more, or -1 for the sorted order")
     if args.min_size is None:  # a number before it is recorded, so that reruns compare numbers
@@ -703,6 +721,7 @@ def main(argv=None) -> dict:
         "image_size": None if args.buckets else args.size,
         "bucket_spec": {"target_pixels": args.buckets, "step": args.bucket_step} if args.buckets else None,
         "held_out_captions": [],
+        **({"controls": list(args.control)} if args.control else {}),
     }
     if prep.text is not None:
         from data.shards import write_null

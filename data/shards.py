@@ -339,6 +339,10 @@ def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> di
     }
     if all("label" in s["meta"] for s in samples):
         batch["label"] = torch.tensor([int(s["meta"]["label"]) for s in samples])
+    controls = sorted({k[len("control_"):] for s in samples for k in s if k.startswith("control_")})
+    if controls:  # ControlNet: each stored control map, (N, C, H, W) like the latents
+        batch["control"] = {n: torch.from_numpy(np.stack([s[f"control_{n}"] for s in samples])).float()
+                            for n in controls if all(f"control_{n}" in s for s in samples)}
     names = sorted({k[len("text_") :] for s in samples for k in s if k.startswith("text_")})
     if names:
         length = text_length or max(s[f"text_{n}"].shape[0] for s in samples for n in names)
@@ -362,7 +366,8 @@ class SampleCheck:
     latent_shape: (C, H, W) for square data; for aspect-ratio buckets None, with ``channels`` and
     ``downsample`` giving each sample's shape from its bucket (pixels). num_classes: labels must
     lie in [0, num_classes) (None: labels are not needed). text: whether a stored caption
-    embedding is needed. Latents and embeddings must be floating point and finite.
+    embedding is needed. control: the control map a ControlNet run needs (``control_<name>``, the
+    latent's shape). Latents, embeddings and control maps must be floating point and finite.
     """
 
     latent_shape: tuple[int, ...] | None = None
@@ -370,6 +375,7 @@ class SampleCheck:
     downsample: int = 1
     num_classes: int | None = None
     text: bool = False
+    control: str | None = None
 
     def problem(self, sample: dict[str, Any]) -> str | None:
         latent, meta = sample["latent"], sample["meta"]
@@ -386,6 +392,13 @@ class SampleCheck:
         arrays = {"latent": latent, **{k: v for k, v in sample.items() if k.startswith("text_")}}
         if self.text and len(arrays) == 1:
             return "has no stored caption embedding"
+        if self.control is not None:
+            control = sample.get(f"control_{self.control}")
+            if control is None:
+                return f"has no {self.control!r} control map"
+            if control.shape != latent.shape:
+                return f"has a {self.control!r} control map of shape {tuple(control.shape)}, not the latent's {tuple(latent.shape)}"
+            arrays[f"control_{self.control}"] = control
         for name, a in arrays.items():
             if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
                 return f"has a {name} that is not finite floating point ({a.dtype})"

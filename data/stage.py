@@ -47,9 +47,15 @@ def build_demo(data_cfg, path: Path, seed: int, log: Callable[..., None] = print
         from data.buckets import make_buckets
 
         canvases = make_buckets(int(spec.target_pixels), int(spec.step), float(spec.get("max_ratio", 4.0)))
+    controls = None
+    if data_cfg.get("control"):  # ControlNet data: every kind of control map, so a run may switch between them
+        from data.control import CONTROL_KINDS
+
+        controls = list(CONTROL_KINDS)
     log(f"building {data_cfg.num_samples} shapes samples into {path} (first use only)")
     build_shards(path, data_cfg.num_samples, data_cfg.image_size, seed=seed, text_encoder=data_cfg.get("text_encoder"),
-                 max_length=data_cfg.get("max_length") or 16, holdout=bool(data_cfg.get("holdout", False)), canvases=canvases)
+                 max_length=data_cfg.get("max_length") or 16, holdout=bool(data_cfg.get("holdout", False)), canvases=canvases,
+                 controls=controls)
 
 
 def _score(meta: dict, key: str) -> float:
@@ -79,3 +85,22 @@ def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
         return captions
     pick = np.random.default_rng(seed).choice(len(captions), count, replace=False)
     return [captions[i] for i in sorted(pick)]
+
+
+def own_controls(path, manifest: dict, kind: str, count: int) -> list[tuple[str, "np.ndarray"]]:
+    """The first ``count`` samples with a distinct caption and their stored ``kind`` control map (raw
+    latents, as stored): a ControlNet run's evaluation inputs."""
+    import json
+
+    from data.shards import load_npy
+
+    found: dict[str, object] = {}
+    for shard in manifest.get("shards", []):
+        for _, group in _iter_tar(Path(path) / shard["name"]):
+            text = json.loads(group["json"]).get("caption") if "json" in group else None
+            member = f"control_{kind}.npy"
+            if text and text not in found and member in group:
+                found[text] = load_npy(group[member])
+            if len(found) >= count:
+                return list(found.items())
+    return list(found.items())

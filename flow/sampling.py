@@ -29,11 +29,12 @@ def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu"
 
 
 def concat_conditions(a: Any, b: Any) -> Any:
-    """Batch-concatenate two conditions: tensors, or dicts of tensors (text + mask)."""
+    """Batch-concatenate two conditions: tensors, or dicts of tensors (text + mask). What is not a
+    tensor (None, a ControlNet's conditioning scale) is the same for both halves and kept as it is."""
     if isinstance(a, dict):
         return {k: concat_conditions(a[k], b[k]) for k in a}
-    if a is None:
-        return None
+    if not torch.is_tensor(a):
+        return a
     return torch.cat([a, b], dim=0)
 
 

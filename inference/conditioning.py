@@ -12,6 +12,7 @@ A new kind of condition (a control image, say) is one more class here and one li
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,19 @@ class Conditioning:
     def stored_captions(self) -> list[str]:
         """The caption embeddings training reads from the shards (the loader decodes only these)."""
         return []
+
+    def stored_control(self) -> str | None:
+        """The control map training reads from the shards (ControlNet), or None."""
+        return None
+
+    def bind(self, autoencoder) -> "Conditioning":
+        """Give the conditioning the images' autoencoder, for kinds that encode an image (a control image)."""
+        return self
+
+    def agreement(self, images: torch.Tensor, values: list) -> dict[str, float]:
+        """Scores of how well generated images (N, 3, H, W) in [-1, 1] follow a spatial condition
+        (a control image); none for labels and text."""
+        return {}
 
 
 class ClassConditioning(Conditioning):
@@ -274,7 +288,127 @@ def _caption(meta: dict, name: str) -> str:
     return captions[name]
 
 
-KINDS: dict[str, type[Conditioning]] = {"class": ClassConditioning, "text": TextConditioning}
+@dataclass
+class ControlPrompt:
+    """A ControlNet's input: a prompt and its control image, (3, H, W) in [-1, 1] (data/control.py ``to_pixels``)."""
+
+    prompt: str
+    control: torch.Tensor
+
+    def __str__(self) -> str:
+        return self.prompt
+
+
+class ControlConditioning(TextConditioning):
+    """Text plus a control image (ControlNet, models/mmdit.py ``ControlNet``): a control map of the
+    checkpoint's kind (data/control.py: edges, mask) as (N, 3, H, W) pixels in [-1, 1], through
+    the images' autoencoder and normalized like the latents, into the model's ``control`` argument.
+    The null condition of classifier-free guidance keeps the control (only the text is dropped),
+    as ControlNet samples; training reads the map the shards store beside each image."""
+
+    kind, family, accuracy_name = "control", "mmdit", "caption_accuracy"
+
+    def __init__(self, *args, control_kind: str = "mask", scaling_factor: float = 1.0, shift_factor: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        from data.control import ControlError, check_kind
+
+        try:
+            self.control_kind = check_kind(control_kind)
+        except ControlError as e:
+            raise ConditioningError(str(e)) from None
+        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
+        self.autoencoder = None
+        self.eval_values: list[ControlPrompt] = []  # training: the data's own prompts with their control images
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "ControlConditioning":
+        text = TextConditioning.from_meta(meta)
+        control = meta.get("control") or {}
+        return cls(text.encoder_name, text.max_length, text.width, text.caption_names, examples=text.examples,
+                   control_kind=control.get("kind", "mask"), scaling_factor=control.get("scaling_factor", 1.0),
+                   shift_factor=control.get("shift_factor", 0.0))
+
+    @classmethod
+    def for_training(cls, data_dir: str, manifest: dict, mode: str, caption_mix: dict | None, examples: list[str] | None = None,
+                     control_kind: str | None = None) -> "ControlConditioning":
+        stored = list(manifest.get("controls") or [])
+        if not control_kind or control_kind not in stored:
+            raise ConditioningError(
+                f"stage conditioning 'control' trains on the control map data.control={control_kind!r}, but {data_dir} stores "
+                + (f"{stored}: set data.control to one of them" if stored else
+                   "none: prepare the data with control maps (python -m data.prepare ... --control edges mask)"))
+        out = super().for_training(data_dir, manifest, mode, caption_mix, examples)
+        out.control_kind = control_kind
+        out.scaling_factor, out.shift_factor = float(manifest["scaling_factor"]), float(manifest["shift_factor"])
+        return out
+
+    def meta(self) -> dict:
+        return {**super().meta(), "type": "control",
+                "control": {"kind": self.control_kind, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}}
+
+    def stored_control(self) -> str:
+        return self.control_kind
+
+    def bind(self, autoencoder) -> "ControlConditioning":
+        self.autoencoder = autoencoder
+        return self
+
+    def parse(self, inputs: list) -> list[ControlPrompt]:
+        if not all(isinstance(v, ControlPrompt) for v in inputs):
+            raise ConditioningError(f"this checkpoint is a ControlNet ({self.control_kind} maps): each prompt needs a control "
+                                    "image (app/sample.py --control PATH, or the app's control image)")
+        return list(inputs)
+
+    def default_inputs(self) -> list[ControlPrompt]:
+        if not self.eval_values:
+            raise ConditioningError("this checkpoint is a ControlNet: give prompts and a control image")
+        return list(self.eval_values)
+
+    def describe(self, value: ControlPrompt) -> str:
+        return value.prompt
+
+    def control_latents(self, pixels: torch.Tensor, device) -> torch.Tensor:
+        """(N, 3, H, W) control images in [-1, 1] -> the model's ``control``: the images' autoencoder, normalized."""
+        if self.autoencoder is None:
+            raise RuntimeError("ControlConditioning.bind(autoencoder) first: the control image is encoded like the images")
+        with torch.no_grad():
+            return self.normalize(self.autoencoder.encode(pixels.to(device)).float())
+
+    def encode(self, values: list, device) -> dict[str, torch.Tensor]:
+        if all(isinstance(v, str) for v in values):  # the prompts alone (the text half of guided)
+            return super().encode(values, device)
+        text = super().encode([v.prompt for v in values], device)
+        return {**text, "control": self.control_latents(torch.stack([v.control for v in values]), device)}
+
+    def guided(self, values: list, device, negative: str | None = None) -> tuple[dict, dict]:
+        """The text's (cond, uncond); both halves see the control image: guidance pushes toward the prompt only."""
+        cond, uncond = super().guided([v.prompt for v in values], device, negative)
+        control = self.control_latents(torch.stack([v.control for v in values]), device)
+        return {**cond, "control": control}, {**uncond, "control": control}
+
+    def agreement(self, images: torch.Tensor, values: list) -> dict[str, float]:
+        """``mask`` controls: the mean IoU of each image's foreground (data/control.py ``mask``) with its control."""
+        if self.control_kind != "mask":
+            return {}
+        from data.control import mask, mask_iou
+
+        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        wanted = [((v.control[0].float().cpu().numpy() + 1) / 2) for v in values]
+        return {"control_iou": float(np.mean([mask_iou(mask(p), w) for p, w in zip(pixels, wanted)]))}
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents (as the shards store them) -> what the model reads, as the trainer does the images'."""
+        return (raw - self.shift_factor) * self.scaling_factor
+
+    def from_batch(self, batch: dict, gen: torch.Generator, dropout: float, device) -> dict[str, torch.Tensor]:
+        cond = super().from_batch(batch, gen, dropout, device)
+        stored = batch.get("control") or {}
+        if self.control_kind not in stored:
+            raise ConditioningError(f"a batch has no {self.control_kind!r} control map; the shards store {sorted(stored)}")
+        return {**cond, "control": self.normalize(stored[self.control_kind].to(device))}
+
+
+KINDS: dict[str, type[Conditioning]] = {"class": ClassConditioning, "text": TextConditioning, "control": ControlConditioning}
 
 
 def kind_of(name: str) -> type[Conditioning]:

@@ -80,6 +80,7 @@ def _evaluate_at(model, autoencoder, conditioning: Conditioning, spec: EvalSpec,
             result.update({f"{k}_accuracy": v for k, v in scores.items()})
         else:  # scores of the whole set (fid, kid, ...), as the evaluator names them
             result.update(scores)
+    result.update(conditioning.agreement(images, chosen))  # a ControlNet: does the image follow its control?
     if out_png is not None:
         k = min(columns, 16)  # one column per class or prompt, four rows of seeds
         idx = [i for r in range(4) for i in range(r * columns, r * columns + k) if i < n]

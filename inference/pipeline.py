@@ -25,7 +25,8 @@ from models.cli import DTYPE_NAMES
 class SampleSettings:
     """steps (`int`), cfg_scale (`float`, 1 = no guidance), solver (`str`: an ODE solver of flow/sampling.py,
     or dpm++ / ddim through diffusers' schedulers), shift (`float`), seed (`int`); objective: what the
-    model predicts (flow/objectives.py), the checkpoint's, not a choice."""
+    model predicts (flow/objectives.py), the checkpoint's, not a choice; control_scale (`float`): a
+    ControlNet's conditioning scale (its residuals times this; 0 = the base alone)."""
 
     steps: int = 20
     cfg_scale: float = 4.0
@@ -33,6 +34,7 @@ class SampleSettings:
     shift: float = 1.0
     seed: int = 0
     objective: Objective = FLOW
+    control_scale: float = 1.0
 
     @classmethod
     def from_meta(cls, sampling: dict, objective: dict | None = None, **overrides: Any) -> "SampleSettings":
@@ -108,6 +110,9 @@ def generate(
     """
     n = len(next(iter(cond.values())))
     settings.objective.check_solver(settings.solver)
+    if "control" in cond:  # a ControlNet's scale, the same for both halves of guidance
+        cond = {**cond, "control_scale": float(settings.control_scale)}
+        uncond = {**uncond, "control_scale": float(settings.control_scale)} if uncond is not None else None
     if noise is None:
         noise = initial_noise(n, latent_shape, settings.seed, device)
     dtype = next(model.parameters()).dtype
@@ -211,7 +216,7 @@ class Pipeline:
             raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
         device = pick_device(device)
         model, autoencoder, meta = load_model(ckpt, use_ema, device)
-        return cls(resolve(ckpt), model.to(DTYPES[dtype]), autoencoder, meta, from_meta(meta), device)
+        return cls(resolve(ckpt), model.to(DTYPES[dtype]), autoencoder, meta, from_meta(meta).bind(autoencoder), device)
 
     def defaults(self, **overrides: Any) -> SampleSettings:
         return SampleSettings.from_meta(self.meta.get("sampling") or {}, self.meta.get("objective"), **overrides)

@@ -80,6 +80,9 @@ def check_exportable(config: MMDiTConfig) -> None:
     if getattr(config, "pos_grid", "stretch") != "stretch":
         problems.append(f"pos_grid={config.pos_grid!r} (diffusers stretches each axis of non-square grids; "
                         "reparameterize 3to4 with --pos-grid stretch for an exportable model)")
+    if getattr(config, "control_blocks", 0):
+        problems.append(f"control_blocks={config.control_blocks} (a ControlNet: diffusers' PixArtTransformer2DModel holds the "
+                        "base alone; sample it here, or export the base it was trained on)")
     if problems:
         raise IncompatibleModel("this mmDiT is not the PixArt-α preset diffusers can load: " + "; ".join(problems))
 

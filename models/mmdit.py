@@ -58,6 +58,9 @@ class MMDiTConfig(DiTConfig):
         hidden_size divisible by 3. "mlp" is one MLP over the three sinusoids (checkpoints saved
         before "pixart" existed, and widths not divisible by 3). None picks "pixart" when it can.
     pixels_per_latent (`int`): the autoencoder's downsampling; micro-conditions are in pixels.
+    control_blocks (`int`): ControlNet-Transformer (PixArt-δ): trainable copies of the first N blocks
+        (``controlnet``, see :class:`ControlNet`) read a control image's latents; 0 = none. PixArt-δ
+        copies 13 of 28.
     pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
         each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
         circle in position space at every aspect ratio, but the long axis leaves the trained
@@ -77,9 +80,12 @@ class MMDiTConfig(DiTConfig):
     micro_embedder: str | None = None
     pixels_per_latent: int = 8
     pos_grid: str = "stretch"
+    control_blocks: int = 0
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0 <= self.control_blocks <= self.depth:
+            raise ValueError(f"control_blocks={self.control_blocks}: copies of the first N blocks, 0 <= N <= depth ({self.depth})")
         if self.pos_grid not in POS_GRIDS:
             raise ValueError(f"pos_grid={self.pos_grid!r}: expected one of {POS_GRIDS} ('stretch' is PixArt's)")
         if self.micro_embedder is None:
@@ -222,6 +228,33 @@ class CaptionProjection(nn.Module):
         return self.linear_2(gelu_tanh(self.linear_1(x)))
 
 
+class ControlNet(nn.Module):
+    """PixArt-δ's ControlNet-Transformer: the control image's latents, patch-embedded by the base's own
+    (frozen) embedder and a zero-initialized ``before_proj``, are added to the base's input tokens
+    and run through trainable copies of the base's first N blocks, one after the other; copy i's
+    output goes through its zero-initialized ``after_proj[i]`` and is added to base block i's output,
+    times the conditioning scale. Both projections start at zero, so a fresh ControlNet leaves the
+    base's output exactly as it was; ``copy_from`` makes the copies equal to the base's blocks."""
+
+    def __init__(self, blocks: list[nn.Module], hidden_size: int):
+        super().__init__()
+        self.before_proj = nn.Linear(hidden_size, hidden_size)
+        self.blocks = nn.ModuleList(blocks)
+        self.after_proj = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in blocks)
+        self.zero_projections()
+
+    def zero_projections(self) -> None:
+        for proj in (self.before_proj, *self.after_proj):
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    @torch.no_grad()
+    def copy_from(self, base_blocks: nn.ModuleList) -> None:
+        """Each copy takes the weights of the base block it shadows (PixArt-δ starts them so)."""
+        for copy, block in zip(self.blocks, base_blocks):
+            copy.load_state_dict(block.state_dict())
+
+
 @dataclass
 class TextCache:
     """A text condition's share of the forward pass, which does not depend on the image or the
@@ -272,6 +305,10 @@ class MMDiT(nn.Module):
             raise ValueError(f"unknown mmDiT block {c.block!r}; expected 'pixart' or 'joint'")
         self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
+        if c.control_blocks:
+            import copy
+
+            self.controlnet = ControlNet([copy.deepcopy(b) for b in self.blocks[: c.control_blocks]], c.hidden_size)
         self.initialize_weights()
 
     @property
@@ -308,6 +345,13 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(out.bias)
         nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.control_blocks:  # the copies as the base's blocks, the projections closed
+            self.controlnet.copy_from(self.blocks)
+            self.controlnet.zero_projections()
+
+    def base_parameter_names(self) -> list[str]:
+        """The parameters of the model without its ControlNet: what a ControlNet run freezes and starts from."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("controlnet.")]
 
     def _text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None):
         context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
@@ -339,8 +383,12 @@ class MMDiT(nn.Module):
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
         text_cache: TextCache | None = None,
+        control: torch.Tensor | None = None,
+        control_scale: float = 1.0,
     ) -> torch.Tensor:
-        """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask."""
+        """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask.
+        ``control`` (N, C, H, W): a control image's normalized latents, for a model with a ControlNet
+        (``control_blocks``); its residuals are added times ``control_scale`` (0: the base alone)."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h % p or w % p:
@@ -363,16 +411,44 @@ class MMDiT(nn.Module):
         elif text_cache.context.shape[0] != n:
             raise ValueError(f"text_cache holds {text_cache.context.shape[0]} conditions for a batch of {n} latents")
         context, mask = text_cache.context, text_cache.mask
+        t_modulation = self.t_block(t_emb) if self.config.block == "pixart" else None  # (N, 6D): adaLN-single, shared by every block
+        residuals = self._control_residuals(x, control, control_scale, t_emb, t_modulation, context, mask)
         if self.config.block == "joint":
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 x, context = run_block(block, self.gradient_checkpointing, x, context, t_emb, mask)  # (N, T, D), (N, L, D)
+                if i < len(residuals):
+                    x = x + residuals[i]
         else:
-            t_modulation = self.t_block(t_emb)  # (N, 6D): adaLN-single, shared by every block
             kv = text_cache.kv or [None] * len(self.blocks)
-            for block, block_kv in zip(self.blocks, kv):
+            for i, (block, block_kv) in enumerate(zip(self.blocks, kv)):
                 x = run_block(block, self.gradient_checkpointing, x, t_modulation, context, mask, block_kv)  # (N, T, D)
+                if i < len(residuals):
+                    x = x + residuals[i]
         x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
+
+    def _control_residuals(self, x: torch.Tensor, control: torch.Tensor | None, scale: float, t_emb: torch.Tensor,
+                           t_modulation: torch.Tensor | None, context: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The ControlNet's additions to the first N blocks' outputs, [(N, T, D)] * N; none without a control."""
+        if control is None:
+            return []
+        if not self.config.control_blocks:
+            raise ValueError("a control image was given, but this model has no ControlNet (control_blocks=0)")
+        h, w = control.shape[-2:]
+        if control.shape[0] != x.shape[0] or (h // self.config.patch_size) * (w // self.config.patch_size) != x.shape[1]:
+            raise ValueError(f"control latents {tuple(control.shape)} do not match the {x.shape[0]} images of {x.shape[1]} tokens")
+        net, p = self.controlnet, self.config.patch_size
+        embedded = self.pos_embed(h // p, w // p, control.device, self.x_embedder.proj.weight.dtype) + self.x_embedder(control)
+        c = x + net.before_proj(embedded)  # (N, T, D)
+        residuals = []
+        c_context = context
+        for block, after in zip(net.blocks, net.after_proj):
+            if t_modulation is None:
+                c, c_context = run_block(block, self.gradient_checkpointing, c, c_context, t_emb, mask)
+            else:  # the copies compute their own cross-attention keys and values (a text cache holds the base's)
+                c = run_block(block, self.gradient_checkpointing, c, t_modulation, context, mask, None)
+            residuals.append(after(c) * scale)
+        return residuals
 
     def export_config(self) -> dict:
         return asdict(self.config)

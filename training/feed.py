@@ -67,4 +67,4 @@ def sample_check(spec: RunSpec) -> SampleCheck:
     cond = spec.conditioning
     return SampleCheck(latent_shape=None if is_bucketed(spec.manifest) else spec.latent_shape, channels=c, downsample=spec.autoencoder.downsample,
                        num_classes=cond.num_classes if isinstance(cond, ClassConditioning) else None,
-                       text=bool(cond.stored_captions()))
+                       text=bool(cond.stored_captions()), control=cond.stored_control())

@@ -99,6 +99,9 @@ def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_con
             f"gives width {mine}. Reparameterize with --data SHARDS (or --caption-channels {mine}), or use shards from the matching encoder."
         )
     changed = model_config_changes(meta, model_config)
+    control = model_config.get("control_blocks") or 0
+    if control and not meta["model_config"].get("control_blocks"):
+        changed.pop("control_blocks", None)  # a base for a new ControlNet: the copies start as its blocks
     if changed:
         grid = changed.get("pos_grid")
         raise ConfigError(
@@ -108,10 +111,26 @@ def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_con
                "Reparameterize it for this stage first (reparameterize.py) or fix the model config.")
         )
     weights = load_weights(source, ema=meta.get("has_ema", False))
-    load_portable(model, weights)
-    if ema is not None:
-        load_portable(ema, weights)
-    log.info("initialized from %s (%s, step %d)", source, meta["stage"], meta["step"])
+    for target in (model, ema) if ema is not None else (model,):
+        if control and not any(k.startswith("controlnet.") for k in weights):
+            load_base_into_controlnet(target, weights)
+        else:
+            load_portable(target, weights)
+    log.info("initialized from %s (%s, step %d)%s", source, meta["stage"], meta["step"],
+             f"; ControlNet copies of its first {control} blocks, projections at zero" if control else "")
+
+
+def load_base_into_controlnet(model: nn.Module, weights: dict) -> None:
+    """A base model's weights into a model with a fresh ControlNet (models/mmdit.py): everything but
+    ``controlnet.*`` must fit; the copies then take the weights of the blocks they shadow."""
+    from models.linear import portable_state_dict
+
+    missing, unexpected = model.load_state_dict(portable_state_dict(weights), strict=False)
+    missing = [k for k in missing if not k.startswith("controlnet.") and not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConfigError(f"the base's weights do not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.controlnet.copy_from(model.blocks)
+    model.controlnet.zero_projections()
 
 
 def resume_adapters(resume_from: Path, meta: dict, model: nn.Module, ema: nn.Module, adapter_base: dict | None) -> None:

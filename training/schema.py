@@ -108,6 +108,7 @@ class MMDiTSchema(CCDiTSchema):
     micro_embedder: Optional[str] = None
     base_size: Optional[int] = None
     pos_grid: Optional[str] = None
+    control_blocks: Optional[int] = None  # ControlNet: copies of the first N blocks; null: the init checkpoint's, else 0
     check_diffusers_export: bool = False
 
 
@@ -139,6 +140,7 @@ class DataSchema:
     caption_mix: Optional[dict[str, float]] = None
     holdout: bool = False
     eval_prompts: Any = None  # a list of prompts, held_out, or null: held-out captions, else a sample of the data's own
+    control: Optional[str] = None  # ControlNet runs: the stored control map to condition on (edges | mask; data/control.py)
 
 
 @dataclass

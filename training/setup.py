@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from data.shards import check_manifest, is_bucketed
 from data.stage import own_captions, stage_shards
 from flow.objectives import FLOW, SCHEDULER_SOLVERS, Objective
-from inference.conditioning import ClassConditioning, Conditioning, ConditioningError, TextConditioning, kind_of
+from inference.conditioning import (ClassConditioning, Conditioning, ConditioningError, ControlConditioning, TextConditioning,
+                                    kind_of)
 from models.autoencoder import load_autoencoder
 from models.checkpoint import CheckpointError, read_meta
 from models.presets import MODEL_CLASSES, SHAPE_KEYS, check_shape, model_config, preset_fields
@@ -97,7 +98,7 @@ def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     except ValueError as e:
         raise ConfigError(f"model (preset {cfg.model.preset}, data.image_size={size}): {e}") from e
     check_data(cfg, path, manifest, autoencoder, latent_shape)
-    conditioning = make_conditioning(cfg, kind, path, manifest)
+    conditioning = make_conditioning(cfg, kind, path, manifest, autoencoder)
     mcfg = build_model_config(cfg, autoencoder, conditioning, init_meta)
     return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift), resolve_objective(cfg, init_meta))
 
@@ -343,13 +344,40 @@ def eval_prompts(cfg: DictConfig, path: Path, manifest: dict) -> list[str]:
 EVAL_PROMPTS = 8  # drawn from the data's own captions when data.eval_prompts is null and nothing is held out
 
 
-def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, manifest: dict) -> Conditioning:
+def control_eval_values(cond: ControlConditioning, path: Path, manifest: dict, autoencoder: nn.Module) -> list:
+    """A ControlNet run evaluates on the data's own first captions with their stored control maps (a
+    prompt alone says nothing about the control), decoded to the control images a user would give."""
+    from data.stage import own_controls
+    from inference.conditioning import ControlPrompt
+
+    pairs = own_controls(path, manifest, cond.control_kind, EVAL_PROMPTS)
+    device = next(autoencoder.parameters(), torch.empty(0)).device  # pixel space has no weights: the CPU
+    values = []
+    with torch.no_grad():
+        for prompt, raw in pairs:
+            z = cond.normalize(torch.from_numpy(raw.astype("float32"))[None]).to(device)
+            values.append(ControlPrompt(prompt, autoencoder.decode(z)[0].float().cpu()))
+    log.info("evaluation (ControlNet): %d of the data's own captions with their %s maps", len(values), cond.control_kind)
+    return values
+
+
+def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, manifest: dict,
+                      autoencoder: nn.Module | None = None) -> Conditioning:
     try:
         if kind is ClassConditioning:
             return ClassConditioning(int(cfg.data.num_classes), manifest.get("class_names"))
         mix = cfg.data.get("caption_mix")
-        cond = TextConditioning.for_training(str(path), manifest, cfg.data.get("text_mode", "precomputed"), dict(mix) if mix else None)
-        cond.examples = eval_prompts(cfg, path, manifest)  # what the evaluation prompts, and the sampler offers as examples
+        text_args = (str(path), manifest, cfg.data.get("text_mode", "precomputed"), dict(mix) if mix else None)
+        if kind is ControlConditioning:
+            cond = ControlConditioning.for_training(*text_args, control_kind=cfg.data.get("control"))
+        else:
+            cond = TextConditioning.for_training(*text_args)
+        if isinstance(cond, ControlConditioning):
+            cond.bind(autoencoder)
+            cond.eval_values = control_eval_values(cond, path, manifest, autoencoder)
+            cond.examples = [v.prompt for v in cond.eval_values]
+        else:
+            cond.examples = eval_prompts(cfg, path, manifest)  # what the evaluation prompts, and the sampler offers as examples
         return cond
     except ConditioningError as e:
         raise ConfigError(str(e)) from e
@@ -391,6 +419,20 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
     for key in ("out_channels", "interpolation_scale"):  # an imported model's (8 channels: learned variance)
         if init_config.get(key) is not None:
             fields_[key] = init_config[key]
+    control = cfg.model.get("control_blocks")
+    if control is None:
+        control = init_config.get("control_blocks") or 0  # a ControlNet run continued from a ControlNet checkpoint
+    if control or isinstance(conditioning, ControlConditioning):
+        if not isinstance(conditioning, ControlConditioning):
+            raise ConfigError(f"model.control_blocks={control}: a ControlNet trains on control maps; train it with "
+                              "train_controlnet.py (stage conditioning 'control'), or set model.control_blocks=0")
+        if not control:
+            raise ConfigError("stage conditioning 'control' trains a ControlNet: set model.control_blocks to the number of "
+                              "base blocks to copy (PixArt-δ: 13 of 28; the demo: 3 of 6)")
+        if not cfg.stage.get("init_from"):
+            raise ConfigError("a ControlNet trains beside a frozen base: set stage.init_from to a text checkpoint (a stage 2-5 "
+                              "run, or PixArt weights from scripts/import_pixart.py)")
+        fields_["control_blocks"] = int(control)
     config = model_config(cfg.model.family, cfg.model.preset, **fields_)
     if cfg.model.get("check_diffusers_export"):
         from models.diffusers_pixart import IncompatibleModel, check_exportable

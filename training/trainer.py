@@ -93,6 +93,8 @@ class Run:
             log.info("LoRA rank %d (alpha %s) on %s: %d adapter parameters, %.2f%% of the base's %d (frozen)", lora.rank,
                      lora.alpha if lora.alpha is not None else lora.rank, ", ".join(lora.target_modules), trained,
                      100 * trained / frozen, frozen)
+        if getattr(spec.model_config, "control_blocks", 0):
+            freeze_base(model, cfg, lora.enabled)
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -213,6 +215,18 @@ def run(cfg: DictConfig, dist_info: DistInfo, stop: StopRequest, run_dir: Path) 
         if step < t.max_steps:
             r.between_steps(step, stop)
     return r.finish(step, time.time() - t_start)
+
+
+def freeze_base(model, cfg: DictConfig, lora: bool) -> None:
+    """A ControlNet run (PixArt-δ) trains the copies and their projections; the base stays as it was."""
+    if lora:
+        raise ConfigError("train.lora with a ControlNet: the ControlNet's copies are trained whole and the base is frozen; "
+                          "set train.lora.rank=0")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("controlnet."))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("ControlNet: %d of %d blocks copied, %.2fM trained parameters; the base (%.2fM) is frozen",
+             model.config.control_blocks, model.config.depth, trained / 1e6, (count_parameters(model) - trained) / 1e6)
 
 
 def run_meta(cfg: DictConfig, spec: setup.RunSpec) -> dict:

@@ -1,0 +1,17 @@
+"""ControlNet entry point: `python train_controlnet.py stage.init_from=TEXT_CKPT [overrides]`; see configs/controlnet.yaml."""
+from training import signals
+
+signals.catch()  # before the slow imports: a pre-emption while starting still ends in exit 75
+
+import hydra  # noqa: E402
+
+from training.trainer import main as run_stage  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="controlnet")
+def main(cfg) -> None:
+    run_stage(cfg)
+
+
+if __name__ == "__main__":
+    main()
