@@ -9,7 +9,8 @@ otherwise, and serves only checkpoints inside the --checkpoint folder (symlinks
 resolved; uploaded files never count). Nothing is loaded at import: the first
 checkpoint loads at start, the others when picked. Every checkpoint describes
 itself (meta.json), so the info panel, the class picker (stage 1) or prompt box
-(text stages) and the defaults come from it; its size is checked from meta.json
+(text stages), a control image (ControlNet checkpoints: shown beside the samples)
+and the defaults come from it; its size is checked from meta.json
 before anything is allocated (--max-params), and each request's work before it
 runs (--max-work). One request runs at a time, others queue, and Stop cancels.
 Sampling goes through inference.pipeline.generate, the function behind the
@@ -162,12 +163,19 @@ class Sampler:
         return (pipe.conditioning.choices(), pipe.defaults(), list(getattr(pipe.conditioning, "examples", None) or []),
                 (gh * pipe.downsample, gw * pipe.downsample))
 
+    def control_kind(self, path: str) -> str | None:
+        """The control map a ControlNet checkpoint follows (edges, mask), or None for any other checkpoint."""
+        return getattr(self.load(path).conditioning, "control_kind", None)
+
     def sample(self, path: str, weights: str = "ema", condition: str = "", negative_prompt: str = "", cfg_scale: Any = None,
                steps: Any = None, solver: str | None = None, shift: Any = None, seed: Any = 0, batch: Any = 4,
-               height: Any = None, width: Any = None, trajectory: bool = False, progress=None):
+               height: Any = None, width: Any = None, trajectory: bool = False, progress=None, control: Any = None,
+               derive: bool = False, control_scale: Any = None):
         """-> (images (N, H, W, 3) uint8, trajectory strip uint8 or None, record of every setting, with the command
         line that reproduces the images). Seed -1 draws one (the record says which). The denoising strip is
-        Euler's; with another solver it is left out, with a note. ``progress(fraction)`` as sampling goes."""
+        Euler's; with another solver it is left out, with a note. ``progress(fraction)`` as sampling goes.
+        ControlNet checkpoints need ``control``: a picture (uint8 array, PIL image or path) that is the map, or
+        with ``derive`` one to derive the map from; the map used is saved and named in the record ("control")."""
         import secrets
         import warnings
 
@@ -185,6 +193,7 @@ class Sampler:
             solver=solver or None,
             shift=_float(d.shift if shift in (None, "") else shift, "shift", 0.01, 100.0),
             seed=_int(seed, "seed", -1, 2**63 - 1),
+            control_scale=_float(d.control_scale if control_scale in (None, "") else control_scale, "control scale", 0.0, 10.0),
         )
         if settings.seed == -1:
             settings.seed = secrets.randbelow(2**31)
@@ -208,7 +217,10 @@ class Sampler:
                             f"more than this app runs at once ({self.max_work:.2g}): fewer steps, a smaller batch or size, or euler")
         try:
             shape = pipe.latent_shape(h, w, MAX_SIDE_FACTOR)
-            values = pipe.conditioning.parse([str(condition)])
+            control_png = None
+            if getattr(pipe.conditioning, "control_kind", None):
+                condition, control_png = self._control_prompt(pipe, str(condition), control, derive, h, w)
+            values = pipe.conditioning.parse([condition if control_png else str(condition)])
         except (ValueError, ConditioningError) as e:
             raise UserError(str(e)) from None
         if len(values) != 1:
@@ -216,7 +228,10 @@ class Sampler:
         value = values[0]
         meta, text = pipe.meta, pipe.conditioning.choices() is None
         record: dict[str, Any] = {"checkpoint": str(pipe.path), "stage": meta["stage"], "step": meta["step"], "weights": weights}
-        if text:
+        if control_png:
+            record.update(prompt=value.prompt, negative_prompt=str(negative_prompt or ""), control=str(control_png),
+                          control_kind=pipe.conditioning.control_kind)
+        elif text:
             record.update(prompt=value, negative_prompt=str(negative_prompt or ""))
         else:
             record.update(class_id=value, class_name=pipe.conditioning.describe(value) if pipe.conditioning.class_names else None)
@@ -234,6 +249,30 @@ class Sampler:
             strip = make_grid(to_uint8(first), ncols=len(traj), upscale=max(1, 96 // max(h, w)))
         return to_uint8(images), strip, record
 
+    def _control_prompt(self, pipe, prompt: str, control: Any, derive: bool, height: int, width: int):
+        """(the ControlNet's input, the PNG of the map it follows): the map is saved under the upload folder by
+        its content, so the record's command can name it."""
+        import hashlib
+
+        import numpy as np
+        from PIL import Image
+
+        from inference.conditioning import ControlPrompt
+        from inference.images import save_png, to_uint8
+
+        if control is None or (isinstance(control, str) and not control):
+            raise UserError(f"this checkpoint is a ControlNet ({pipe.conditioning.control_kind} maps): give a control image "
+                            "(the map itself, or a picture with 'derive the map' ticked)")
+        try:
+            picture = Image.open(control) if isinstance(control, (str, Path)) else control
+            pixels = pipe.conditioning.control_image(picture, height, width, derive=bool(derive))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot use the control image: {e}") from None
+        used = to_uint8(pixels[None])[0]
+        folder = upload_dir() / "controls"
+        png = save_png(used, folder / f"{hashlib.sha256(np.ascontiguousarray(used).tobytes()).hexdigest()[:16]}.png")
+        return ControlPrompt(prompt, pixels), png
+
 
 def _command(record: dict, weights: str, device: str, dtype: str) -> str:
     """The app/sample.py command that draws the same images (its grid holds them in one column)."""
@@ -241,6 +280,8 @@ def _command(record: dict, weights: str, device: str, dtype: str) -> str:
 
     what = (["--prompt", record["prompt"], "--negative-prompt", record["negative_prompt"]] if "prompt" in record
             else ["--classes", str(record["class_id"])])
+    if "control" in record:  # the map used, as saved (derived already: no --control-from)
+        what += ["--control", record["control"], "--control-scale", record["control_scale"]]
     args = ["python", "app/sample.py", record["checkpoint"], *what, "--per-class", record["batch"], "--cfg", record["cfg_scale"],
             "--steps", record["steps"], "--solver", record["solver"], "--shift", record["shift"], "--seed", record["seed"],
             "--height", record["height"], "--width", record["width"], "--device", device, "--dtype", dtype,
@@ -260,6 +301,10 @@ def _trained_with(config: Path) -> str:
         return f"⚠️ its config.yaml cannot be read ({type(e).__name__})"
 
 
+def _derive_label(kind: str | None) -> str:
+    return f"derive the {kind or 'control'} map from this picture"
+
+
 def _display(images):
     import numpy as np
 
@@ -270,6 +315,8 @@ def _display(images):
 def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info: str = "", first: str | None = None):
     """The page; it opens with ``first`` (default: the first of ``checkpoints``)."""
     import gradio as gr
+    import numpy as np
+    from PIL import Image
 
     from flow.sampling import SOLVERS
 
@@ -283,30 +330,39 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
     except Exception as e:  # a broken first checkpoint: say so, the others stay pickable
         first_info = f"⚠️ {e}"
     text = classes is None  # free text: a prompt box instead of the class picker
+    kind = None
+    try:
+        kind = sampler.control_kind(first) if first else None
+    except Exception:  # reported in the info panel already
+        pass
 
     def on_pick(path):
         try:
             classes, d, ex, (h, w) = sampler.view(path)
+            kind = sampler.control_kind(path)
             return (sampler.info(path), gr.update(choices=classes or [], value=classes[0] if classes else None, visible=classes is not None),
                     gr.update(visible=classes is None), gr.update(visible=classes is None),
-                    gr.update(choices=ex, value=None, visible=bool(ex)), d.cfg_scale, d.steps, d.solver, d.shift, h, w, "")
+                    gr.update(choices=ex, value=None, visible=bool(ex)), d.cfg_scale, d.steps, d.solver, d.shift, h, w, "",
+                    gr.update(visible=kind is not None), gr.update(visible=kind is not None), gr.update(label=_derive_label(kind)))
         except Exception as e:  # a broken checkpoint: its error in the info panel, the app keeps serving
-            return (f"⚠️ {e}", *(gr.update() for _ in range(10)), f"⚠️ {e}")
+            return (f"⚠️ {e}", *(gr.update() for _ in range(10)), f"⚠️ {e}", *(gr.update() for _ in range(3)))
 
     def condition(path, klass, prompt):
         return prompt if sampler.choices(path) is None else klass
 
     def run(path, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
-            progress=gr.Progress()):
+            control=None, derive=False, control_scale=None, progress=gr.Progress()):
         try:
             images, strip, record = sampler.sample(path, weights, condition(path, klass, prompt), negative, cfg, steps,
-                                                   solver, shift, seed, batch, height, width, trajectory, progress=progress)
+                                                   solver, shift, seed, batch, height, width, trajectory, progress=progress,
+                                                   control=control, derive=derive, control_scale=control_scale)
             note = "; ".join(record.get("warnings", []) + [f"{len(images)} samples, seed {record['seed']}"])
-            return _display(images), strip, record, note
+            used = _display(np.asarray(Image.open(record["control"]).convert("RGB"))[None])[0] if "control" in record else None
+            return _display(images), strip, record, note, used
         except UserError as e:
-            return None, None, None, f"⚠️ {e}"
+            return None, None, None, f"⚠️ {e}", None
         except Exception as e:  # an unexpected failure still leaves the app serving
-            return None, None, None, f"⚠️ sampling failed: {type(e).__name__}: {e}"
+            return None, None, None, f"⚠️ sampling failed: {type(e).__name__}: {e}", None
 
     def compare(path_a, weights_a, path_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch):
         outs = []
@@ -332,6 +388,12 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
             negative = gr.Textbox(label="negative prompt (empty = the null condition)", visible=text, value="")
         example = gr.Dropdown(examples, value=None, label="example prompts (the checkpoint's evaluation prompts)",
                               visible=bool(examples))
+        with gr.Row(visible=kind is not None) as control_row:  # ControlNet checkpoints only
+            control = gr.Image(label="control image: the map (white = inside), or a picture to derive it from", type="numpy",
+                               image_mode="RGB", format="png")
+            with gr.Column():
+                derive = gr.Checkbox(label=_derive_label(kind), value=False)
+                control_scale = gr.Number(label="control scale (0: the base model alone)", value=d.control_scale if d else 1.0)
         with gr.Row():
             # bounds are checked by Sampler.sample, which says what is wrong in the status line
             cfg = gr.Number(label="CFG scale", value=d.cfg_scale if d else None)
@@ -348,7 +410,10 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
             go = gr.Button("Generate", variant="primary", scale=3)
             cancel = gr.Button("Stop", scale=1)
         status = gr.Markdown("")
-        gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="samples")
+        with gr.Row():
+            gallery = gr.Gallery(label="samples", columns=4, format="png", elem_id="samples", scale=3)
+            control_used = gr.Image(label="control map used", format="png", interactive=False, visible=kind is not None,
+                                    scale=1, elem_id="control-used")
         strip = gr.Image(label="denoising: predicted clean image at each step (sample 1)", format="png")
         record = gr.JSON(label="settings, and the app/sample.py command that reproduces them")
         with gr.Accordion("compare two checkpoints (same seed and settings)", open=False):
@@ -361,12 +426,14 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
                     label_a, gallery_a = gr.Markdown(), gr.Gallery(label="A", columns=2, format="png")
                 with gr.Column():
                     label_b, gallery_b = gr.Markdown(), gr.Gallery(label="B", columns=2, format="png")
-        ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, example, cfg, steps, solver, shift, height, width, status],
-                    api_name="pick")
+        ckpt.change(on_pick, [ckpt], [info, klass, prompt, negative, example, cfg, steps, solver, shift, height, width, status,
+                                      control_row, control_used, derive], api_name="pick")
         example.change(lambda e: e or gr.update(), [example], [prompt], api_name=False)  # page-only: not part of the API
-        inputs = [ckpt, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory]
-        running = [go.click(run, inputs, [gallery, strip, record, status], api_name="generate"),
-                   prompt.submit(run, inputs, [gallery, strip, record, status], api_name=False),  # the same as /generate
+        inputs = [ckpt, weights, klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
+                  control, derive, control_scale]
+        outputs = [gallery, strip, record, status, control_used]
+        running = [go.click(run, inputs, outputs, api_name="generate"),
+                   prompt.submit(run, inputs, outputs, api_name=False),  # the same as /generate
                    go_b.click(compare, [ckpt, weights, ckpt_b, weights_b, klass, prompt, negative, cfg, steps, solver, shift, seed, batch],
                               [gallery_a, label_a, gallery_b, label_b], api_name="compare")]
         cancel.click(None, None, None, cancels=running, api_name="stop")

@@ -7,6 +7,13 @@ JSON of every setting.
     python app/sample.py runs/quality/stage2 --prompts-file prompts.txt --negative-prompt "a blue square"
     python app/sample.py runs/quality/stage4 --prompt "a large blue square on a white background" --height 24 --width 48
     python app/sample.py CKPT --prompt "..." --per-class 64 --batch 16 --device cuda --dtype bf16
+    python app/sample.py runs/demo/controlnet --prompt "a large red circle on a white background" --control mask.png
+    python app/sample.py runs/demo/controlnet --prompt "..." --control-from photo.png --control-scale 0.8
+
+A ControlNet checkpoint (train_controlnet.py) needs a control image: --control, a map as a picture
+(white = inside the mask, or the edges), or --control-from, an ordinary picture whose map of the
+checkpoint's kind is derived here. Either is scaled to cover the output size and center-cropped;
+the map used is written beside the grid (<out>_control.png).
 
 Each sample is also written on its own, named by class or prompt and its row
 (samples/red_circle_0.png, samples/a_small_red_circle_on_a_black_background_1.png, ...:
@@ -36,6 +43,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt", action="append", help="text checkpoints: a prompt (repeat for several)")
     ap.add_argument("--prompts-file", help="text checkpoints: a file with one prompt per line")
     ap.add_argument("--negative-prompt", default="", help="text checkpoints: the CFG unconditional prompt (default: empty)")
+    ap.add_argument("--control", default=None, metavar="PATH", help="ControlNet checkpoints: the control map as a picture")
+    ap.add_argument("--control-from", default=None, metavar="PATH",
+                    help="ControlNet checkpoints: a picture to derive the control map from (the checkpoint's kind: edges or mask)")
+    ap.add_argument("--control-scale", type=float, default=None,
+                    help="ControlNet checkpoints: the conditioning scale (0: the base model alone; default 1)")
     ap.add_argument("--per-class", type=int, default=4, help="samples per class or prompt (grid rows)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the checkpoint's)")
@@ -74,11 +86,33 @@ def main(argv=None) -> dict:
     if bool(prompts) != text or (text and args.classes):
         raise SystemExit(f"{args.checkpoint} is a {cond.kind}-conditioned ({pipe.meta['stage']}) checkpoint: "
                          + ("give --prompt or --prompts-file" if text else "give --classes, not prompts"))
+    control = None
+    if args.control and args.control_from:
+        ap.error("give --control (a map) or --control-from (a picture to derive it from), not both")
+    if (args.control or args.control_from) and cond.kind != "control":
+        raise SystemExit(f"{args.checkpoint} is not a ControlNet checkpoint ({cond.kind}-conditioned): it takes no control image")
+    if cond.kind == "control":
+        source = args.control or args.control_from
+        if not source:
+            raise SystemExit(f"{args.checkpoint} is a ControlNet ({cond.control_kind} maps): give --control MAP.png or "
+                             "--control-from PICTURE.png")
+        try:
+            from PIL import Image
+
+            picture = Image.open(source)
+            control = cond.control_image(picture, shape[1] * pipe.downsample, shape[2] * pipe.downsample,
+                                         derive=bool(args.control_from))
+        except OSError as e:
+            raise SystemExit(f"cannot read the control image {source}: {e}") from e
+        from inference.conditioning import ControlPrompt
+
+        prompts = [ControlPrompt(p, control) for p in prompts]
     try:
         values = cond.parse(prompts or args.classes or ["all"])
     except ConditioningError as e:
         raise SystemExit(str(e)) from e
-    settings = pipe.defaults(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift, seed=args.seed)
+    settings = pipe.defaults(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift, seed=args.seed,
+                             control_scale=args.control_scale)
     try:
         settings.objective.check_solver(settings.solver)
     except ValueError as e:
@@ -89,6 +123,9 @@ def main(argv=None) -> dict:
     pixels = to_uint8(images)
     save_png(make_grid(pixels, ncols=len(values), upscale=max(1, 96 // max(images.shape[-2:]))), out)
     files = []
+    if control is not None:  # the map the samples followed, beside the grid
+        control_png = out.with_name(out.stem + "_control.png")
+        save_png(to_uint8(control[None])[0], control_png)
     if args.images != "none":
         folder = Path(args.images) if args.images else out.with_suffix("")
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +142,9 @@ def main(argv=None) -> dict:
         "stage": pipe.meta["stage"],
         "step": pipe.meta["step"],
         "weights": "raw" if args.raw else "ema",
-        **({"prompts": values, "negative_prompt": args.negative_prompt} if text else
+        **({"control": str(control_png), "control_from": args.control_from, "control_kind": cond.control_kind}
+           if control is not None else {}),
+        **({"prompts": [cond.describe(v) for v in values], "negative_prompt": args.negative_prompt} if text else
            {"classes": values, "class_names": [cond.describe(v) for v in values] if cond.class_names else None}),
         "per_class": args.per_class,
         "height": images.shape[-2],

@@ -367,6 +367,24 @@ class ControlConditioning(TextConditioning):
     def describe(self, value: ControlPrompt) -> str:
         return value.prompt
 
+    def control_image(self, image, height: int, width: int, derive: bool = False) -> torch.Tensor:
+        """A user's picture (PIL image or (H, W[, 3]) uint8 array) -> the (3, height, width) control pixels: scaled
+        to cover the output and center-cropped, as data preparation crops. ``derive``: the picture is an ordinary
+        image and this checkpoint's map (edges, mask) is derived from it; else it is the map itself (its grey level)."""
+        from PIL import Image
+
+        from data.control import control_map, from_image, to_pixels
+
+        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        img = img.convert("RGB")
+        scale = max(width / img.width, height / img.height)
+        rw, rh = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+        img = img.resize((rw, rh), Image.BICUBIC if derive else Image.NEAREST)  # a map keeps its hard edges
+        left, top = (rw - width) // 2, (rh - height) // 2
+        pixels = np.asarray(img.crop((left, top, left + width, top + height)))
+        grey = control_map(self.control_kind, pixels) if derive else from_image(pixels)
+        return torch.from_numpy(to_pixels(grey))
+
     def control_latents(self, pixels: torch.Tensor, device) -> torch.Tensor:
         """(N, 3, H, W) control images in [-1, 1] -> the model's ``control``: the images' autoencoder, normalized."""
         if self.autoencoder is None:

