@@ -107,6 +107,8 @@ class Objective:
         """ValueError, saying which solvers fit, when ``solver`` cannot sample this objective."""
         if self.kind == "epsilon" and solver not in SCHEDULER_SOLVERS:
             raise ValueError(f"this checkpoint predicts DDPM noise (epsilon): sample it with solver dpm++ or ddim, not {solver!r}")
+        if solver == "lcm" and self.kind != "flow":
+            raise ValueError("lcm (consistency sampling) is for flow models distilled with train_distill.py")
         if self.kind == "flow" and solver == "ddim":
             raise ValueError("ddim is for epsilon models; this checkpoint is a flow: use euler, another ODE solver, or dpm++")
 

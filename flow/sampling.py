@@ -15,10 +15,11 @@ from flow.rectified_flow import shift_time
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 ODE_SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "heun3", "bosh3")
-# every solver a sampler offers: the ODE's, then diffusers' DPM-Solver++ and DDIM schedulers (flow/objectives.py)
-SOLVERS = ODE_SOLVERS + ("dpm++", "ddim")
+# every solver a sampler offers: the ODE's, diffusers' DPM-Solver++ and DDIM schedulers (flow/objectives.py), and
+# multi-step consistency sampling for distilled few-step students (flow/consistency.py)
+SOLVERS = ODE_SOLVERS + ("dpm++", "ddim", "lcm")
 # model evaluations per step (dopri5 adapts its steps: at least this many): what a request costs, and progress
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6, "heun3": 3, "bosh3": 3, "dpm++": 1, "ddim": 1}
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6, "heun3": 3, "bosh3": 3, "dpm++": 1, "ddim": 1, "lcm": 1}
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from flow.objectives import FLOW, SCHEDULER_SOLVERS, Objective, prediction
-from flow.sampling import sample, sample_with_scheduler
+from flow.consistency import consistency_sample
+from flow.sampling import guided_velocity, sample, sample_with_scheduler
 from inference.conditioning import Conditioning, from_meta
 from models.cli import DTYPE_NAMES
 
@@ -127,6 +128,16 @@ def generate(
             callback(calls[0])
         return v
 
+    if settings.solver == "lcm":  # few-step consistency sampling (a distilled student: its guidance is an input)
+        if return_trajectory:
+            raise ValueError("the denoising strip (return_trajectory) needs solver='euler'")
+        prepare = lambda c: prepare_condition(model, c)  # noqa: E731
+        if getattr(getattr(model, "config", None), "guidance_embed", False):
+            w = torch.full((n,), float(settings.cfg_scale), device=noise.device)
+            v = guided_velocity(velocity, {**cond, "guidance": w}, None, 1.0, prepare)
+        else:  # a model without the guidance input: the usual guided velocity
+            v = guided_velocity(velocity, cond, uncond, settings.cfg_scale, prepare)
+        return autoencoder.decode(consistency_sample(v, noise, settings.steps, settings.shift, settings.seed))
     if settings.solver in SCHEDULER_SOLVERS:
         if return_trajectory:
             raise ValueError("the denoising strip (return_trajectory) needs solver='euler'")

@@ -61,6 +61,9 @@ class MMDiTConfig(DiTConfig):
     control_blocks (`int`): ControlNet-Transformer (PixArt-δ): trainable copies of the first N blocks
         (``controlnet``, see :class:`ControlNet`) read a control image's latents; 0 = none. PixArt-δ
         copies 13 of 28.
+    guidance_embed (`bool`): a guidance-scale input (a distilled few-step student, flow/consistency.py):
+        the scale w is embedded like a timestep (w x 1000) and added to the timestep embedding through
+        a zero-initialized output, so the student starts as its teacher.
     pos_grid (`str`): how non-square grids place their positions: "stretch" (PixArt, diffusers:
         each axis spans the base range) or "isotropic" (one step for both axes, so a circle is a
         circle in position space at every aspect ratio, but the long axis leaves the trained
@@ -81,6 +84,7 @@ class MMDiTConfig(DiTConfig):
     pixels_per_latent: int = 8
     pos_grid: str = "stretch"
     control_blocks: int = 0
+    guidance_embed: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -279,7 +283,8 @@ class MMDiT(nn.Module):
     """
 
     family = "mmdit"
-    _keep_in_high_precision = ("x_embedder", "t_embedder", "t_block", "y_embedder", "micro_embedder", "final_layer")
+    _keep_in_high_precision = ("x_embedder", "t_embedder", "t_block", "y_embedder", "micro_embedder", "guidance_embedder",
+                               "final_layer")
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
@@ -288,6 +293,8 @@ class MMDiT(nn.Module):
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = CaptionProjection(c.caption_channels, c.hidden_size)
+        if c.guidance_embed:
+            self.guidance_embedder = TimestepEmbedder(c.hidden_size)
         if c.micro_conditions:
             embedder = PixArtMicroConditionEmbedder if c.micro_embedder == "pixart" else MicroConditionEmbedder
             self.micro_embedder = embedder(c.hidden_size)
@@ -345,6 +352,9 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(out.bias)
         nn.init.zeros_(self.final_layer.linear.weight)  # a fresh model outputs exactly zero
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.guidance_embed:  # closed: a student starts as its teacher
+            nn.init.zeros_(self.guidance_embedder.linear_2.weight)
+            nn.init.zeros_(self.guidance_embedder.linear_2.bias)
         if self.config.control_blocks:  # the copies as the base's blocks, the projections closed
             self.controlnet.copy_from(self.blocks)
             self.controlnet.zero_projections()
@@ -385,10 +395,12 @@ class MMDiT(nn.Module):
         text_cache: TextCache | None = None,
         control: torch.Tensor | None = None,
         control_scale: float = 1.0,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask.
         ``control`` (N, C, H, W): a control image's normalized latents, for a model with a ControlNet
-        (``control_blocks``); its residuals are added times ``control_scale`` (0: the base alone)."""
+        (``control_blocks``); its residuals are added times ``control_scale`` (0: the base alone).
+        ``guidance`` (N,): the guidance scale of a distilled student (``guidance_embed``)."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h % p or w % p:
@@ -397,6 +409,10 @@ class MMDiT(nn.Module):
         # residual stream (the patch embedding alone is a transposed view; diffusers adds in that order)
         x = self.pos_embed(h // p, w // p, hidden_states.device, self.x_embedder.proj.weight.dtype) + self.x_embedder(hidden_states)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
+        if guidance is not None:
+            if not self.config.guidance_embed:
+                raise ValueError("a guidance scale was given, but this model takes none (guidance_embed=False)")
+            t_emb = t_emb + self.guidance_embedder(guidance.to(t_emb.dtype).expand(n))
         if self.config.micro_conditions:  # default: the size of the image being generated
             if resolution is None:
                 px = self.config.pixels_per_latent

@@ -31,6 +31,7 @@ class Feed:
         t = cfg.train.timestep
         self.timesteps = (t.logit_mean, t.logit_std, spec.shift)
         self.cond_dropout = cfg.train.cond_dropout
+        self.extra_draws = 0  # uniform numbers per sample a distillation loss draws (training/distill.py)
 
     def micro_batches(self, gen: torch.Generator) -> Iterator[MicroBatch]:
         """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``."""
@@ -47,7 +48,7 @@ class Feed:
                     raise RuntimeError(f"DDP ranks read {self.first_batch_overlap} identical samples in their first batch")
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
-            yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective)
+            yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws)
 
 
 def default_workers(dist_info: DistInfo) -> int:

@@ -100,8 +100,11 @@ def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_con
         )
     changed = model_config_changes(meta, model_config)
     control = model_config.get("control_blocks") or 0
-    if control and not meta["model_config"].get("control_blocks"):
-        changed.pop("control_blocks", None)  # a base for a new ControlNet: the copies start as its blocks
+    new_parts = []  # what this model adds to the source's: started here, not loaded
+    for key, prefix in (("control_blocks", "controlnet."), ("guidance_embed", "guidance_embedder.")):
+        if model_config.get(key) and not meta["model_config"].get(key):
+            changed.pop(key, None)  # a base for a new ControlNet, a teacher for a new student
+            new_parts.append(prefix)
     if changed:
         grid = changed.get("pos_grid")
         raise ConfigError(
@@ -112,25 +115,29 @@ def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_con
         )
     weights = load_weights(source, ema=meta.get("has_ema", False))
     for target in (model, ema) if ema is not None else (model,):
-        if control and not any(k.startswith("controlnet.") for k in weights):
-            load_base_into_controlnet(target, weights)
+        if new_parts:
+            load_into_extended(target, weights, new_parts)
         else:
             load_portable(target, weights)
     log.info("initialized from %s (%s, step %d)%s", source, meta["stage"], meta["step"],
-             f"; ControlNet copies of its first {control} blocks, projections at zero" if control else "")
+             "".join([f"; ControlNet copies of its first {control} blocks, projections at zero" if "controlnet." in new_parts else "",
+                      "; a guidance-scale embedding at zero (the student starts as the teacher)"
+                      if "guidance_embedder." in new_parts else ""]))
 
 
-def load_base_into_controlnet(model: nn.Module, weights: dict) -> None:
-    """A base model's weights into a model with a fresh ControlNet (models/mmdit.py): everything but
-    ``controlnet.*`` must fit; the copies then take the weights of the blocks they shadow."""
+def load_into_extended(model: nn.Module, weights: dict, new_parts: list[str]) -> None:
+    """A model's weights into the same model with new parts (``new_parts``: parameter name prefixes: a fresh
+    ControlNet, a guidance embedding): everything else must fit; a ControlNet's copies then take the
+    weights of the blocks they shadow, and the new parts' closed outputs stay closed."""
     from models.linear import portable_state_dict
 
     missing, unexpected = model.load_state_dict(portable_state_dict(weights), strict=False)
-    missing = [k for k in missing if not k.startswith("controlnet.") and not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.startswith(tuple(new_parts)) and not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise ConfigError(f"the base's weights do not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.controlnet.copy_from(model.blocks)
-    model.controlnet.zero_projections()
+        raise ConfigError(f"the source's weights do not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if "controlnet." in new_parts:
+        model.controlnet.copy_from(model.blocks)
+        model.controlnet.zero_projections()
 
 
 def resume_adapters(resume_from: Path, meta: dict, model: nn.Module, ema: nn.Module, adapter_base: dict | None) -> None:

@@ -45,6 +45,15 @@ class LoraSchema:
 
 
 @dataclass
+class DistillSchema:
+    enabled: bool = False  # train_distill.py: LCM distillation of stage.init_from (the teacher) into a few-step student
+    teacher_steps: int = 32  # the teacher's coarse grid: one guided Euler step of it per sample (the skipped steps)
+    w_min: float = 1.0  # guidance scales drawn per sample, uniformly; the student takes w as an input
+    w_max: float = 6.0
+    huber_c: float = 0.001  # pseudo-Huber loss constant (LCM's)
+
+
+@dataclass
 class TrainSchema:
     global_batch_size: int = 256
     grad_accum: int = 1
@@ -61,6 +70,7 @@ class TrainSchema:
     timestep: TimestepSchema = field(default_factory=TimestepSchema)
     objective: Optional[str] = None  # flow | epsilon; null: the init checkpoint's, else flow
     lora: LoraSchema = field(default_factory=LoraSchema)
+    distill: DistillSchema = field(default_factory=DistillSchema)
     log_every: int = 50
     sample_every: int = 5000
     checkpoint_every: int = 5000
@@ -109,6 +119,7 @@ class MMDiTSchema(CCDiTSchema):
     base_size: Optional[int] = None
     pos_grid: Optional[str] = None
     control_blocks: Optional[int] = None  # ControlNet: copies of the first N blocks; null: the init checkpoint's, else 0
+    guidance_embed: Optional[bool] = None  # a distilled student's guidance-scale input; null: the init checkpoint's, else off
     check_diffusers_export: bool = False
 
 

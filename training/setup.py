@@ -100,7 +100,9 @@ def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     check_data(cfg, path, manifest, autoencoder, latent_shape)
     conditioning = make_conditioning(cfg, kind, path, manifest, autoencoder)
     mcfg = build_model_config(cfg, autoencoder, conditioning, init_meta)
-    return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift), resolve_objective(cfg, init_meta))
+    objective = resolve_objective(cfg, init_meta)
+    check_distill(cfg, init_meta, objective)
+    return RunSpec(run_dir, micro, path, manifest, autoencoder, conditioning, mcfg, float(shift), objective)
 
 
 def lora_spec(cfg: DictConfig, use_fsdp: bool):
@@ -126,6 +128,29 @@ def lora_spec(cfg: DictConfig, use_fsdp: bool):
     if problems:
         raise ConfigError("train.lora.rank=%d: " % spec.rank + "; ".join(problems))
     return spec
+
+
+def check_distill(cfg: DictConfig, init_meta: dict, objective: Objective) -> None:
+    """``train.distill``: a flow teacher to distill (stage.init_from), and a student that takes the guidance scale."""
+    d = cfg.train.get("distill")
+    if not d or not d.enabled:
+        return
+    problems = []
+    if not cfg.stage.get("init_from"):
+        problems.append("stage.init_from is not set: it is the teacher (a text checkpoint)")
+    elif objective.kind != "flow":
+        problems.append(f"the teacher predicts {objective.kind}: consistency distillation here runs on the flow ODE; "
+                        "fine-tune it as a flow first (train.objective=flow)")
+    if cfg.stage.conditioning != "text":
+        problems.append(f"stage conditioning {cfg.stage.conditioning!r}: the teacher's guidance needs text and its null prompt")
+    if not cfg.model.get("guidance_embed"):
+        problems.append("model.guidance_embed is off: the student takes the guidance scale as an input")
+    if cfg.train.lora.rank:
+        problems.append("train.lora.rank > 0: the student's guidance embedding is new and trained whole; distill the whole model")
+    if not 1 <= d.teacher_steps <= 1000 or d.w_min > d.w_max or d.w_min < 0:
+        problems.append(f"teacher_steps {d.teacher_steps} (1-1000), w range [{d.w_min}, {d.w_max}] (0 <= w_min <= w_max)")
+    if problems:
+        raise ConfigError("train.distill: " + "; ".join(problems))
 
 
 def resolve_objective(cfg: DictConfig, init_meta: dict | None) -> Objective:
@@ -433,6 +458,11 @@ def build_model_config(cfg: DictConfig, autoencoder: nn.Module, conditioning: Co
             raise ConfigError("a ControlNet trains beside a frozen base: set stage.init_from to a text checkpoint (a stage 2-5 "
                               "run, or PixArt weights from scripts/import_pixart.py)")
         fields_["control_blocks"] = int(control)
+    guidance = cfg.model.get("guidance_embed")
+    if guidance is None:
+        guidance = bool(init_config.get("guidance_embed"))  # continuing a distilled student
+    if guidance:
+        fields_["guidance_embed"] = True
     config = model_config(cfg.model.family, cfg.model.preset, **fields_)
     if cfg.model.get("check_diffusers_export"):
         from models.diffusers_pixart import IncompatibleModel, check_exportable

@@ -32,20 +32,24 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 @dataclass
 class MicroBatch:
     """The step's inputs: x0 (N, C, H, W) normalized latents, cond (the model's condition keyword
-    arguments), t (N,) model times in [0, 1], noise (N, C, H, W)."""
+    arguments), t (N,) model times in [0, 1], noise (N, C, H, W); extra (N, K) uniform numbers for a
+    loss that draws more (distillation: training/distill.py), None otherwise."""
 
     x0: torch.Tensor
     cond: dict[str, Any]
     t: torch.Tensor
     noise: torch.Tensor
+    extra: torch.Tensor | None = None
 
     @classmethod
     def draw(cls, x0: torch.Tensor, cond: dict[str, Any], logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
-             gen: torch.Generator | None = None, objective: Objective = FLOW) -> "MicroBatch":
-        """Timesteps (flow: logit-normal, shifted; epsilon: uniform steps), then noise, from ``gen``."""
+             gen: torch.Generator | None = None, objective: Objective = FLOW, extra: int = 0) -> "MicroBatch":
+        """Timesteps (flow: logit-normal, shifted; epsilon: uniform steps), then noise, then ``extra`` uniform
+        numbers per sample, from ``gen``."""
         t = objective.draw_t(x0.shape[0], logit_mean, logit_std, shift, gen, x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
-        return cls(x0, cond, t, noise)
+        more = torch.rand((x0.shape[0], extra), generator=gen, device=x0.device) if extra else None
+        return cls(x0, cond, t, noise, more)
 
 
 class Local:
@@ -83,15 +87,20 @@ class StepOutput:
 def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches: Iterable[MicroBatch], accum: int, *,
                grad_clip: float, forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
                may_apply: Callable[[float], bool] | None = None, ema: nn.Module | None = None, ema_decay: float = 0.0,
-               objective: Objective = FLOW) -> StepOutput:
+               objective: Objective = FLOW, loss_fn: Callable[[nn.Module, nn.Module | None, MicroBatch], torch.Tensor] | None = None
+               ) -> StepOutput:
     """One optimizer step over ``accum`` micro-batches (read lazily from ``micro_batches``, so a data
     loader can feed them): forward and loss under ``forward_context`` (autocast, FP8), backward,
-    then the gradient clipped, and unless ``may_apply(grad_norm)`` says no, the update and the EMA."""
+    then the gradient clipped, and unless ``may_apply(grad_norm)`` says no, the update and the EMA.
+    ``loss_fn(module, ema, micro_batch)`` -> per-sample loss replaces the objective's (distillation)."""
     losses = []
     for i, mb in zip(range(accum), micro_batches):
         with parallel.sync(i == accum - 1), forward_context():
-            pred = call_model(parallel.module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.cond)  # (N, C or 2C, H, W)
-            per_sample = objective.loss(pred, mb.x0, mb.noise)  # (N,)
+            if loss_fn is not None:
+                per_sample = loss_fn(parallel.module, ema, mb)  # (N,)
+            else:
+                pred = call_model(parallel.module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.cond)  # (N, C or 2C, H, W)
+                per_sample = objective.loss(pred, mb.x0, mb.noise)  # (N,)
             loss = per_sample.mean() / accum
         loss.backward()
         losses.append((loss.detach() * accum, per_sample.detach(), mb.t))

@@ -36,6 +36,7 @@ from training.logger import Meter, RunLogger, log, setup_console
 from training.optim import lr_at, make_optimizer
 from training.parallel import wrap
 from training.resume import init_weights, resume_or_init
+from training.distill import DRAWS
 from training.step import step_generator, train_step
 
 __all__ = ["train", "main", "ConfigError"]
@@ -104,6 +105,9 @@ class Run:
         self.parallel, self.optimizer = wrap(cfg, model, self.ema, optimizer, self.start.optimizer_state, dist_info, use_fsdp,
                                              len(spec.manifest.get("buckets") or {}))
         self.feed = Feed(cfg, spec, dist_info, self.start.batches_done, self.start.positions)
+        self.distill = make_distillation(cfg, spec, dist_info.device)
+        if self.distill is not None:
+            self.feed.extra_draws = DRAWS
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
         log.info(
             "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
@@ -139,7 +143,7 @@ class Run:
                          t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
                          may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
                          ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
-                         objective=self.spec.objective)
+                         objective=self.spec.objective, loss_fn=self.distill.loss if self.distill else None)
         if not out.applied:
             self.logger.write(f"step {step}: non-finite loss or gradient, update skipped ({self.guard.skipped_total} so far)")
         self.meter.add(out.losses)
@@ -215,6 +219,21 @@ def run(cfg: DictConfig, dist_info: DistInfo, stop: StopRequest, run_dir: Path) 
         if step < t.max_steps:
             r.between_steps(step, stop)
     return r.finish(step, time.time() - t_start)
+
+
+def make_distillation(cfg: DictConfig, spec: setup.RunSpec, device):
+    """The distillation loss of a train_distill.py run (training/distill.py), its teacher the init checkpoint; None otherwise."""
+    d = cfg.train.get("distill")
+    if not d or not d.enabled:
+        return None
+    from models.checkpoint import checkpoint_model, read_meta
+    from training.distill import ConsistencyDistillation, DistillSettings
+
+    teacher = checkpoint_model(cfg.stage.init_from, read_meta(cfg.stage.init_from)).to(device)
+    settings = DistillSettings.from_config(d)
+    log.info("distillation: teacher %s (frozen), %d-step grid, guidance w ~ U[%g, %g]", cfg.stage.init_from,
+             settings.teacher_steps, settings.w_min, settings.w_max)
+    return ConsistencyDistillation(teacher, spec.conditioning.null, settings, spec.shift)
 
 
 def freeze_base(model, cfg: DictConfig, lora: bool) -> None:
