@@ -48,20 +48,24 @@ def served(tmp_path_factory, shapes_dir, text_shapes_dir):
                                                                         "model.control_blocks": 1, "train.max_steps": 2,
                                                                         "train.lr": "3e-2", "train.warmup_steps": 0}),
                         "controlnet"))["checkpoint"]
+    fast = train(compose(stage2_overrides(root / "fast", text_shapes_dir, **{  # a distilled few-step student of s2
+        "experiment": "demo_distill", "stage.init_from": s2, "train.max_steps": 2, "train.warmup_steps": 0,
+        "train.distill.teacher_steps": 8, "train.sample.steps": 2}), "distill"))["checkpoint"]
     found = find_checkpoints(root)
-    assert set(found) == {s1, s2, str(bad), str(init), ctl}
-    ui = build_ui([s1, s2, str(bad), str(init), ctl])  # the first one is what the page opens with
+    assert set(found) == {s1, s2, str(bad), str(init), ctl, fast}
+    ui = build_ui([s1, s2, str(bad), str(init), ctl, fast])  # the first one is what the page opens with
     port = _free_port()
     ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    ctl_ui = build_ui([ctl])  # a page that opens on the ControlNet (the browser test uploads a control image)
-    ctl_port = _free_port()
+    # pages that open on the ControlNet (the browser test uploads a control image) and on the student (solver lcm)
+    ctl_ui, fast_ui, ctl_port, fast_port = build_ui([ctl]), build_ui([fast]), _free_port(), _free_port()
     ctl_ui.launch(server_name="127.0.0.1", server_port=ctl_port, prevent_thread_lock=True)
+    fast_ui.launch(server_name="127.0.0.1", server_port=fast_port, prevent_thread_lock=True)
     try:
         yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "init": str(init), "root": root,
-               "ctl": ctl, "ctl_url": f"http://127.0.0.1:{ctl_port}/"}
+               "ctl": ctl, "ctl_url": f"http://127.0.0.1:{ctl_port}/", "fast": fast, "fast_url": f"http://127.0.0.1:{fast_port}/"}
     finally:
-        ui.close()
-        ctl_ui.close()
+        for page in (ui, ctl_ui, fast_ui):
+            page.close()
 
 
 def _images(gallery, side=16):
@@ -218,6 +222,20 @@ def test_app_controlnet_takes_a_control_image_like_the_cli(served, tmp_path):
         sample_main([served["ctl"], "--prompt", prompt, "--out", str(tmp_path / "none.png")])
 
 
+def test_app_samples_a_distilled_student_in_few_steps_like_the_cli(served, tmp_path):
+    client = Client(served["url"], verbose=False)
+    picked = client.predict(served["fast"], api_name="/pick")
+    assert picked[7] == "lcm" and picked[6] == 2  # the student's own defaults: consistency sampling, 2 steps
+    prompt = "a large red circle on a white background"
+    gallery, _, record, status = _generate(client, served["fast"], prompt=prompt, solver="lcm", steps=2, cfg=3.5, trajectory=False)
+    assert len(gallery) == 4 and record["solver"] == "lcm", status
+    cli = sample_main([served["fast"], "--prompt", prompt, "--solver", "lcm", "--steps", "2", "--cfg", "3.5", "--shift", "1.5",
+                       "--seed", "5", "--per-class", "4", "--out", str(tmp_path / "cli.png")])
+    assert np.array_equal(_images(gallery), np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cli["images"]]))
+    _, _, _, status = _generate(client, served["fast"], prompt=prompt, solver="lcm", steps=2, trajectory=True)
+    assert "Euler" in status  # the denoising strip is Euler's: left out, and said
+
+
 def test_app_in_a_real_browser(served, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_bin = shutil.which("chromedriver")
@@ -258,6 +276,7 @@ def test_app_in_a_real_browser(served, tmp_path):
         region = (slice(y0, y1), slice(x0, x1))
         assert np.abs(shot[region] - blank[region]).mean() > 5  # and they were not there before Generate
         _browser_controlnet(driver, served, tmp_path)
+        _browser_student(driver, served, tmp_path)
     finally:
         driver.quit()
 
@@ -294,6 +313,29 @@ def _browser_controlnet(driver, served, tmp_path):
     h, w = on_screen.shape
     # the 16-px map: a white square 10 rows high and 8 columns wide (the middle row and column miss the badges)
     assert abs(on_screen[:, w // 2].mean() - 10 / 16) < 0.06 and abs(on_screen[h // 2].mean() - 8 / 16) < 0.06
+
+
+def _browser_student(driver, served, tmp_path):
+    """The student's page opens with solver lcm and its few steps; Generate shows its samples."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(served["fast_url"])
+    deadline = time.time() + 60
+    while time.time() < deadline and not [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate"]:
+        time.sleep(0.5)
+    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate").click()
+    samples = []
+    while time.time() < deadline and len(samples) < 4:
+        samples = [i for i in driver.find_elements(By.CSS_SELECTOR, "#samples img") if "/file=" in (i.get_attribute("src") or "")]
+        time.sleep(0.5)
+    assert len(samples) == 4, "the student's samples did not appear"
+    from app.gradio_app import Sampler
+
+    prompt = Sampler().view(served["fast"])[2][0]  # what the page opens with: the first example prompt
+    cli = sample_main([served["fast"], "--prompt", prompt, "--per-class", "4", "--out", str(tmp_path / "fast.png")])
+    shown = np.asarray(Image.open(samples[0].get_attribute("src").split("/file=", 1)[1]).convert("RGB"))
+    # the page sampled with the student's defaults (lcm, 2 steps): the CLI's first image, upscaled for display
+    assert np.array_equal(shown[:: shown.shape[0] // 16, :: shown.shape[1] // 16], np.asarray(Image.open(cli["images"][0]).convert("RGB")))
 
 
 def _shot(driver, path):
