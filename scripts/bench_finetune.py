@@ -50,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decay to lr x this (1: constant after warmup)")
+    ap.add_argument("--ema-decay", type=float, default=0.95)
     ap.add_argument("--concept-samples", type=int, default=144, help="samples over the 18 purple captions")
     ap.add_argument("--heldout-samples", type=int, default=240, help="samples over the demo's held-out captions")
     ap.add_argument("--seed", type=int, default=0)
@@ -113,7 +115,8 @@ def train_adapters(args, shards: Path, run_dir: Path) -> tuple[Path, float]:
     targets = "[" + ",".join(args.targets) + "]"
     cfg = compose("stage2", ["data=shards", f"data.path={shards}", f"stage.init_from={args.base}", "model.preset=demo",
                              f"run_dir={run_dir}", f"seed={args.seed}", f"train.global_batch_size={args.batch}",
-                             f"train.max_steps={args.steps}", f"train.lr={args.lr}", "train.warmup_steps=20", "train.ema_decay=0.95",
+                             f"train.max_steps={args.steps}", f"train.lr={args.lr}", "train.warmup_steps=20",
+                             f"train.min_lr_ratio={args.min_lr_ratio}", f"train.ema_decay={args.ema_decay}",
                              "train.ema_warmup=false", "train.sample_every=0", f"train.checkpoint_every={args.steps}",
                              "train.log_every=50", f"train.lora.rank={args.rank}", f"train.lora.target_modules={targets}",
                              "data.shuffle_buffer=64", "resume=auto"])
@@ -205,7 +208,7 @@ def main(argv=None) -> dict:
     result = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
               "base": args.base, "base_step": base.meta["step"], "concept": CONCEPT, "images": args.images,
               "class_images": args.class_images, "prior": args.prior, "instance_repeats": args.instance_repeats, "rank": args.rank, "targets": args.targets, "steps": args.steps,
-              "batch": args.batch, "lr": args.lr, "sampling": settings.to_dict(), "concept_samples": args.concept_samples,
+              "batch": args.batch, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "ema_decay": args.ema_decay, "sampling": settings.to_dict(), "concept_samples": args.concept_samples,
               "heldout_samples": args.heldout_samples, "base_scores": base_scores, "arms": arms,
               "grid_rows": ["base"] + args.arms}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

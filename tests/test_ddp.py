@@ -28,6 +28,34 @@ def test_two_process_ddp_trains_with_identical_replicas(tmp_path, shapes_dir):
     assert (tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("entry", ["controlnet", "distill"])
+def test_two_process_ddp_trains_a_controlnet_and_a_student(tmp_path, control_dir, entry):
+    """The runs beside the curriculum under torchrun: a frozen base (ControlNet) or a frozen teacher (distillation)."""
+    from conftest import compose, stage2_overrides
+    from safetensors.torch import load_file
+
+    from training.trainer import train
+
+    base = train(compose(stage2_overrides(tmp_path / "base", control_dir, **{"train.max_steps": 2}), "stage2"))["checkpoint"]
+    experiment = {"controlnet": {"experiment": "demo_controlnet", "model.control_blocks": 1},
+                  "distill": {"experiment": "demo_distill", "train.distill.teacher_steps": 8}}[entry]
+    overrides = stage2_overrides(tmp_path, control_dir, **{**experiment, "stage.init_from": base, "train.global_batch_size": 16,
+                                                            "train.max_steps": 2, "train.warmup_steps": 0})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / f"train_{entry}.py"),
+           *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    summary_path = tmp_path / "run" / "summary.json"
+    assert summary_path.exists(), f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    summary = json.loads(summary_path.read_text())
+    assert summary["world_size"] == 2 and summary["replica_divergence"] == 0.0 and summary["first_batch_overlap"] == 0
+    saved, before = load_file(tmp_path / "run" / "checkpoints" / "step_0000002" / "model.safetensors"), load_file(
+        os.path.join(base, "ema.safetensors"))
+    if entry == "controlnet":  # the base is frozen
+        assert all(torch.equal(saved[k], before[k]) for k in before)
+    new = "controlnet.after_proj.0.weight" if entry == "controlnet" else "guidance_embedder.linear_2.weight"
+    assert saved[new].abs().sum() > 0  # the new part trained from its zero start
+
+
 def _ddp_one_step(rank, world, init_file, backend, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -89,10 +89,27 @@ def test_distillation_trains_a_student_that_resumes_exactly_and_samples_in_few_s
     assert (images - other).abs().max() > 1e-4  # the guidance scale reaches the student
 
 
+def test_lcm_lora_distills_into_adapters(tmp_path, text_shapes_dir, teacher_ckpt):
+    """Without a guidance input, with LoRA: adapter-only checkpoints on the teacher, sampled with lcm and no guidance."""
+    from inference.pipeline import Pipeline
+    from models.checkpoint import read_meta
+
+    distill_run(tmp_path, text_shapes_dir, teacher_ckpt, **{"train.max_steps": 3, "model.guidance_embed": "false",
+                                                            "train.lora.rank": 4})
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    saved, meta = load_file(ckpt / "model.safetensors"), read_meta(ckpt)
+    assert saved and all(".lora_" in k for k in saved) and any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
+    assert meta["sampling"]["solver"] == "lcm" and meta["sampling"]["cfg_scale"] == 1.0
+    pipe = Pipeline.load(ckpt)
+    calls = []
+    pipe(["a large red circle on a white background"], pipe.defaults(), callback=calls.append)
+    assert len(calls) == 2  # 2 steps, no unconditional pass
+
+
 def test_distillation_settings_that_cannot_work_are_refused(tmp_path, text_shapes_dir, teacher_ckpt):
     with pytest.raises(ConfigError, match="teacher"):
         distill_run(tmp_path / "a", text_shapes_dir, "null")
-    with pytest.raises(ConfigError, match="guidance_embed"):
-        distill_run(tmp_path / "b", text_shapes_dir, teacher_ckpt, **{"model.guidance_embed": "false"})
+    with pytest.raises(ConfigError, match="LCM-LoRA"):
+        distill_run(tmp_path / "b", text_shapes_dir, teacher_ckpt, **{"train.lora.rank": 4})
     with pytest.raises(ConfigError, match="w range"):
         distill_run(tmp_path / "c", text_shapes_dir, teacher_ckpt, **{"train.distill.w_min": 7})

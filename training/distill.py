@@ -8,7 +8,9 @@ flow) from x_{t_n} to the next grid point t_m; the student's consistency functio
 is pulled toward the target network's at (x_hat_{t_m}, t_m, w), pseudo-Huber. The target network is
 the run's EMA of the student (``train.ema_decay``: LCM's 0.95), which the trainer keeps anyway.
 The student (``model.guidance_embed``) takes w as an input, so its samples need no
-unconditional pass.
+unconditional pass. Without it (LCM-LoRA: adapters on a frozen copy of the teacher, ``train.lora``)
+the student learns the guided trajectories for the whole w range without being told w, and samples
+without guidance.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class ConsistencyDistillation:
         self.teacher = teacher.eval().requires_grad_(False)  # the init checkpoint, frozen for the whole run
         self.null_condition, self.settings = null_condition, settings
         self.grid = teacher_grid(settings.teacher_steps, shift)
+        self.takes_w: bool | None = None
 
     def guidance(self, u: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -57,7 +60,9 @@ class ConsistencyDistillation:
         t_n, t_m = grid[index], grid[index + 1]  # from t_n one coarse step toward the data
         w = self.guidance(mb.extra[:, 1])
         x_n = interpolate(x0, noise, t_n)
-        cond = {**mb.cond, "guidance": w}
+        if self.takes_w is None:  # the student (perhaps wrapped: DDP, peft) has a guidance input
+            self.takes_w = any(n.endswith("guidance_embedder.linear_1.weight") for n, _ in student.named_parameters())
+        cond = {**mb.cond, "guidance": w} if self.takes_w else mb.cond  # LCM-LoRA's student is not told w
         f_student = consistency_function(x_n, t_n, call_model(student, x_n, t_n, cond))
         with torch.no_grad():
             both = concat_conditions(mb.cond, self.null_condition(n, x0.device))

@@ -143,14 +143,18 @@ def check_distill(cfg: DictConfig, init_meta: dict, objective: Objective) -> Non
                         "fine-tune it as a flow first (train.objective=flow)")
     if cfg.stage.conditioning != "text":
         problems.append(f"stage conditioning {cfg.stage.conditioning!r}: the teacher's guidance needs text and its null prompt")
-    if not cfg.model.get("guidance_embed"):
-        problems.append("model.guidance_embed is off: the student takes the guidance scale as an input")
-    if cfg.train.lora.rank:
-        problems.append("train.lora.rank > 0: the student's guidance embedding is new and trained whole; distill the whole model")
+    if cfg.train.lora.rank and cfg.model.get("guidance_embed"):
+        problems.append("train.lora.rank > 0 with model.guidance_embed: the guidance embedding is new and would be trained whole; "
+                        "LCM-LoRA distills into adapters alone: set model.guidance_embed=false")
     if not 1 <= d.teacher_steps <= 1000 or d.w_min > d.w_max or d.w_min < 0:
         problems.append(f"teacher_steps {d.teacher_steps} (1-1000), w range [{d.w_min}, {d.w_max}] (0 <= w_min <= w_max)")
     if problems:
         raise ConfigError("train.distill: " + "; ".join(problems))
+    if not cfg.model.get("guidance_embed") and cfg.train.sample.cfg_scale != 1.0:
+        log.info("train.distill without model.guidance_embed: the student learns the guided trajectories for w in [%g, %g] "
+                 "without being told w (LCM-LoRA); its samples run without guidance (train.sample.cfg_scale %g -> 1)",
+                 d.w_min, d.w_max, cfg.train.sample.cfg_scale)
+        cfg.train.sample.cfg_scale = 1.0
 
 
 def resolve_objective(cfg: DictConfig, init_meta: dict | None) -> Objective:
