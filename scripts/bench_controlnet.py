@@ -16,13 +16,13 @@ Writes --json (numbers, settings, timings) and --grid (rows: control maps, Contr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
 from models.cli import HelpFormatter  # noqa: E402
+from scripts.results import trained_seconds, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -94,8 +94,7 @@ def main(argv=None) -> dict:
         seconds = round(time.time() - start, 1)
         args.checkpoint = summary["checkpoint"]
     else:
-        done = Path(args.checkpoint).resolve().parents[1] / "summary.json"
-        seconds = json.loads(done.read_text()).get("seconds") if done.is_file() else None
+        seconds = trained_seconds(args.checkpoint)
     net, base = Pipeline.load(args.checkpoint), Pipeline.load(base_path)
     settings = base.defaults()
     evaluator = ShapesEvaluator()
@@ -138,14 +137,12 @@ def main(argv=None) -> dict:
         "caption_accuracy_change_points": round(100 * (result_net["caption_accuracy"] - result_base["caption_accuracy"]), 2),
         "grid_rows": ["control maps (held-out images)", "ControlNet", "base, no control"],
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"ControlNet: control IoU {result_net['control_iou']:.3f} (chance {result_net['control_iou_chance']:.3f}), caption "
           f"accuracy {result_net['caption_accuracy']:.3f}; base without control: IoU {result_base['control_iou']:.3f} "
           f"(chance {result_base['control_iou_chance']:.3f}), caption accuracy {result_base['caption_accuracy']:.3f}"
           + (f"; trained {seconds:.0f} s" if seconds else ""))
-    print(f"wrote {args.json} and {args.grid}")
-    return result
+    print(f"grid: {args.grid}")
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ each setting are measured here, alternating teacher and student, --repeats times
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
 from models.cli import HelpFormatter  # noqa: E402
+from scripts.results import trained_seconds, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     ap.add_argument("--teacher", default="runs/demo/stage2/checkpoints/latest", help="the flow text checkpoint to distill")
     ap.add_argument("--student", default=None, help="a distilled checkpoint: skip training")
     ap.add_argument("--run-dir", default="runs/bench_distill", help="the distillation run (resumed if it is there)")
-    ap.add_argument("--train-steps", type=int, default=600)
+    ap.add_argument("--train-steps", type=int, default=900)
     ap.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides for the distillation run")
     ap.add_argument("--teacher-steps", type=int, default=20, help="the teacher's full sampling (Euler steps)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="few-step settings to compare")
@@ -62,8 +62,7 @@ def main(argv=None) -> dict:
         summary = train(cfg)
         seconds, args.student = summary["seconds"], summary["checkpoint"]
     else:
-        done = Path(args.student).resolve().parents[1] / "summary.json"
-        seconds = json.loads(done.read_text()).get("seconds") if done.is_file() else None
+        seconds = trained_seconds(args.student)
     teacher, student = Pipeline.load(teacher_path), Pipeline.load(args.student)
     evaluator = ShapesEvaluator()
     captions = [HELD_OUT_CAPTIONS[i % len(HELD_OUT_CAPTIONS)] for i in range(args.samples)]
@@ -100,10 +99,8 @@ def main(argv=None) -> dict:
                                                                - results["teacher_2"]["caption_accuracy"]), 2)
               if "student_2" in results else None,
               "grid_rows": [f"{w} {s} steps" for w, s in arms]}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json} and {args.grid}")
-    return result
+    print(f"grid: {args.grid}")
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

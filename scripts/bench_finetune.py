@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
 from models.cli import HelpFormatter  # noqa: E402
+from scripts.results import write_json  # noqa: E402
 
 CONCEPT = "purple"
 TOKEN = "sks"  # DreamBooth's rare identifier
@@ -211,10 +212,8 @@ def main(argv=None) -> dict:
               "batch": args.batch, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "ema_decay": args.ema_decay, "sampling": settings.to_dict(), "concept_samples": args.concept_samples,
               "heldout_samples": args.heldout_samples, "base_scores": base_scores, "arms": arms,
               "grid_rows": ["base"] + args.arms}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json} and {args.grid}")
-    return result
+    print(f"grid: {args.grid}")
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,3 +12,10 @@ def write_json(record: dict, out: str | Path) -> dict:
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
     return record
+
+
+def trained_seconds(checkpoint: str | Path) -> float | None:
+    """The training time its run recorded (``summary.json`` beside ``checkpoints/``), for a benchmark
+    that reuses a trained checkpoint instead of training it again; None when the run has no summary."""
+    summary = Path(checkpoint).resolve().parents[1] / "summary.json"
+    return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None

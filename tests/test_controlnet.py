@@ -147,3 +147,19 @@ def test_controlnet_settings_that_cannot_work_are_refused(tmp_path, control_dir,
         control_run(tmp_path / "c", control_dir, "null")
     with pytest.raises(ConfigError, match="train_controlnet.py"):  # copies that would never see a control
         train(compose(stage2_overrides(tmp_path / "d", control_dir, **{"model.control_blocks": 1}), "stage2"))
+
+
+def test_the_controlnet_benchmark_runs_end_to_end(tmp_path, control_dir, base_ckpt):
+    """scripts/bench_controlnet.py on a tiny ControlNet: both arms scored, the JSON and grid written."""
+    import json
+
+    from scripts.bench_controlnet import main as bench
+
+    control_run(tmp_path, control_dir, base_ckpt)
+    out = bench(["--base", str(base_ckpt), "--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_0000006"),
+                 "--per-caption", "2", "--json", str(tmp_path / "c.json"), "--grid", str(tmp_path / "c.png")])
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["samples"] == 24 == out["samples"] and saved["train_seconds"] is not None
+    for arm in ("controlnet", "base_without_control"):
+        assert 0 <= saved[arm]["control_iou"] <= 1 and 0 <= saved[arm]["control_iou_chance"] <= 1
+    assert (tmp_path / "c.png").stat().st_size > 0

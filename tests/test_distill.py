@@ -113,3 +113,19 @@ def test_distillation_settings_that_cannot_work_are_refused(tmp_path, text_shape
         distill_run(tmp_path / "b", text_shapes_dir, teacher_ckpt, **{"train.lora.rank": 4})
     with pytest.raises(ConfigError, match="w range"):
         distill_run(tmp_path / "c", text_shapes_dir, teacher_ckpt, **{"train.distill.w_min": 7})
+
+
+def test_the_distillation_benchmark_runs_end_to_end(tmp_path, text_shapes_dir, teacher_ckpt):
+    """scripts/bench_distill.py on a tiny student: every arm scored and timed, the JSON and grid written."""
+    import json
+
+    from scripts.bench_distill import main as bench
+
+    distill_run(tmp_path, text_shapes_dir, teacher_ckpt, **{"train.max_steps": 2})
+    out = bench(["--teacher", str(teacher_ckpt), "--student", str(tmp_path / "run" / "checkpoints" / "step_0000002"),
+                 "--teacher-steps", "4", "--steps", "1", "2", "--samples", "24", "--repeats", "1",
+                 "--json", str(tmp_path / "d.json"), "--grid", str(tmp_path / "d.png")])
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert set(saved["results"]) == {"teacher_4", "teacher_1", "student_1", "teacher_2", "student_2"} == set(out["results"])
+    assert all(0 <= r["caption_accuracy"] <= 1 and r["images_per_second"] > 0 for r in saved["results"].values())
+    assert saved["train_seconds"] is not None and (tmp_path / "d.png").stat().st_size > 0

@@ -26,6 +26,7 @@ from models.presets import build_model, count_parameters
 from training import precision, setup
 from training.checkpoint import Checkpointer
 from training.config import ConfigError
+from training.distill import DRAWS
 from training.distributed import DistInfo, cleanup
 from training.distributed import setup as setup_processes
 from training.ema import ema_decay_at, make_ema
@@ -36,7 +37,6 @@ from training.logger import Meter, RunLogger, log, setup_console
 from training.optim import lr_at, make_optimizer
 from training.parallel import wrap
 from training.resume import init_weights, resume_or_init
-from training.distill import DRAWS
 from training.step import step_generator, train_step
 
 __all__ = ["train", "main", "ConfigError"]
