@@ -82,7 +82,7 @@ def resolve(cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> RunSpec:
     micro = check_batch(cfg, dist_info.world_size)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     kind = check_family(cfg)
-    init_meta = init_checkpoint_meta(cfg.stage.get("init_from"))
+    init_meta = init_checkpoint_meta(cfg.stage.get("init_from"), cfg.stage.name)
     shift = cfg.train.timestep.shift
     if shift is None:  # the init checkpoint's (reparameterize.py applies SD3's rule at 2->3)
         shift = float((init_meta.get("sampling") or {}).get("shift", 1.0))
@@ -285,10 +285,19 @@ def check_free_space(run_dir: Path, model: nn.Module) -> None:
         )
 
 
-def init_checkpoint_meta(source: str | None) -> dict:
+BESIDE_THE_CURRICULUM = {"controlnet": "the frozen base", "distill": "the teacher"}  # stages that start from any text checkpoint
+
+
+def init_checkpoint_meta(source: str | None, stage: str = "") -> dict:
     """The meta of ``stage.init_from`` (empty without one); a missing one says how to make it."""
     if not source:
         return {}
+    if not Path(source).exists() and stage in BESIDE_THE_CURRICULUM:
+        raise ConfigError(
+            f"stage.init_from={source} does not exist. It is {BESIDE_THE_CURRICULUM[stage]}: a text checkpoint, such as "
+            "make demo's runs/demo/stage2/checkpoints/latest (run `make demo` first), a stage 2-5 run of yours, or PixArt "
+            "weights from scripts/import_pixart.py"
+        )
     if not Path(source).exists():
         raise ConfigError(
             f"stage.init_from={source} does not exist. Make it from the previous stage's run with "
