@@ -122,7 +122,10 @@ def test_sampling_with_a_control_image_and_its_scale(tmp_path, control_dir, base
     from inference.conditioning import ConditioningError, ControlPrompt
     from inference.pipeline import Pipeline
 
-    control_run(tmp_path, control_dir, base_ckpt, **{"train.lr": "3e-2"})
+    out = control_run(tmp_path, control_dir, base_ckpt, **{"train.lr": "3e-2", "train.sample_every": 6})
+    # the run's own evaluation: the data's captions with their stored maps, and how well the samples follow them
+    assert 0 <= out["eval_control_iou"] <= 1 and 0 <= out["eval_caption_accuracy"] <= 1
+    assert (tmp_path / "run" / "samples" / "step_0000006.png").is_file()
     pipe = Pipeline.load(tmp_path / "run" / "checkpoints" / "step_0000006")
     base = Pipeline.load(base_ckpt)
     prompt = "a large red circle on a white background"
