@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-class", type=int, default=4, help="samples per class or prompt (grid rows)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the checkpoint's)")
-    ap.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver, or dpm++ / ddim (diffusers' schedulers; what epsilon models such as imported PixArt use) (default: the checkpoint's)")
+    ap.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver, or dpm++ / ddim (diffusers' schedulers; what epsilon models such as imported PixArt use), or lcm (a "
+                         "distilled few-step student, train_distill.py) (default: the checkpoint's)")
     ap.add_argument("--shift", type=float, default=None, help="timestep shift (default: the checkpoint's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     ap.add_argument("--height", type=int, default=None, help="image height in pixels (mmDiT: any multiple of the patch, e.g. a "

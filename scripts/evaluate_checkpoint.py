@@ -32,7 +32,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("checkpoint", help="a checkpoint directory or a run directory (its newest checkpoint)")
     ap.add_argument("--cfg", type=float, nargs="+", default=[4.0], help="guidance scales to try")
     ap.add_argument("--steps", type=int, nargs="+", default=[20], help="solver step counts to try")
-    ap.add_argument("--solver", default=None, choices=SOLVERS, help="ODE solver, or dpm++ / ddim (diffusers' schedulers) (default: the checkpoint's)")
+    ap.add_argument("--solver", default=None, choices=SOLVERS, help="ODE solver, or dpm++ / ddim (diffusers' schedulers), or lcm (a distilled "
+                    "student) (default: the checkpoint's)")
     ap.add_argument("--shift", type=float, default=None, help="timestep shift (default: the checkpoint's training shift)")
     ap.add_argument("--n", type=int, default=480, help="samples (cycled over the classes or prompts)")
     ap.add_argument("--prompts", nargs="+", default=None,

@@ -384,7 +384,8 @@ def test_evaluation_names_scores_and_counts_samples_by_evaluator(monkeypatch):
     import inference.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "generate", lambda model, ae, cond, uncond, shape, *_, **k: torch.zeros(len(cond), *shape))
-    conditioning = SimpleNamespace(accuracy_name="class_accuracy", describe=str, guided=lambda chosen, device: (chosen, None))
+    conditioning = SimpleNamespace(accuracy_name="class_accuracy", describe=str, guided=lambda chosen, device: (chosen, None),
+                                   agreement=lambda images, values: {})
     values = list(range(12))  # 12 classes, 10 samples asked for
 
     def run(evaluator):

@@ -86,11 +86,12 @@ def test_model_knobs_change_the_model_and_wrong_ones_are_refused(own_shards, tmp
 
 
 def test_every_shipped_config_has_only_known_keys():
-    """Each stage alone, and each experiment with the stage it names (stage 1 where it names none)."""
-    for stage in ("stage1", "stage2", "stage3", "stage4", "stage5"):
+    """Each entry point's config alone, and each experiment with the one it names (stage 1 where it names none)."""
+    entries = ("stage1", "stage2", "stage3", "stage4", "stage5", "controlnet", "distill")
+    for stage in entries:
         check_known_keys(compose([], config_name=stage))
     for path in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
-        stage = next((f"stage{n}" for n in "2345" if path.stem.endswith(f"stage{n}")), "stage1")
+        stage = next((e for e in entries[1:] if path.stem.endswith(e)), "stage1")
         check_known_keys(compose([f"experiment={path.stem}"], config_name=stage))
 
 

@@ -131,7 +131,7 @@ def test_help_shows_defaults_and_choices(script):
     assert out.returncode == 0 and "python " in out.stdout  # its own examples
     assert "(default:" in out.stdout or script == "scripts/export_diffusers.py"
     if script in ("app/sample.py", "scripts/evaluate_checkpoint.py"):
-        assert "{euler,midpoint,rk4,dopri5,heun3,bosh3,dpm++,ddim}" in out.stdout  # the solvers are choices
+        assert "{euler,midpoint,rk4,dopri5,heun3,bosh3,dpm++,ddim,lcm}" in out.stdout  # the solvers are choices
 
 
 def test_the_install_claims_no_top_level_names(tmp_path):
