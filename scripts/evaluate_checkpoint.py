@@ -30,8 +30,9 @@ def main(argv=None) -> list[dict]:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint directory or a run directory (its newest checkpoint)")
-    ap.add_argument("--cfg", type=float, nargs="+", default=[4.0], help="guidance scales to try")
-    ap.add_argument("--steps", type=int, nargs="+", default=[20], help="solver step counts to try")
+    ap.add_argument("--cfg", type=float, nargs="+", default=None,
+                    help="guidance scales to try (a distilled student: the w it is asked for) (default: the checkpoint's)")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, help="solver step counts to try (default: the checkpoint's)")
     ap.add_argument("--solver", default=None, choices=SOLVERS, help="ODE solver, or dpm++ / ddim (diffusers' schedulers), or lcm (a distilled "
                     "student) (default: the checkpoint's)")
     ap.add_argument("--shift", type=float, default=None, help="timestep shift (default: the checkpoint's training shift)")
@@ -60,6 +61,10 @@ def main(argv=None) -> list[dict]:
 
     pipe = Pipeline.load(args.checkpoint, use_ema=not args.raw, device=args.device, dtype=args.dtype)
     cond = pipe.conditioning
+    if cond.kind == "control":  # each prompt needs its own control image: the held-out benchmark does that
+        raise SystemExit(f"{args.checkpoint} is a ControlNet: score it with scripts/bench_controlnet.py --checkpoint "
+                         f"{args.checkpoint} (held-out captions with control maps of rendered images), or sample it with "
+                         "app/sample.py --control")
     if cond.choices() is None:  # free text: the prompts asked for
         if args.prompts is None:
             try:
@@ -81,7 +86,8 @@ def main(argv=None) -> list[dict]:
     except ValueError as e:
         ap.error(f"--size: {e}")
     rows, keys = [], None
-    for cfg_scale, steps in itertools.product(args.cfg, args.steps):
+    own = pipe.defaults()
+    for cfg_scale, steps in itertools.product(args.cfg or [own.cfg_scale], args.steps or [own.steps]):
         settings = pipe.defaults(steps=steps, cfg_scale=cfg_scale, solver=args.solver, shift=args.shift, seed=args.seed)
         tag = (f"_{shape[1]}x{shape[2]}" if args.size else "") + (f"_shift{settings.shift:g}" if args.shift is not None else "") + \
             ("_raw" if args.raw else "")  # one file per setting: a sweep never overwrites another's grid
