@@ -308,7 +308,7 @@ class ControlConditioning(TextConditioning):
 
     kind, family, accuracy_name = "control", "mmdit", "caption_accuracy"
 
-    def __init__(self, *args, control_kind: str = "mask", scaling_factor: float = 1.0, shift_factor: float = 0.0, **kwargs):
+    def __init__(self, *args, control_kind: str = "mask", **kwargs):
         super().__init__(*args, **kwargs)
         from data.control import ControlError, check_kind
 
@@ -316,8 +316,7 @@ class ControlConditioning(TextConditioning):
             self.control_kind = check_kind(control_kind)
         except ControlError as e:
             raise ConditioningError(str(e)) from None
-        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
-        self.autoencoder = None
+        self.autoencoder = None  # the images' (``bind``): control images are encoded and normalized like them
         self.eval_values: list[ControlPrompt] = []  # training: the data's own prompts with their control images
 
     @classmethod
@@ -325,8 +324,7 @@ class ControlConditioning(TextConditioning):
         text = TextConditioning.from_meta(meta)
         control = meta.get("control") or {}
         return cls(text.encoder_name, text.max_length, text.width, text.caption_names, examples=text.examples,
-                   control_kind=control.get("kind", "mask"), scaling_factor=control.get("scaling_factor", 1.0),
-                   shift_factor=control.get("shift_factor", 0.0))
+                   control_kind=control.get("kind", "mask"))
 
     @classmethod
     def for_training(cls, data_dir: str, manifest: dict, mode: str, caption_mix: dict | None, examples: list[str] | None = None,
@@ -339,12 +337,10 @@ class ControlConditioning(TextConditioning):
                    "none: prepare the data with control maps (python -m data.prepare ... --control edges mask)"))
         out = super().for_training(data_dir, manifest, mode, caption_mix, examples)
         out.control_kind = control_kind
-        out.scaling_factor, out.shift_factor = float(manifest["scaling_factor"]), float(manifest["shift_factor"])
         return out
 
     def meta(self) -> dict:
-        return {**super().meta(), "type": "control",
-                "control": {"kind": self.control_kind, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}}
+        return {**super().meta(), "type": "control", "control": {"kind": self.control_kind}}
 
     def stored_control(self) -> str:
         return self.control_kind
@@ -387,8 +383,6 @@ class ControlConditioning(TextConditioning):
 
     def control_latents(self, pixels: torch.Tensor, device) -> torch.Tensor:
         """(N, 3, H, W) control images in [-1, 1] -> the model's ``control``: the images' autoencoder, normalized."""
-        if self.autoencoder is None:
-            raise RuntimeError("ControlConditioning.bind(autoencoder) first: the control image is encoded like the images")
         with torch.no_grad():
             return self.normalize(self.autoencoder.encode(pixels.to(device)).float())
 
@@ -416,7 +410,9 @@ class ControlConditioning(TextConditioning):
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Autoencoder latents (as the shards store them) -> what the model reads, as the trainer does the images'."""
-        return (raw - self.shift_factor) * self.scaling_factor
+        if self.autoencoder is None:
+            raise RuntimeError("ControlConditioning.bind(autoencoder) first: control images are encoded and normalized like the images")
+        return self.autoencoder.normalize(raw)
 
     def from_batch(self, batch: dict, gen: torch.Generator, dropout: float, device) -> dict[str, torch.Tensor]:
         cond = super().from_batch(batch, gen, dropout, device)
