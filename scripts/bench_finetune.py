@@ -1,6 +1,6 @@
 """Teach the demo's stage-2 model a concept it never saw, with LoRA, on the CPU: the fine-tuning proof.
 
-    python scripts/bench_finetune.py --base runs/demo/stage2/checkpoints/latest
+    python scripts/bench_finetune.py --base runs/quality/stage2/checkpoints/latest   # make demo-quality's stage 2
 
 The concept is a colour no demo data shows (purple, data/shapes.py NEW_COLOURS). The script renders
 --images captioned purple shapes and trains two adapter runs from the same base and seed:
@@ -35,7 +35,8 @@ TOKEN = "sks"  # DreamBooth's rare identifier
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--base", default="runs/demo/stage2/checkpoints/latest", help="the stage-2 checkpoint to adapt")
+    ap.add_argument("--base", default="runs/quality/stage2/checkpoints/latest",
+                    help="the stage-2 checkpoint to adapt (make demo-quality's; make demo's quick one also works, and forgets more)")
     ap.add_argument("--work", default="runs/bench_finetune", help="folder for the images, shards and runs")
     ap.add_argument("--json", default="docs/bench_finetune.json")
     ap.add_argument("--grid", default="docs/bench_finetune.png")
@@ -46,9 +47,9 @@ def parse_args(argv=None):
                     help="class images: demo images of ordinary captions (real), or the base's samples of them (generated)")
     ap.add_argument("--instance-repeats", type=int, default=4, help="copies of each concept image in the training folder")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--targets", nargs="+", default=["cross_attn.to_k", "cross_attn.to_v"],
-                    help="adapted layers: the text's keys and values in cross-attention")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--targets", nargs="+", default=["cross_attn.to_v", "cross_attn.to_out"],
+                    help="adapted layers: cross-attention's values (of the text) and its output projection")
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decay to lr x this (1: constant after warmup)")

@@ -123,7 +123,7 @@ def test_stages_3_4_5_through_reparameterize(tmp_path, text_shapes_dir, text32_d
     assert read_meta(s4["checkpoint"])["model_config"]["micro_conditions"] is True
     rows = evaluate_checkpoint.main([str(tmp_path / "s4" / "run"), "--size", "24", "40", "--n", "3", "--cfg", "2"])
     assert rows[0]["latent_shape"] == [3, 24, 40] and 0.0 <= rows[0]["caption_accuracy"] <= 1.0
-    grid = Image.open(Path(s4["checkpoint"]) / "eval_cfg2.0_steps20_24x40.png")
+    grid = Image.open(Path(s4["checkpoint"]) / f"eval_cfg2.0_steps{rows[0]['steps']}_24x40.png")  # the checkpoint's steps
     # the trainer's grid: 12 prompt columns, at least 2 samples a prompt (2 rows) of 24x40, upscaled 96 // 40 = 2x
     assert grid.size == (12 * (2 * 40 + 2) + 2, 2 * (2 * 24 + 2) + 2)
     with pytest.raises(SystemExit):

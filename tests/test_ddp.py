@@ -69,8 +69,9 @@ def _ddp_one_step(rank, world, init_file, backend, out_dir):
     ddp = DDP(model)
     flow_loss(ddp(interpolate(x0, noise, t), t, y), x0, noise).mean().backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
-    if rank == 0:
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out_dir / f"{backend}.pt")
+    if rank == 0:  # atomically: the file exists only once it is whole
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out_dir / f"{backend}.pt.tmp")
+        os.replace(out_dir / f"{backend}.pt.tmp", out_dir / f"{backend}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -98,7 +99,11 @@ def test_ddp_step_equals_single_process_on_the_whole_batch(tmp_path, backend):
 
     from flow.rectified_flow import flow_loss, interpolate
 
-    mp.spawn(_ddp_one_step, args=(2, str(tmp_path / "rdzv"), backend, tmp_path), nprocs=2, join=True)
+    try:
+        mp.spawn(_ddp_one_step, args=(2, str(tmp_path / "rdzv"), backend, tmp_path), nprocs=2, join=True)
+    except mp.ProcessExitedException:  # gloo can abort a rank at shutdown (ENVIRONMENT.md): what counts is the step's result
+        if not (tmp_path / f"{backend}.pt").exists():
+            raise
     ddp_weights = torch.load(tmp_path / f"{backend}.pt", weights_only=True)
     model, (x0, noise, t, y) = _model_and_batch(backend)
     flow_loss(model(interpolate(x0, noise, t), t, y), x0, noise).mean().backward()
