@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print(f"wrote {out} ({images.shape[0]} samples)" + (f", {len(files)} images in {Path(files[0]).parent}/" if files else "")
-          + f" and {out.with_suffix('.json')}")
+          + (f", the control map used {control_png}" if control is not None else "") + f" and {out.with_suffix('.json')}")
     return record
 
 
