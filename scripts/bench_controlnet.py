@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
 from models.cli import HelpFormatter  # noqa: E402
-from scripts.results import trained_seconds, write_json  # noqa: E402
+from scripts.results import trained, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -81,20 +81,10 @@ def main(argv=None) -> dict:
     from models.checkpoint import resolve
 
     base_path = str(resolve(args.base))
-    seconds = None
-    if args.checkpoint is None:
-        from training.config import compose
-        from training.trainer import train
-
-        cfg = compose("controlnet", ["experiment=demo_controlnet", f"stage.init_from={base_path}", f"run_dir={args.run_dir}",
-                                     f"train.max_steps={args.steps}", f"model.control_blocks={args.control_blocks}",
-                                     f"seed={args.seed}", "train.sample_every=0", f"train.checkpoint_every={args.steps}"])
-        start = time.time()
-        summary = train(cfg)
-        seconds = round(time.time() - start, 1)
-        args.checkpoint = summary["checkpoint"]
-    else:
-        seconds = trained_seconds(args.checkpoint)
+    args.checkpoint, seconds = trained("controlnet", [
+        "experiment=demo_controlnet", f"stage.init_from={base_path}", f"run_dir={args.run_dir}", f"train.max_steps={args.steps}",
+        f"model.control_blocks={args.control_blocks}", f"seed={args.seed}", "train.sample_every=0",
+        f"train.checkpoint_every={args.steps}"], args.checkpoint)
     net, base = Pipeline.load(args.checkpoint), Pipeline.load(base_path)
     settings = base.defaults()
     evaluator = ShapesEvaluator()
@@ -126,12 +116,12 @@ def main(argv=None) -> dict:
     maps = torch.stack([v.control for v in values[:n_cols]])
     grid = make_grid(to_uint8(torch.cat([maps, controlled[:n_cols], plain[:n_cols]])), ncols=n_cols, upscale=4)
     save_png(grid, args.grid)
-    trained = sum(p.numel() for n, p in net.model.named_parameters() if n.startswith("controlnet."))
+    copies = sum(p.numel() for n, p in net.model.named_parameters() if n.startswith("controlnet."))
     result = {
         "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
         "base": base_path, "base_step": base.meta["step"], "checkpoint": str(args.checkpoint), "control": net.meta["conditioning"]["control"]["kind"],
         "control_blocks": net.meta["model_config"]["control_blocks"], "depth": net.meta["model_config"]["depth"],
-        "controlnet_parameters": trained, "train_steps": net.meta["step"], "train_seconds": seconds,
+        "controlnet_parameters": copies, "train_steps": net.meta["step"], "train_seconds": seconds,
         "samples": len(items), "sampling": settings.to_dict(), "sampling_seconds_controlnet": round(t_net, 1),
         "controlnet": result_net, "base_without_control": result_base,
         "caption_accuracy_change_points": round(100 * (result_net["caption_accuracy"] - result_base["caption_accuracy"]), 2),

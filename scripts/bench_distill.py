@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # in place: the checkout's packages, not an install's
 from models.cli import HelpFormatter  # noqa: E402
-from scripts.results import trained_seconds, write_json  # noqa: E402
+from scripts.results import trained, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,18 +51,10 @@ def main(argv=None) -> dict:
     from models.checkpoint import resolve
 
     teacher_path = str(resolve(args.teacher))
-    seconds = None
-    if args.student is None:
-        from training.config import compose
-        from training.trainer import train
-
-        cfg = compose("distill", ["experiment=demo_distill", f"stage.init_from={teacher_path}", f"run_dir={args.run_dir}",
-                                  f"train.max_steps={args.train_steps}", f"seed={args.seed}", "train.sample_every=0",
-                                  f"train.checkpoint_every={args.train_steps}", *args.overrides])
-        summary = train(cfg)
-        seconds, args.student = summary["seconds"], summary["checkpoint"]
-    else:
-        seconds = trained_seconds(args.student)
+    args.student, seconds = trained("distill", [
+        "experiment=demo_distill", f"stage.init_from={teacher_path}", f"run_dir={args.run_dir}",
+        f"train.max_steps={args.train_steps}", f"seed={args.seed}", "train.sample_every=0",
+        f"train.checkpoint_every={args.train_steps}", *args.overrides], args.student)
     teacher, student = Pipeline.load(teacher_path), Pipeline.load(args.student)
     evaluator = ShapesEvaluator()
     captions = [HELD_OUT_CAPTIONS[i % len(HELD_OUT_CAPTIONS)] for i in range(args.samples)]

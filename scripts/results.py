@@ -19,3 +19,16 @@ def trained_seconds(checkpoint: str | Path) -> float | None:
     that reuses a trained checkpoint instead of training it again; None when the run has no summary."""
     summary = Path(checkpoint).resolve().parents[1] / "summary.json"
     return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
+
+
+def trained(config_name: str, overrides: list[str], checkpoint: str | Path | None) -> tuple[str, float | None]:
+    """A benchmark's trained checkpoint and its training seconds: ``checkpoint`` as given (with the time its run
+    recorded), or a run of the ``config_name`` entry point with ``overrides``, trained now (resumed where its
+    run_dir holds one)."""
+    if checkpoint is not None:
+        return str(checkpoint), trained_seconds(checkpoint)
+    from training.config import compose
+    from training.trainer import train
+
+    summary = train(compose(config_name, overrides))
+    return summary["checkpoint"], summary["seconds"]

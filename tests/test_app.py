@@ -287,19 +287,13 @@ def _browser_controlnet(driver, served, tmp_path):
 
     driver.get(served["ctl_url"])
     deadline = time.time() + 60
-    while time.time() < deadline and not driver.find_elements(By.CSS_SELECTOR, "input[type=file]"):
-        time.sleep(0.5)
-    mask = _square_map(tmp_path / "browser_mask.png")
-    driver.find_elements(By.CSS_SELECTOR, "input[type=file]")[0].send_keys(str(mask))
+    uploads = _until(deadline, lambda: driver.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    uploads[0].send_keys(str(_square_map(tmp_path / "browser_mask.png")))
     time.sleep(2.0)  # the upload reaches the server
-    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate").click()
-    used = []
-    while time.time() < deadline and not used:
-        used = [i for i in driver.find_elements(By.CSS_SELECTOR, "#control-used img") if "/file=" in (i.get_attribute("src") or "")]
-        time.sleep(0.5)
+    _generate_button(driver, deadline).click()
+    used = _until(deadline, lambda: _served_images(driver, "#control-used img"))
     assert used, "the control map used did not appear beside the samples"
-    samples = [i for i in driver.find_elements(By.CSS_SELECTOR, "#samples img") if "/file=" in (i.get_attribute("src") or "")]
-    assert samples, "no sample appeared for the ControlNet"
+    assert _served_images(driver, "#samples img"), "no sample appeared for the ControlNet"
     time.sleep(1.0)
     shot = np.asarray(Image.open(_shot(driver, tmp_path / "control.png")).convert("L")).astype(float)
     ratio = driver.execute_script("return window.devicePixelRatio") or 1
@@ -321,13 +315,8 @@ def _browser_student(driver, served, tmp_path):
 
     driver.get(served["fast_url"])
     deadline = time.time() + 60
-    while time.time() < deadline and not [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate"]:
-        time.sleep(0.5)
-    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate").click()
-    samples = []
-    while time.time() < deadline and len(samples) < 4:
-        samples = [i for i in driver.find_elements(By.CSS_SELECTOR, "#samples img") if "/file=" in (i.get_attribute("src") or "")]
-        time.sleep(0.5)
+    _generate_button(driver, deadline).click()
+    samples = _until(deadline, lambda: _served_images(driver, "#samples img")[3:] and _served_images(driver, "#samples img"))
     assert len(samples) == 4, "the student's samples did not appear"
     from app.gradio_app import Sampler
 
@@ -336,6 +325,30 @@ def _browser_student(driver, served, tmp_path):
     shown = np.asarray(Image.open(samples[0].get_attribute("src").split("/file=", 1)[1]).convert("RGB"))
     # the page sampled with the student's defaults (lcm, 2 steps): the CLI's first image, upscaled for display
     assert np.array_equal(shown[:: shown.shape[0] // 16, :: shown.shape[1] // 16], np.asarray(Image.open(cli["images"][0]).convert("RGB")))
+
+
+def _until(deadline: float, found):
+    """Poll ``found()`` every half second until it gives something or the deadline passes; its last value."""
+    while True:
+        value = found()
+        if value or time.time() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+def _served_images(driver, css: str) -> list:
+    """The <img> elements under ``css`` that show a file the app served (not icons)."""
+    from selenium.webdriver.common.by import By
+
+    return [i for i in driver.find_elements(By.CSS_SELECTOR, css) if "/file=" in (i.get_attribute("src") or "")]
+
+
+def _generate_button(driver, deadline: float):
+    from selenium.webdriver.common.by import By
+
+    buttons = _until(deadline, lambda: [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "Generate"])
+    assert buttons, "the page shows no Generate button"
+    return buttons[0]
 
 
 def _shot(driver, path):
