@@ -111,6 +111,8 @@ def test_distillation_settings_that_cannot_work_are_refused(tmp_path, text_shape
         distill_run(tmp_path / "a", text_shapes_dir, "null")
     with pytest.raises(ConfigError, match="LCM-LoRA"):
         distill_run(tmp_path / "b", text_shapes_dir, teacher_ckpt, **{"train.lora.rank": 4})
+    with pytest.raises(ConfigError, match="parallel=fsdp"):
+        distill_run(tmp_path / "d", text_shapes_dir, teacher_ckpt, **{"train.parallel": "fsdp"})
     with pytest.raises(ConfigError, match="w range"):
         distill_run(tmp_path / "c", text_shapes_dir, teacher_ckpt, **{"train.distill.w_min": 7})
 

@@ -146,6 +146,9 @@ def check_distill(cfg: DictConfig, init_meta: dict, objective: Objective) -> Non
     if cfg.train.lora.rank and cfg.model.get("guidance_embed"):
         problems.append("train.lora.rank > 0 with model.guidance_embed: the guidance embedding is new and would be trained whole; "
                         "LCM-LoRA distills into adapters alone: set model.guidance_embed=false")
+    if cfg.train.get("parallel", "ddp") == "fsdp":
+        problems.append("train.parallel=fsdp: the teacher and the target network are whole copies on every rank here; "
+                        "use train.parallel=ddp")
     if not 1 <= d.teacher_steps <= 1000 or d.w_min > d.w_max or d.w_min < 0:
         problems.append(f"teacher_steps {d.teacher_steps} (1-1000), w range [{d.w_min}, {d.w_max}] (0 <= w_min <= w_max)")
     if problems:

@@ -95,7 +95,7 @@ class Run:
                      lora.alpha if lora.alpha is not None else lora.rank, ", ".join(lora.target_modules), trained,
                      100 * trained / frozen, frozen)
         if getattr(spec.model_config, "control_blocks", 0):
-            freeze_base(model, cfg, lora.enabled)
+            freeze_base(model, cfg, lora.enabled, use_fsdp)
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -236,11 +236,14 @@ def make_distillation(cfg: DictConfig, spec: setup.RunSpec, device):
     return ConsistencyDistillation(teacher, spec.conditioning.null, settings, spec.shift)
 
 
-def freeze_base(model, cfg: DictConfig, lora: bool) -> None:
+def freeze_base(model, cfg: DictConfig, lora: bool, use_fsdp: bool) -> None:
     """A ControlNet run (PixArt-δ) trains the copies and their projections; the base stays as it was."""
     if lora:
         raise ConfigError("train.lora with a ControlNet: the ControlNet's copies are trained whole and the base is frozen; "
                           "set train.lora.rank=0")
+    if use_fsdp:
+        raise ConfigError("train.parallel=fsdp with a ControlNet: the frozen base is not sharded apart from the copies here; "
+                          "use train.parallel=ddp")
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("controlnet."))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
