@@ -63,21 +63,25 @@ def _score(meta: dict, key: str) -> float:
     return float("-inf") if value is None else float(value)
 
 
-def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
-    """``count`` distinct captions drawn (seeded) from the first shards' samples: the evaluation prompts
-    of text data that holds none out. Reads only the samples' JSON, at most 2000 of them."""
+def _captioned(path, manifest: dict):
+    """(caption, the sample's tar members) of every sample with a caption, shard by shard in the manifest's order."""
     import json
 
-    import numpy as np
-
-    seen: dict[str, None] = {}  # distinct, in the order read
     for shard in manifest.get("shards", []):
         for _, group in _iter_tar(Path(path) / shard["name"]):
             text = json.loads(group["json"]).get("caption") if "json" in group else None
             if text:
-                seen[text] = None
-            if len(seen) >= 2000:
-                break
+                yield text, group
+
+
+def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
+    """``count`` distinct captions drawn (seeded) from the first shards' samples: the evaluation prompts
+    of text data that holds none out. Reads only the samples' JSON, at most 2000 distinct captions."""
+    import numpy as np
+
+    seen: dict[str, None] = {}  # distinct, in the order read
+    for text, _ in _captioned(path, manifest):
+        seen[text] = None
         if len(seen) >= 2000:
             break
     captions = list(seen)
@@ -90,17 +94,13 @@ def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
 def own_controls(path, manifest: dict, kind: str, count: int) -> list[tuple[str, "np.ndarray"]]:
     """The first ``count`` samples with a distinct caption and their stored ``kind`` control map (raw
     latents, as stored): a ControlNet run's evaluation inputs."""
-    import json
-
     from data.shards import load_npy
 
     found: dict[str, object] = {}
-    for shard in manifest.get("shards", []):
-        for _, group in _iter_tar(Path(path) / shard["name"]):
-            text = json.loads(group["json"]).get("caption") if "json" in group else None
-            member = f"control_{kind}.npy"
-            if text and text not in found and member in group:
-                found[text] = load_npy(group[member])
+    for text, group in _captioned(path, manifest):
+        member = f"control_{kind}.npy"
+        if text not in found and member in group:
+            found[text] = load_npy(group[member])
             if len(found) >= count:
-                return list(found.items())
+                break
     return list(found.items())
