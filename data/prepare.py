@@ -64,6 +64,7 @@ from typing import Callable
 
 import numpy as np
 
+from data.control import CONTROL_KINDS
 from models.atomic import AtomicFile, atomic_write_text
 from models.cli import HelpFormatter
 
@@ -645,7 +646,7 @@ def parse_args(argv=None):
     ap.add_argument("--vlm-model", default="Qwen/Qwen2-VL-7B-Instruct", help="vllm captioner: the VLM")
     ap.add_argument("--long-prompt", default="Describe this image in detail in one paragraph.", help="vllm captioner")
     ap.add_argument("--short-prompt", default="Describe this image in one short sentence.", help="vllm captioner")
-    ap.add_argument("--control", nargs="+", default=[], metavar="KIND",
+    ap.add_argument("--control", nargs="+", default=[], choices=CONTROL_KINDS, metavar="KIND",
                     help="also store these control maps of each image for ControlNet training (edges: Canny; mask: the "
                          "foreground against the border colour; data/control.py), encoded like the image")
     ap.add_argument("--samples-per-shard", type=int, default=1000, help="inputs per unit of work (= per shard)")
@@ -660,11 +661,6 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not 0.0 <= args.max_skipped <= 1.0:
         ap.error(f"--max-skipped {args.max_skipped}: a fraction of the inputs, 0 to 1")
-    from data.control import CONTROL_KINDS
-
-    bad = [k for k in args.control if k not in CONTROL_KINDS]
-    if bad:
-        ap.error(f"--control {' '.join(bad)}: the control maps are {', '.join(CONTROL_KINDS)}")
     if args.shuffle_seed < -1:
         ap.error(f"--shuffle-seed {args.shuffle_seed}: 0 or more, or -1 for the sorted order")
     if args.min_size is None:  # a number before it is recorded, so that reruns compare numbers

@@ -208,7 +208,7 @@ def build_shards(
         "held_out_captions": list(HELD_OUT_CAPTIONS) if holdout else [],
     }
     if controls:
-        from data.control import check_kind
+        from data.control import check_kind, control_map, to_pixels
 
         fields["controls"] = [check_kind(k) for k in controls]
     encode = None
@@ -239,8 +239,6 @@ def build_shards(
                 names = list(meta["captions"])
                 arrays = {f"text_{n}": e for n, e in zip(names, encode([meta["captions"][n] for n in names]))}
             for kind in controls or []:
-                from data.control import control_map, to_pixels
-
                 arrays[f"control_{kind}"] = to_pixels(control_map(kind, image)).astype(np.float16)
             writer.write(f"{i:08d}", pixels, meta, arrays)
         if canvases:  # the manifest is written once, at close, with the bucket counts

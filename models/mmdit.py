@@ -11,6 +11,7 @@ Read top to bottom: config -> block -> final layer -> model.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -255,8 +256,8 @@ class ControlNet(nn.Module):
     @torch.no_grad()
     def copy_from(self, base_blocks: nn.ModuleList) -> None:
         """Each copy takes the weights of the base block it shadows (PixArt-δ starts them so)."""
-        for copy, block in zip(self.blocks, base_blocks):
-            copy.load_state_dict(block.state_dict())
+        for twin, block in zip(self.blocks, base_blocks):
+            twin.load_state_dict(block.state_dict())
 
 
 @dataclass
@@ -313,8 +314,6 @@ class MMDiT(nn.Module):
         self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         if c.control_blocks:
-            import copy
-
             self.controlnet = ControlNet([copy.deepcopy(b) for b in self.blocks[: c.control_blocks]], c.hidden_size)
         self.initialize_weights()
 
@@ -358,10 +357,6 @@ class MMDiT(nn.Module):
         if self.config.control_blocks:  # the copies as the base's blocks, the projections closed
             self.controlnet.copy_from(self.blocks)
             self.controlnet.zero_projections()
-
-    def base_parameter_names(self) -> list[str]:
-        """The parameters of the model without its ControlNet: what a ControlNet run freezes and starts from."""
-        return [n for n, _ in self.named_parameters() if not n.startswith("controlnet.")]
 
     def _text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None):
         context = self.y_embedder(encoder_hidden_states)  # (N, L, D)
@@ -407,7 +402,8 @@ class MMDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         # position first: the sum is contiguous (N, T, D), so no norm or linear downstream copies the
         # residual stream (the patch embedding alone is a transposed view; diffusers adds in that order)
-        x = self.pos_embed(h // p, w // p, hidden_states.device, self.x_embedder.proj.weight.dtype) + self.x_embedder(hidden_states)  # (N, T, D)
+        pos = self.pos_embed(h // p, w // p, hidden_states.device, self.x_embedder.proj.weight.dtype)  # (1, T, D)
+        x = pos + self.x_embedder(hidden_states)  # (N, T, D)
         t_emb = self.t_embedder(timestep)  # (N, D)
         if guidance is not None:
             if not self.config.guidance_embed:
@@ -428,7 +424,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"text_cache holds {text_cache.context.shape[0]} conditions for a batch of {n} latents")
         context, mask = text_cache.context, text_cache.mask
         t_modulation = self.t_block(t_emb) if self.config.block == "pixart" else None  # (N, 6D): adaLN-single, shared by every block
-        residuals = self._control_residuals(x, control, control_scale, t_emb, t_modulation, context, mask)
+        residuals = self._control_residuals(x, pos, control, control_scale, t_emb, t_modulation, context, mask)
         if self.config.block == "joint":
             for i, block in enumerate(self.blocks):
                 x, context = run_block(block, self.gradient_checkpointing, x, context, t_emb, mask)  # (N, T, D), (N, L, D)
@@ -443,19 +439,20 @@ class MMDiT(nn.Module):
         x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 
-    def _control_residuals(self, x: torch.Tensor, control: torch.Tensor | None, scale: float, t_emb: torch.Tensor,
-                           t_modulation: torch.Tensor | None, context: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-        """The ControlNet's additions to the first N blocks' outputs, [(N, T, D)] * N; none without a control."""
+    def _control_residuals(self, x: torch.Tensor, pos: torch.Tensor, control: torch.Tensor | None, scale: float,
+                           t_emb: torch.Tensor, t_modulation: torch.Tensor | None, context: torch.Tensor,
+                           mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The ControlNet's additions to the first N blocks' outputs, [(N, T, D)] * N; none without a control.
+        ``pos``: the position embedding of the image tokens, which the control's tokens share."""
         if control is None:
             return []
         if not self.config.control_blocks:
             raise ValueError("a control image was given, but this model has no ControlNet (control_blocks=0)")
-        h, w = control.shape[-2:]
-        if control.shape[0] != x.shape[0] or (h // self.config.patch_size) * (w // self.config.patch_size) != x.shape[1]:
+        embedded = self.x_embedder(control)  # (N, T', D)
+        if embedded.shape[:2] != x.shape[:2]:
             raise ValueError(f"control latents {tuple(control.shape)} do not match the {x.shape[0]} images of {x.shape[1]} tokens")
-        net, p = self.controlnet, self.config.patch_size
-        embedded = self.pos_embed(h // p, w // p, control.device, self.x_embedder.proj.weight.dtype) + self.x_embedder(control)
-        c = x + net.before_proj(embedded)  # (N, T, D)
+        net = self.controlnet
+        c = x + net.before_proj(pos + embedded)  # (N, T, D)
         residuals = []
         c_context = context
         for block, after in zip(net.blocks, net.after_proj):

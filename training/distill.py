@@ -42,11 +42,11 @@ class DistillSettings:
 class ConsistencyDistillation:
     """The distillation loss of one run: ``loss(student, target, micro_batch)`` -> per-sample loss (N,)."""
 
-    def __init__(self, teacher: nn.Module, null_condition, settings: DistillSettings, shift: float = 1.0):
+    def __init__(self, teacher: nn.Module, null_condition, settings: DistillSettings, shift: float = 1.0, takes_w: bool = True):
+        """``takes_w``: the student has a guidance input (``model.guidance_embed``); LCM-LoRA's has none."""
         self.teacher = teacher.eval().requires_grad_(False)  # the init checkpoint, frozen for the whole run
-        self.null_condition, self.settings = null_condition, settings
+        self.null_condition, self.settings, self.takes_w = null_condition, settings, takes_w
         self.grid = teacher_grid(settings.teacher_steps, shift)
-        self.takes_w: bool | None = None
 
     def guidance(self, u: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -60,8 +60,6 @@ class ConsistencyDistillation:
         t_n, t_m = grid[index], grid[index + 1]  # from t_n one coarse step toward the data
         w = self.guidance(mb.extra[:, 1])
         x_n = interpolate(x0, noise, t_n)
-        if self.takes_w is None:  # the student (perhaps wrapped: DDP, peft) has a guidance input
-            self.takes_w = any(n.endswith("guidance_embedder.linear_1.weight") for n, _ in student.named_parameters())
         cond = {**mb.cond, "guidance": w} if self.takes_w else mb.cond  # LCM-LoRA's student is not told w
         f_student = consistency_function(x_n, t_n, call_model(student, x_n, t_n, cond))
         with torch.no_grad():

@@ -119,10 +119,9 @@ def init_weights(model: nn.Module, ema: nn.Module | None, source: str, model_con
             load_into_extended(target, weights, new_parts)
         else:
             load_portable(target, weights)
-    log.info("initialized from %s (%s, step %d)%s", source, meta["stage"], meta["step"],
-             "".join([f"; ControlNet copies of its first {control} blocks, projections at zero" if "controlnet." in new_parts else "",
-                      "; a guidance-scale embedding at zero (the student starts as the teacher)"
-                      if "guidance_embedder." in new_parts else ""]))
+    started = {"controlnet.": f"ControlNet copies of its first {control} blocks, projections at zero",
+               "guidance_embedder.": "a guidance-scale embedding at zero (the student starts as the teacher)"}
+    log.info("initialized from %s (%s, step %d)%s", source, meta["stage"], meta["step"], "".join(f"; {started[p]}" for p in new_parts))
 
 
 def load_into_extended(model: nn.Module, weights: dict, new_parts: list[str]) -> None:

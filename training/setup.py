@@ -410,14 +410,11 @@ def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, man
         mix = cfg.data.get("caption_mix")
         text_args = (str(path), manifest, cfg.data.get("text_mode", "precomputed"), dict(mix) if mix else None)
         if kind is ControlConditioning:
-            cond = ControlConditioning.for_training(*text_args, control_kind=cfg.data.get("control"))
-        else:
-            cond = TextConditioning.for_training(*text_args)
-        if isinstance(cond, ControlConditioning):
-            cond.bind(autoencoder)
+            cond = ControlConditioning.for_training(*text_args, control_kind=cfg.data.get("control")).bind(autoencoder)
             cond.eval_values = control_eval_values(cond, path, manifest, autoencoder)
             cond.examples = [v.prompt for v in cond.eval_values]
         else:
+            cond = TextConditioning.for_training(*text_args)
             cond.examples = eval_prompts(cfg, path, manifest)  # what the evaluation prompts, and the sampler offers as examples
         return cond
     except ConditioningError as e:

@@ -233,7 +233,7 @@ def make_distillation(cfg: DictConfig, spec: setup.RunSpec, device):
     settings = DistillSettings.from_config(d)
     log.info("distillation: teacher %s (frozen), %d-step grid, guidance w ~ U[%g, %g]", cfg.stage.init_from,
              settings.teacher_steps, settings.w_min, settings.w_max)
-    return ConsistencyDistillation(teacher, spec.conditioning.null, settings, spec.shift)
+    return ConsistencyDistillation(teacher, spec.conditioning.null, settings, spec.shift, spec.model_config.guidance_embed)
 
 
 def freeze_base(model, cfg: DictConfig, lora: bool, use_fsdp: bool) -> None:
