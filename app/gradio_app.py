@@ -322,19 +322,15 @@ def build_ui(checkpoints: list[str], sampler: Sampler | None = None, first_info:
 
     sampler = sampler or Sampler()
     first = first or (checkpoints[0] if checkpoints else None)
-    classes, d, examples, size = [], None, [], (None, None)
+    classes, d, examples, size, kind = [], None, [], (None, None), None
     try:
         if first:
             classes, d, examples, size = sampler.view(first)
+            kind = sampler.control_kind(first)  # a ControlNet: the page shows the control image's inputs
             first_info = first_info or sampler.info(first)
     except Exception as e:  # a broken first checkpoint: say so, the others stay pickable
         first_info = f"⚠️ {e}"
     text = classes is None  # free text: a prompt box instead of the class picker
-    kind = None
-    try:
-        kind = sampler.control_kind(first) if first else None
-    except Exception:  # reported in the info panel already
-        pass
 
     def on_pick(path):
         try:
