@@ -26,6 +26,7 @@ from models.layers import (
     sincos_2d,
     unpatchify,
 )
+from models.routing import RoutedSpan, Routing
 
 
 @dataclass
@@ -93,6 +94,7 @@ class CCDiT(nn.Module):
         )
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
+        self.routing: Routing | None = None  # set by the trainer (train.routing); used only with route_scores, in training
         self.initialize_weights()
 
     @property
@@ -116,7 +118,10 @@ class CCDiT(nn.Module):
         """The adaLN conditioning vector c = t_emb + y_emb, (N, D)."""
         return self.t_embedder(timestep) + self.y_embedder(class_labels)
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
+                route_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """``route_scores`` (N, T): in training with ``self.routing`` set, the tokens of the lowest
+        scores go through the routed span and the others skip it (models/routing.py)."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h != self.config.input_size or w != self.config.input_size:
@@ -125,9 +130,10 @@ class CCDiT(nn.Module):
         # so no norm or linear downstream copies the residual stream
         x = self.pos_embed + self.x_embedder(hidden_states)  # (N, T, D), T = H * W / p**2
         c = self.condition(timestep, class_labels)  # (N, D)
-        for block in self.blocks:
-            x = run_block(block, self.gradient_checkpointing, x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p * p * C)
+        span = RoutedSpan(self.routing, route_scores, x.shape[1], self.training)
+        for i, block in enumerate(self.blocks):
+            x = run_block(block, self.gradient_checkpointing, span.enter(i, x), c)  # (N, T, D); (N, K, D) in the span
+        x = self.final_layer(span.leave(x), c)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 
     def export_config(self) -> dict:

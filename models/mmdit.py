@@ -35,6 +35,7 @@ from models.layers import (
     timestep_sinusoid,
     unpatchify,
 )
+from models.routing import RoutedSpan, Routing
 
 
 POS_GRIDS = ("stretch", "isotropic", "shortside")  # MMDiTConfig.pos_grid
@@ -313,6 +314,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"unknown mmDiT block {c.block!r}; expected 'pixart' or 'joint'")
         self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, self.out_channels)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
+        self.routing: Routing | None = None  # set by the trainer (train.routing); used only with route_scores, in training
         if c.control_blocks:
             self.controlnet = ControlNet([copy.deepcopy(b) for b in self.blocks[: c.control_blocks]], c.hidden_size)
         self.initialize_weights()
@@ -391,11 +393,14 @@ class MMDiT(nn.Module):
         control: torch.Tensor | None = None,
         control_scale: float = 1.0,
         guidance: torch.Tensor | None = None,
+        route_scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``text_cache`` (from ``cache_text``) stands in for encoder_hidden_states and its mask.
         ``control`` (N, C, H, W): a control image's normalized latents, for a model with a ControlNet
         (``control_blocks``); its residuals are added times ``control_scale`` (0: the base alone).
-        ``guidance`` (N,): the guidance scale of a distilled student (``guidance_embed``)."""
+        ``guidance`` (N,): the guidance scale of a distilled student (``guidance_embed``).
+        ``route_scores`` (N, T): in training with ``self.routing`` set, the image tokens of the lowest
+        scores go through the routed span and the others skip it (models/routing.py)."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h % p or w % p:
@@ -425,18 +430,22 @@ class MMDiT(nn.Module):
         context, mask = text_cache.context, text_cache.mask
         t_modulation = self.t_block(t_emb) if self.config.block == "pixart" else None  # (N, 6D): adaLN-single, shared by every block
         residuals = self._control_residuals(x, pos, control, control_scale, t_emb, t_modulation, context, mask)
+        span = RoutedSpan(self.routing, route_scores, x.shape[1], self.training)
+        if span.active and residuals:
+            raise ValueError("token routing with a ControlNet: the control residuals cover every token; train a ControlNet "
+                             "without train.routing")
         if self.config.block == "joint":
             for i, block in enumerate(self.blocks):
-                x, context = run_block(block, self.gradient_checkpointing, x, context, t_emb, mask)  # (N, T, D), (N, L, D)
+                x, context = run_block(block, self.gradient_checkpointing, span.enter(i, x), context, t_emb, mask)  # (N, T or K, D), (N, L, D)
                 if i < len(residuals):
                     x = x + residuals[i]
         else:
             kv = text_cache.kv or [None] * len(self.blocks)
             for i, (block, block_kv) in enumerate(zip(self.blocks, kv)):
-                x = run_block(block, self.gradient_checkpointing, x, t_modulation, context, mask, block_kv)  # (N, T, D)
+                x = run_block(block, self.gradient_checkpointing, span.enter(i, x), t_modulation, context, mask, block_kv)  # (N, T or K, D)
                 if i < len(residuals):
                     x = x + residuals[i]
-        x = self.final_layer(x, t_emb)  # (N, T, p * p * C)
+        x = self.final_layer(span.leave(x), t_emb)  # (N, T, p * p * C)
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 
     def _control_residuals(self, x: torch.Tensor, pos: torch.Tensor, control: torch.Tensor | None, scale: float,

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.results import write_json  # noqa: E402
+from scripts.results import line_chart, write_json  # noqa: E402
 from models.cli import HelpFormatter  # noqa: E402
 
 
@@ -40,37 +40,6 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def steps_to(points: list[tuple[int, float]], target: float) -> int | None:
     return next((s for s, a in points if a >= target), None)
-
-
-def plot(curves: dict[str, list[tuple[int, float]]], target: float, out: Path) -> None:
-    """A plain PIL line chart (no matplotlib dependency): accuracy vs step per arm."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 640, 400, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    max_step = max((s for pts in curves.values() for s, _ in pts), default=1)
-    xy = lambda s, a: (m + (w - 2 * m) * s / max_step, h - m - (h - 2 * m) * a)  # noqa: E731
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for a in (0.25, 0.5, 0.75, 1.0):
-        y = xy(0, a)[1]
-        d.line([m, y, w - m, y], fill=(200, 200, 200) if a != target else (255, 150, 150))
-        d.text((8, y - 6), f"{a:.2f}", fill="black")
-    for s in range(0, max_step + 1, max(max_step // 5, 1)):
-        d.text((xy(s, 0)[0] - 10, h - m + 6), str(s), fill="black")
-    d.text((w // 2 - 20, h - 18), "step", fill="black")
-    d.text((m, 12), f"full-caption accuracy on held-out prompts (target {target:.0%}: red line)", fill="black")
-    colours = [(30, 90, 220), (220, 60, 30), (40, 160, 60)]
-    for i, (name, pts) in enumerate(curves.items()):
-        c = colours[i % len(colours)]
-        if len(pts) > 1:
-            d.line([xy(s, a) for s, a in pts], fill=c, width=3)
-        for s, a in pts:
-            x, y = xy(s, a)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((w - m - 150, m + 10 + 16 * i), name, fill=c)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
 
 
 def main(argv=None) -> int:
@@ -118,7 +87,8 @@ def main(argv=None) -> int:
         record["ratio"] = a / b
     elif a is not None:  # scratch never got there: it needs more than `until`
         record["ratio_upper_bound"] = a / args.until
-    plot({k: v["curve"] for k, v in results.items()}, args.target, ROOT / args.png)
+    line_chart({k: v["curve"] for k, v in results.items()}, args.target, ROOT / args.png,
+               f"full-caption accuracy on held-out prompts (target {args.target:.0%}: red line)", "step")
     write_json(record, ROOT / args.json)
     print(f"\n| arm | steps to {args.target:.0%} | final accuracy |\n|---|---|---|")
     for k, v in results.items():

@@ -32,3 +32,37 @@ def trained(config_name: str, overrides: list[str], checkpoint: str | Path | Non
 
     summary = train(compose(config_name, overrides))
     return summary["checkpoint"], summary["seconds"]
+
+
+def line_chart(curves: dict[str, list[tuple[float, float]]], target: float, out: str | Path, title: str, xlabel: str) -> None:
+    """A plain PIL line chart (no matplotlib dependency): a score in [0, 1] against ``xlabel`` per arm,
+    the ``target`` score as a red line."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 640, 400, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    max_x = max((x for pts in curves.values() for x, _ in pts), default=1) or 1
+    xy = lambda x, a: (m + (w - 2 * m) * x / max_x, h - m - (h - 2 * m) * a)  # noqa: E731
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    for a in sorted({0.25, 0.5, 0.75, 1.0, target}):
+        y = xy(0, a)[1]
+        d.line([m, y, w - m, y], fill=(255, 150, 150) if a == target else (200, 200, 200))
+        d.text((8, y - 6), f"{a:.2f}", fill="black")
+    for i in range(6):
+        x = max_x * i / 5
+        d.text((xy(x, 0)[0] - 10, h - m + 6), f"{x:.3g}", fill="black")
+    d.text((w // 2 - 20, h - 18), xlabel, fill="black")
+    d.text((m, 12), title, fill="black")
+    colours = [(30, 90, 220), (220, 60, 30), (40, 160, 60), (150, 60, 180), (200, 140, 0)]
+    for i, (name, pts) in enumerate(curves.items()):
+        c = colours[i % len(colours)]
+        if len(pts) > 1:
+            d.line([xy(x, a) for x, a in pts], fill=c, width=3)
+        for x, a in pts:
+            px, py = xy(x, a)
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+        d.text((w - m - 150, m + 10 + 16 * i), name, fill=c)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)

@@ -32,6 +32,7 @@ class Feed:
         self.timesteps = (t.logit_mean, t.logit_std, spec.shift)
         self.cond_dropout = cfg.train.cond_dropout
         self.extra_draws = 0  # uniform numbers per sample a distillation loss draws (training/distill.py)
+        self.route_patch = 0  # a routed model's patch size: one route score per image token (models/routing.py); 0 = no routing
 
     def micro_batches(self, gen: torch.Generator) -> Iterator[MicroBatch]:
         """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``."""
@@ -48,7 +49,13 @@ class Feed:
                     raise RuntimeError(f"DDP ranks read {self.first_batch_overlap} identical samples in their first batch")
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
-            yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws)
+            yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws,
+                                  tokens(x0, self.route_patch) if self.route_patch else 0)
+
+
+def tokens(latents: torch.Tensor, patch_size: int) -> int:
+    """Image tokens of a (N, C, H, W) batch (bucketed data: its bucket's)."""
+    return (latents.shape[-2] // patch_size) * (latents.shape[-1] // patch_size)
 
 
 def default_workers(dist_info: DistInfo) -> int:

@@ -54,6 +54,22 @@ class DistillSchema:
 
 
 @dataclass
+class RoutingSchema:
+    ratio: float = 0.0  # TREAD token routing (models/routing.py): fraction of image tokens that skip the span; 0 = off
+    start: int = 1  # first block of the span (sees only the kept tokens)
+    end: Optional[int] = None  # first block after the span; null: depth - 1 (the last block sees every token)
+
+
+@dataclass
+class AlignSchema:
+    weight: float = 0.0  # self-representation alignment (training/alignment.py); 0 = off
+    student_block: int = 1  # this block's output, of the model being trained ...
+    teacher_block: int = 3  # ... pulled toward this deeper block's output of the EMA model
+    gap: float = 0.1  # the teacher sees the sample at t - gap: less noise
+    until: Optional[int] = None  # switch the term off at this step; null = never
+
+
+@dataclass
 class TrainSchema:
     global_batch_size: int = 256
     grad_accum: int = 1
@@ -71,6 +87,8 @@ class TrainSchema:
     objective: Optional[str] = None  # flow | epsilon; null: the init checkpoint's, else flow
     lora: LoraSchema = field(default_factory=LoraSchema)
     distill: DistillSchema = field(default_factory=DistillSchema)
+    routing: RoutingSchema = field(default_factory=RoutingSchema)
+    align: AlignSchema = field(default_factory=AlignSchema)
     log_every: int = 50
     sample_every: int = 5000
     checkpoint_every: int = 5000
@@ -86,6 +104,7 @@ class TrainSchema:
     compile_mode: str = "default"
     parallel: str = "ddp"
     stop_after: Optional[int] = None
+    count_flops: bool = False
 
 
 @dataclass

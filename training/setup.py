@@ -130,6 +130,58 @@ def lora_spec(cfg: DictConfig, use_fsdp: bool):
     return spec
 
 
+def routing_spec(cfg: DictConfig, model_config):
+    """``train.routing`` as a checked :class:`models.routing.Routing`, or None when off (ratio 0)."""
+    from models.routing import Routing
+
+    r = cfg.train.get("routing")
+    if not r or not r.ratio:
+        return None
+    depth = model_config.depth
+    routing = Routing(float(r.ratio), int(r.start), depth - 1 if r.end is None else int(r.end))
+    problems = []
+    try:
+        routing.check(depth)
+    except ValueError as e:
+        problems.append(str(e))
+    if getattr(model_config, "control_blocks", 0):
+        problems.append("a ControlNet run: the control residuals cover every token; train it without routing")
+    if cfg.train.get("distill") and cfg.train.distill.enabled:
+        problems.append("a distillation run: its loss calls the student itself; distill without routing")
+    if problems:
+        raise ConfigError(f"train.routing (ratio {r.ratio}, start {r.start}, end {r.end}): " + "; ".join(problems))
+    return routing
+
+
+def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
+    """``train.align`` as checked :class:`training.alignment.AlignSettings`, or None when off (weight 0)."""
+    from training.alignment import AlignSettings
+
+    a = cfg.train.get("align")
+    if not a or not a.weight:
+        return None
+    settings = AlignSettings.from_config(a)
+    problems = []
+    try:
+        settings.check(model_config.depth)
+    except ValueError as e:
+        problems.append(str(e))
+    if routing is not None and routing.start <= settings.student_block < routing.end:
+        problems.append(f"student_block {settings.student_block} is inside the routed span (blocks {routing.start}-"
+                        f"{routing.end - 1}), where it sees only the kept tokens: choose a block outside it")
+    if cfg.train.get("distill") and cfg.train.distill.enabled:
+        problems.append("a distillation run has its own loss; distill without train.align")
+    if getattr(model_config, "control_blocks", 0):
+        problems.append("a ControlNet run trains the copies only; train it without train.align")
+    if use_fsdp:
+        problems.append("train.parallel=fsdp: the EMA teacher is not gathered for its forward here; use train.parallel=ddp")
+    if cfg.train.compile:
+        problems.append("train.compile: the features are caught by hooks that a compiled graph does not run; set train.compile=false")
+    if problems:
+        raise ConfigError(f"train.align (weight {a.weight}): " + "; ".join(problems))
+    return settings
+
+
 def check_distill(cfg: DictConfig, init_meta: dict, objective: Objective) -> None:
     """``train.distill``: a flow teacher to distill (stage.init_from), and a student that takes the guidance scale."""
     d = cfg.train.get("distill")

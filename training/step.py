@@ -33,23 +33,32 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 class MicroBatch:
     """The step's inputs: x0 (N, C, H, W) normalized latents, cond (the model's condition keyword
     arguments), t (N,) model times in [0, 1], noise (N, C, H, W); extra (N, K) uniform numbers for a
-    loss that draws more (distillation: training/distill.py), None otherwise."""
+    loss that draws more (distillation: training/distill.py), None otherwise; route (N, T) uniform
+    scores that pick the tokens a routed model keeps (models/routing.py), None without routing."""
 
     x0: torch.Tensor
     cond: dict[str, Any]
     t: torch.Tensor
     noise: torch.Tensor
     extra: torch.Tensor | None = None
+    route: torch.Tensor | None = None
 
     @classmethod
     def draw(cls, x0: torch.Tensor, cond: dict[str, Any], logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
-             gen: torch.Generator | None = None, objective: Objective = FLOW, extra: int = 0) -> "MicroBatch":
+             gen: torch.Generator | None = None, objective: Objective = FLOW, extra: int = 0, route_tokens: int = 0) -> "MicroBatch":
         """Timesteps (flow: logit-normal, shifted; epsilon: uniform steps), then noise, then ``extra`` uniform
-        numbers per sample, from ``gen``."""
+        numbers per sample, then ``route_tokens`` route scores per sample, from ``gen`` (a draw that is
+        off takes nothing from the stream, so the others are as without it)."""
         t = objective.draw_t(x0.shape[0], logit_mean, logit_std, shift, gen, x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         more = torch.rand((x0.shape[0], extra), generator=gen, device=x0.device) if extra else None
-        return cls(x0, cond, t, noise, more)
+        route = torch.rand((x0.shape[0], route_tokens), generator=gen, device=x0.device) if route_tokens else None
+        return cls(x0, cond, t, noise, more, route)
+
+    @property
+    def model_cond(self) -> dict[str, Any]:
+        """The model's keyword arguments for this batch: the condition, and the route scores if any."""
+        return self.cond if self.route is None else {**self.cond, "route_scores": self.route}
 
 
 class Local:
@@ -99,7 +108,7 @@ def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches:
             if loss_fn is not None:
                 per_sample = loss_fn(parallel.module, ema, mb)  # (N,)
             else:
-                pred = call_model(parallel.module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.cond)  # (N, C or 2C, H, W)
+                pred = call_model(parallel.module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.model_cond)  # (N, C or 2C, H, W)
                 per_sample = objective.loss(pred, mb.x0, mb.noise)  # (N,)
             loss = per_sample.mean() / accum
         loss.backward()

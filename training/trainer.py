@@ -9,6 +9,7 @@ from any checkpoint: same step, optimizer, EMA, data position and random stream.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from data.shards import ShardError
 from inference.conditioning import ConditioningError
@@ -26,6 +28,7 @@ from models.presets import build_model, count_parameters
 from training import precision, setup
 from training.checkpoint import Checkpointer
 from training.config import ConfigError
+from training.alignment import SelfAlignment
 from training.distill import DRAWS
 from training.distributed import DistInfo, cleanup
 from training.distributed import setup as setup_processes
@@ -96,6 +99,11 @@ class Run:
                      100 * trained / frozen, frozen)
         if getattr(spec.model_config, "control_blocks", 0):
             freeze_base(model, cfg, lora.enabled, use_fsdp)
+        routing = setup.routing_spec(cfg, spec.model_config)
+        if routing is not None:
+            model.routing = routing
+            log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)",
+                     100 * routing.ratio, routing.start, routing.end - 1)
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -106,8 +114,16 @@ class Run:
                                              len(spec.manifest.get("buckets") or {}))
         self.feed = Feed(cfg, spec, dist_info, self.start.batches_done, self.start.positions)
         self.distill = make_distillation(cfg, spec, dist_info.device)
+        self.align = None
+        align = setup.align_spec(cfg, spec.model_config, routing, use_fsdp)
+        if align is not None:  # hooks on the trained model and the EMA, after the EMA copy was made
+            self.align = SelfAlignment(model, self.ema, align, spec.objective)
+            log.info("self-alignment: block %d pulled toward the EMA's block %d at t - %g, weight %g%s", align.student_block,
+                     align.teacher_block, align.gap, align.weight, f", until step {align.until}" if align.until is not None else "")
         if self.distill is not None:
             self.feed.extra_draws = DRAWS
+        if routing is not None:
+            self.feed.route_patch = spec.model_config.patch_size
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
         log.info(
             "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
@@ -130,6 +146,9 @@ class Run:
         self.meter = Meter(self.logger, dist_info, cfg.train.global_batch_size, cfg.train.spike_factor)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.evaluated: dict[int, dict] = {}  # the latest evaluation, by step
+        self.eval_seconds = 0.0  # spent in evaluations
+        self.flops: list[tuple[int, int]] = []  # train.count_flops: (first step, FLOPs of each step from it on)
+        self.flops_loss = None
         self.grad_norm = float("nan")
 
     def step(self, step: int) -> float:
@@ -138,17 +157,30 @@ class Run:
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = train_step(self.parallel, self.optimizer, self.feed.micro_batches(step_generator(self.cfg.seed, self.dist_info.rank, step,
-                                                                                                self.dist_info.device)),
-                         t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
-                         may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
-                         ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
-                         objective=self.spec.objective, loss_fn=self.distill.loss if self.distill else None)
+        loss_fn = self.loss_fn(step)
+        counting = t.get("count_flops") and (not self.flops or loss_fn != self.flops_loss)
+        with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+            out = train_step(self.parallel, self.optimizer,
+                             self.feed.micro_batches(step_generator(self.cfg.seed, self.dist_info.rank, step, self.dist_info.device)),
+                             t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
+                             may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
+                             ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
+                             objective=self.spec.objective, loss_fn=loss_fn)
+        if counting:  # this rank's, from here until the step's loss changes
+            self.flops.append((step, counter.get_total_flops()))
+            self.flops_loss = loss_fn
+            log.info("step %d: %.3g FLOPs per training step on this rank (forward, backward, update)", step, self.flops[-1][1])
         if not out.applied:
             self.logger.write(f"step {step}: non-finite loss or gradient, update skipped ({self.guard.skipped_total} so far)")
         self.meter.add(out.losses)
         self.grad_norm = out.grad_norm
         return lr
+
+    def loss_fn(self, step: int):
+        """The step's loss in place of the objective's plain one: distillation's, or with the alignment term; None: plain."""
+        if self.distill is not None:
+            return self.distill.loss
+        return self.align.loss_at(step) if self.align is not None else None
 
     def report(self, step: int, lr: float) -> None:
         self.meter.report(step, lr=lr, grad_norm=self.grad_norm, skipped_steps=self.guard.skipped_total,
@@ -163,8 +195,14 @@ class Run:
         if self.guard.consecutive == 0 and t.checkpoint_every and step % t.checkpoint_every == 0:  # never mid non-finite streak
             self.save(step)
         if t.sample_every and step % t.sample_every == 0:
-            self.evaluated = {step: self.evaluation.run(step)}
+            self.evaluated = {step: self.evaluate(step)}
         self.stop_if_asked(step, stop)
+
+    def evaluate(self, step: int) -> dict:
+        start = time.time()
+        result = self.evaluation.run(step)
+        self.eval_seconds += time.time() - start
+        return result
 
     def stop_if_asked(self, step: int, stop: StopRequest) -> None:
         """On a stop signal (any rank's): checkpoint what this run trained, exit 75 (run again to resume)."""
@@ -180,17 +218,22 @@ class Run:
 
     def finish(self, step: int, seconds: float) -> dict[str, Any]:
         """The final checkpoint (unless resumed at the end already) and evaluation, then the summary; the tracker closes last."""
+        train_seconds = seconds - self.eval_seconds  # the loop's, without its evaluations
         if step > self.start.step:
             self.save(step)
         else:  # resumed a run that had already finished: nothing to train
             self.checkpoints.last = latest_checkpoint(self.run_dir / "checkpoints")
-        result = self.evaluated[step] if step in self.evaluated else (self.evaluation.run(step) if self.cfg.train.sample_every else {})
+        result = self.evaluated[step] if step in self.evaluated else (self.evaluate(step) if self.cfg.train.sample_every else {})
         self.logger.close()
         summary = {
             "stage": self.cfg.stage.name,
             "step": step,
             "steps_this_run": step - self.start.step,
+            "max_steps": self.cfg.train.max_steps,
+            "images_per_step": self.cfg.train.global_batch_size,
             "seconds": round(seconds, 1),
+            "train_seconds": round(train_seconds, 1),
+            **({"flops_per_step": self.flops} if self.flops else {}),
             "final_loss": self.meter.last_loss,
             "skipped_steps": self.guard.skipped_total,
             "world_size": self.dist_info.world_size,

@@ -1,0 +1,260 @@
+"""Cheaper training: token routing (models/routing.py) and self-alignment (training/alignment.py)."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose, stage2_overrides, tiny_overrides
+from flow.objectives import FLOW
+from inference.pipeline import call_model
+from models.ccdit import CCDiT, CCDiTConfig
+from models.checkpoint import latest_checkpoint
+from models.linear import convert
+from models.mmdit import MMDiT, MMDiTConfig
+from models.routing import RoutedSpan, Routing, gather_tokens, scatter_tokens
+from training.alignment import AlignSettings, SelfAlignment, alignment_loss
+from training.config import ConfigError
+from training.step import MicroBatch
+from training.trainer import train
+
+ROUTING = Routing(0.5, 1, 3)
+
+
+def _models():
+    """Both families (and both mmDiT blocks), 4 blocks, random weights (no closed gates), 16 tokens."""
+    torch.manual_seed(0)
+    models = {
+        "ccdit": CCDiT(CCDiTConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=4)),
+        "pixart": MMDiT(MMDiTConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=4, num_heads=2,
+                                    caption_channels=16, block="pixart", micro_conditions=True)),
+        "joint": MMDiT(MMDiTConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=4, num_heads=2,
+                                   caption_channels=16, block="joint")),
+    }
+    for m in models.values():
+        for p in m.parameters():
+            p.data.normal_(0, 0.1)
+    return models
+
+
+def _inputs(name, n=3):
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(n, 3, 8, 8, generator=g), torch.rand(n, generator=g)
+    if name == "ccdit":
+        return x, t, {"class_labels": torch.tensor([0, 2, 4])[:n]}  # 4: the null class
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[1, 2:] = False  # one padded caption: the text mask must keep working inside the span
+    return x, t, {"encoder_hidden_states": torch.randn(n, 5, 16, generator=g), "encoder_attention_mask": mask}
+
+
+def _plain_forward(model, x, t, cond):
+    """The block loop written out, as before routing existed: the reference for 'routing off changes nothing'."""
+    block_inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: block_inputs.append(a[0].clone())) for b in model.blocks]
+    try:
+        return model(x, t, **cond), block_inputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", ["ccdit", "pixart", "joint"])
+def test_without_routing_the_model_is_unchanged_in_outputs_and_gradients(name):
+    model = _models()[name].train()
+    x, t, cond = _inputs(name)
+    scores = torch.rand(3, 16)
+
+    def run(**kw):
+        model.zero_grad()
+        out = model(x, t, **cond, **kw)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref, ref_grads = run()
+    for routing, kw, training in [(None, {"route_scores": scores}, True),  # scores given, routing off
+                                  (ROUTING, {}, True),  # routing set, no scores (sampling's call)
+                                  (ROUTING, {"route_scores": scores}, False)]:  # eval mode: every token
+        model.routing = routing
+        model.train(training)
+        out, grads = run(**kw)
+        assert torch.equal(out, ref)
+        assert len(grads) == len(ref_grads) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    model.routing = None
+
+
+def test_gather_then_scatter_puts_every_token_back_in_its_place():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 8, generator=g)
+    for _ in range(5):
+        index = ROUTING.kept(torch.rand(4, 16, generator=g))  # (N, 8): a random half per sample
+        assert index.shape == (4, 8) and torch.equal(index, index.sort(dim=1).values)
+        kept = gather_tokens(x, index)
+        for n in range(4):
+            assert torch.equal(kept[n], x[n, index[n]])
+        changed = scatter_tokens(x, kept * 10, index)  # the span's output for the kept, the rest untouched
+        for n in range(4):
+            routed = torch.ones(16, dtype=torch.bool)
+            routed[index[n]] = False
+            assert torch.equal(changed[n, index[n]], x[n, index[n]] * 10)
+            assert torch.equal(changed[n, routed], x[n, routed])
+        assert torch.equal(scatter_tokens(x, kept, index), x)
+        # a permutation of the token order permutes which tokens are kept, and nothing else
+        perm = torch.randperm(16, generator=g)
+        scores = torch.rand(4, 16, generator=g)
+        kept_p = ROUTING.kept(scores[:, perm])
+        assert torch.equal(perm[kept_p].sort(dim=1).values, ROUTING.kept(scores))
+
+
+@pytest.mark.parametrize("name", ["ccdit", "pixart", "joint"])
+def test_routed_tokens_skip_the_span_and_come_back_in_their_places(name):
+    model = _models()[name].train()
+    model.routing = ROUTING
+    x, t, cond = _inputs(name)
+    scores = torch.rand(3, 16, generator=torch.Generator().manual_seed(2))
+    index = ROUTING.kept(scores)
+    routed_out, seen = _plain_forward(model, x, t, {**cond, "route_scores": scores})
+    assert [s.shape[1] for s in seen] == [16, 8, 8, 16]  # blocks 1-2 see the kept half, block 3 every token again
+    # block 3's input: the routed tokens exactly as they entered block 1, the kept ones as the span left them
+    entering = _span_input(model, x, t, cond)  # block 0 is the same with and without routing
+    for n in range(3):
+        routed = torch.ones(16, dtype=torch.bool)
+        routed[index[n]] = False
+        assert torch.equal(seen[1][n], entering[n, index[n]])
+        assert torch.equal(seen[3][n, routed], entering[n, routed])
+        assert not torch.equal(seen[3][n, index[n]], entering[n, index[n]])
+    assert routed_out.shape == x.shape and torch.isfinite(routed_out).all()
+    # with the span's blocks closed (identity), routing changes nothing at all
+    for block in model.blocks[1:3]:
+        _close(block)
+    model.routing = None
+    plain = model(x, t, **cond)
+    model.routing = ROUTING
+    torch.testing.assert_close(model(x, t, **cond, route_scores=scores), plain, rtol=0, atol=1e-6)
+    model.routing = None
+
+
+def _span_input(model, x, t, cond):
+    """The tokens entering block 1 (the span's first) without routing."""
+    model.routing = None
+    _, seen = _plain_forward(model, x, t, cond)
+    model.routing = ROUTING
+    return seen[1]
+
+
+def _close(block):
+    """Make a block the identity: its residual branches' outputs zero (a joint block's text stream too, which
+    inside the span attends to the kept image tokens only)."""
+    if hasattr(block, "scale_shift_table"):  # PixArt: zero the attention and MLP outputs
+        for lin in (block.attn.to_out, block.cross_attn.to_out, block.mlp.fc2):
+            lin.weight.data.zero_()
+            lin.bias.data.zero_()
+    else:  # adaLN-Zero: gates zero
+        for name in ("adaLN_modulation", "context_adaLN_modulation"):
+            if hasattr(block, name):
+                getattr(block, name)[-1].weight.data.zero_()
+                getattr(block, name)[-1].bias.data.zero_()
+
+
+def test_routing_works_through_the_fp8_converter():
+    torch.manual_seed(0)  # MXFP8 blocks of 32: every converted projection a multiple of it
+    model = convert(MMDiT(MMDiTConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=4, num_heads=2,
+                                      caption_channels=16, block="pixart", micro_conditions=True)), "mxfp8_emulated").train()
+    model.routing = ROUTING
+    x, t, cond = _inputs("pixart")
+    out = model(x, t, **cond, route_scores=torch.rand(3, 16))
+    out.square().mean().backward()
+    assert torch.isfinite(out).all() and all(p.grad is not None for p in model.blocks[1].parameters() if p.requires_grad)
+
+
+def test_routing_settings_are_checked():
+    with pytest.raises(ValueError, match="0 < ratio < 1"):
+        Routing(1.0, 1, 3).check(4)
+    with pytest.raises(ValueError, match="start < end <= depth"):
+        Routing(0.5, 3, 3).check(4)
+    assert Routing(0.5, 1, 3).kept_count(16) == 8 and Routing(0.99, 1, 3).kept_count(16) == 1
+
+
+def test_a_draw_without_routing_takes_nothing_from_the_stream():
+    x0 = torch.randn(4, 3, 8, 8)
+    a = MicroBatch.draw(x0, {}, gen=torch.Generator().manual_seed(0))
+    b = MicroBatch.draw(x0, {}, gen=torch.Generator().manual_seed(0), route_tokens=16)
+    assert torch.equal(a.t, b.t) and torch.equal(a.noise, b.noise) and a.route is None and b.route.shape == (4, 16)
+    assert a.model_cond == {} and set(b.model_cond) == {"route_scores"}
+
+
+def test_alignment_loss_is_zero_where_the_features_agree():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 16, 32, generator=g)
+    assert alignment_loss(h, h).abs().max() < 1e-6
+    assert alignment_loss(h, 3 * h).abs().max() < 1e-6  # direction, not length
+    torch.testing.assert_close(alignment_loss(h, -h), torch.full((2,), 2.0))
+    other = torch.randn(2, 16, 32, generator=g)
+    assert (alignment_loss(h, other) > 0.5).all()
+
+
+def test_self_alignment_adds_its_term_and_the_teacher_stops_at_its_block():
+    model = _models()["ccdit"].train()
+    ema = _models()["ccdit"].eval()  # same seed: the same weights
+    settings = AlignSettings(weight=0.5, student_block=1, teacher_block=2, gap=0.0, until=10)
+    align = SelfAlignment(model, ema, settings, FLOW)
+    calls = []
+    ema.blocks[3].register_forward_pre_hook(lambda m, a: calls.append(1))
+    x, t, cond = _inputs("ccdit")
+    mb = MicroBatch(x, cond, t, torch.randn_like(x))
+    loss = align.loss(model, ema, mb)
+    assert calls == []  # the EMA's blocks after the teacher block never ran
+    plain = FLOW.loss(call_model(model, FLOW.noisy(x, mb.noise, t), t, cond), x, mb.noise)
+    _, seen = _plain_forward(model, FLOW.noisy(x, mb.noise, t), t, cond)
+    with torch.no_grad():
+        _, seen_ema = _plain_forward(ema, FLOW.noisy(x, mb.noise, t), t, cond)
+    torch.testing.assert_close(loss, plain + 0.5 * alignment_loss(seen[2], seen_ema[3]))
+    assert align.loss_at(9) is not None and align.loss_at(10) is None  # switched off at `until`
+    assert AlignSettings(weight=0.0).weight == 0 and SelfAlignment(model, ema, AlignSettings(), FLOW).loss_at(0) is None
+
+
+SWITCHES = {
+    "routing": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3},
+    "align": {"train.align.weight": 0.5, "train.align.student_block": 0, "train.align.teacher_block": 2, "train.align.until": 4},
+    "both": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 0.5,
+             "train.align.student_block": 0, "train.align.teacher_block": 2},
+}
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_resume_is_exact_with_each_switch_on(tmp_path, shapes_dir, switch):
+    extra = {"model.depth": 4, "train.checkpoint_every": 100, **SWITCHES[switch]}
+    full = train(compose(tiny_overrides(tmp_path / "a", shapes_dir, **extra, **{"train.count_flops": True})))
+    train(compose(tiny_overrides(tmp_path / "b", shapes_dir, **{**extra, "train.max_steps": 3})))
+    resumed = train(compose(tiny_overrides(tmp_path / "b", shapes_dir, **extra)))
+    assert resumed["steps_this_run"] == 3
+    a, b = (load_file(latest_checkpoint(tmp_path / r / "run" / "checkpoints") / "model.safetensors") for r in "ab")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    plain = train(compose(tiny_overrides(tmp_path / "c", shapes_dir, **{"model.depth": 4, "train.count_flops": True})))
+    pa = load_file(latest_checkpoint(tmp_path / "c" / "run" / "checkpoints") / "model.safetensors")
+    assert any(not torch.equal(a[k], pa[k]) for k in a)  # the switch changed the training
+    (_, plain_flops), = plain["flops_per_step"]
+    if switch == "routing":  # routed tokens do no work in the span: fewer FLOPs than the plain step
+        assert full["flops_per_step"][0][1] < 0.9 * plain_flops
+    if switch == "align":  # the teacher's forward costs, until the term is switched off at step 4
+        assert [s for s, _ in full["flops_per_step"]] == [0, 4]
+        assert full["flops_per_step"][0][1] > plain_flops and full["flops_per_step"][1][1] == plain_flops
+
+
+def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
+    extra = {"model.depth": 4, "train.checkpoint_every": 100, **SWITCHES["routing"]}
+    train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **extra), "stage2"))
+    train(compose(stage2_overrides(tmp_path / "b", text_shapes_dir, **{**extra, "train.max_steps": 3}), "stage2"))
+    train(compose(stage2_overrides(tmp_path / "b", text_shapes_dir, **extra), "stage2"))
+    a, b = (load_file(latest_checkpoint(tmp_path / r / "run" / "checkpoints") / "model.safetensors") for r in "ab")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"train.routing.ratio": 1.5}, "0 < ratio < 1"),
+    ({"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 1.0,
+      "train.align.student_block": 1, "train.align.teacher_block": 3}, "inside the routed span"),
+    ({"train.align.weight": 1.0, "train.align.student_block": 3, "train.align.teacher_block": 2}, "the teacher deeper"),
+])
+def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{"model.depth": 4, **extra})))
