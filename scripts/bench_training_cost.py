@@ -8,7 +8,8 @@ Each arm is the stage's demo run (stage 1: experiment=demo; stage 2: experiment=
 --init) with its own overrides (--arms; ARMS below). The arms take turns, --chunk steps at a time
 (the order reversed every chunk, so the machine's noise falls on all alike); each chunk resumes the
 arm's run exactly where it stopped (train.stop_after) and ends with the trainer's evaluation of the
-EMA model. An arm stops once it reaches --target, or at the schedule's end. Measured per arm:
+EMA model. An arm stops once it reaches --target, at the schedule's end, or (--give-up) once it
+has spent a given multiple of the first arm's FLOPs to the target without reaching it. Measured per arm:
 steps, images, training FLOPs (torch's FlopCounterMode on a real step of the run, so routed tokens
 and the alignment teacher's forward count as executed) and training wall time (the trainer's own,
 evaluations excluded), each at the target, linearly interpolated between the two evaluations around
@@ -35,6 +36,7 @@ ARMS = {  # name -> Hydra overrides on top of the stage's demo run
     "sra": ["train.align.weight=0.5"],
     "tread+sra": ["train.routing.ratio=0.5", "train.align.weight=0.5", "train.align.student_block=0"],
 }
+LOWER_SCORES = (0.5, 0.75)  # also reported: where each arm passed these scores on its way
 STAGES = {
     1: dict(config="stage1", experiment="demo", metric="class_accuracy", target=0.9, chunk=250),
     2: dict(config="stage2", experiment="demo_stage2", metric="caption_accuracy", target=0.7, chunk=100),
@@ -48,6 +50,9 @@ def parse_args(argv=None):
                     help="the arms, the first the reference of the ratios")
     ap.add_argument("--chunk", type=int, default=None, help="steps per turn, an evaluation after each (default: 250 stage 1, 100 stage 2)")
     ap.add_argument("--target", type=float, default=None, help="the score to reach (default: 0.9 stage 1, 0.7 stage 2)")
+    ap.add_argument("--give-up", type=float, default=None,
+                    help="stop an arm without the target once it has spent this many times the first arm's FLOPs to it "
+                         "(e.g. 0.6: it cannot meet a 0.5x goal any more); default: train every arm to the target or the end")
     ap.add_argument("--init", default="runs/bench_cost/stage2_init",
                     help="stage 2: the reparameterized stage 1 every arm starts from (made from --stage1 if missing)")
     ap.add_argument("--stage1", default="runs/quality/stage1", help="stage 2: the stage-1 run --init is made from")
@@ -72,11 +77,12 @@ def make_init(init: Path, stage1: str) -> None:
 
 
 def chunk_flops(flops: list[list[int]], start: int, end: int) -> float:
-    """FLOPs of steps start..end-1 from the trainer's [(first step, FLOPs per step)] of that run."""
+    """FLOPs of steps start..end-1 from the trainer's [(first step, FLOPs per step)] of that run; the
+    first rate also covers any steps before its run began (a turn resumed from a pre-emption checkpoint)."""
     total = 0.0
     for i, (first, per_step) in enumerate(flops):
         last = flops[i + 1][0] if i + 1 < len(flops) else end
-        total += per_step * max(0, min(last, end) - max(first, start))
+        total += per_step * max(0, min(last, end) - (start if i == 0 else max(first, start)))
     return total
 
 
@@ -111,20 +117,29 @@ def main(argv=None) -> dict:
         make_init(Path(args.init), args.stage1)
     records = {arm: json.loads(p.read_text()) if (p := ROOT / args.out / arm / "chunks.json").is_file() else []
                for arm in args.arms}
-    finished = lambda points: bool(points) and (points[-1]["score"] >= args.target or points[-1]["final"])  # noqa: E731
+    def finished(arm: str) -> bool:
+        points = records[arm]
+        if points and (points[-1]["score"] >= args.target or points[-1]["final"]):
+            return True
+        ref = at_target(records[args.arms[0]], args.target)  # --give-up: this arm has spent too much already
+        return bool(points) and arm != args.arms[0] and args.give_up is not None and ref is not None and \
+            points[-1]["flops"] > args.give_up * ref["flops"]
+
     turn = 0
-    while not all(finished(points) for points in records.values()):
+    while not all(finished(arm) for arm in args.arms):
         turn += 1
         for arm in args.arms if turn % 2 else reversed(args.arms):
             points = records[arm]
-            if finished(points) or (points and points[-1]["step"] >= turn * args.chunk):  # done, or this turn read back
+            if finished(arm) or (points and points[-1]["step"] >= turn * args.chunk):  # done, or this turn read back
                 continue
             summary = train_chunk(arm, args, stage, turn * args.chunk)
             prev = points[-1] if points else {"step": 0, "images": 0, "flops": 0.0, "seconds": 0.0}
             point = {"step": summary["step"], "score": float(summary[f"eval_{stage['metric']}"]),
                      "images": prev["images"] + (summary["step"] - prev["step"]) * summary["images_per_step"],
                      "flops": prev["flops"] + chunk_flops(summary["flops_per_step"], prev["step"], summary["step"]),
-                     "seconds": prev["seconds"] + summary["train_seconds"], "final": summary["step"] >= summary["max_steps"]}
+                     # a turn that resumed past its start (the bench was stopped mid-turn) timed only its own steps
+                     "seconds": prev["seconds"] + summary["train_seconds"] * (summary["step"] - prev["step"]) / summary["steps_this_run"],
+                     "final": summary["step"] >= summary["max_steps"]}
             points.append(point)
             (ROOT / args.out / arm / "chunks.json").write_text(json.dumps(points, indent=1))
             print(f"--- {arm}: step {point['step']}, {stage['metric']} {point['score']:.3f}, {point['flops']:.3g} FLOPs, "
@@ -134,13 +149,19 @@ def main(argv=None) -> dict:
 
 def report(args, stage: dict, records: dict) -> dict:
     ref = args.arms[0]
-    reached = {arm: at_target(points, args.target) for arm, points in records.items()}
+    scores = sorted({*LOWER_SCORES, args.target})
+
+    def ratios(r, base):
+        return {k: r[k] / base[k] for k in ("step", "flops", "seconds")} if r and base else None
+
     arms = {}
     for arm, points in records.items():
-        r, base = reached[arm], reached[ref]
-        ratios = ({k: r[k] / base[k] for k in ("step", "flops", "seconds")} if r and base else None)
-        arms[arm] = {"overrides": ARMS[arm], "curve": points, "at_target": r, f"ratios_to_{ref}": ratios}
-    record = {"stage": args.stage, "metric": stage["metric"], "target": args.target, "chunk": args.chunk,
+        at = {f"{s:g}": at_target(points, s) for s in scores}
+        arms[arm] = {"overrides": ARMS[arm], "curve": points, "at_target": at[f"{args.target:g}"],
+                     f"ratios_to_{ref}": ratios(at[f"{args.target:g}"], at_target(records[ref], args.target)),
+                     "at_scores": {s: {**(r or {}), "ratios": ratios(r, at_target(records[ref], float(s)))} if r else None
+                                   for s, r in at.items()}}
+    record = {"stage": args.stage, "metric": stage["metric"], "target": args.target, "chunk": args.chunk, "give_up": args.give_up,
               "command": "python scripts/bench_training_cost.py " + " ".join(sys.argv[1:]), "extra_overrides": args.overrides,
               "arms": arms}
     line_chart({arm: [(p["flops"] / 1e12, p["score"]) for p in points] for arm, points in records.items()}, args.target,
@@ -151,10 +172,16 @@ def report(args, stage: dict, records: dict) -> dict:
     for arm, a in arms.items():
         r, q = a["at_target"], a[f"ratios_to_{ref}"]
         if r is None:
-            print(f"| {arm} | not reached (best {max(p['score'] for p in a['curve']):.3f}) | | | | | |")
+            last = a["curve"][-1]
+            print(f"| {arm} | not reached: best {max(p['score'] for p in a['curve']):.3f} by step {last['step']} | | "
+                  f"{last['flops'] / 1e12:.1f} spent | {last['seconds']:.0f} spent | | |")
         else:
             print(f"| {arm} | {r['step']:.0f} | {r['images']:.0f} | {r['flops'] / 1e12:.1f} | {r['seconds']:.0f} | "
                   f"{q['flops'] if q else float('nan'):.2f} | {q['seconds'] if q else float('nan'):.2f} |")
+    for s in LOWER_SCORES:
+        print(f"FLOPs ratio to {ref} at {s:.0%}: " + ", ".join(
+            f"{arm} {a['at_scores'][f'{s:g}']['ratios']['flops']:.2f}" if a["at_scores"][f"{s:g}"] and a["at_scores"][f"{s:g}"]["ratios"]
+            else f"{arm} -" for arm, a in arms.items()))
     print(f"curves {args.png}, JSON {args.json}")
     return record
 

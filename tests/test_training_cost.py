@@ -258,3 +258,18 @@ def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
 def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):
     with pytest.raises(ConfigError, match=message):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{"model.depth": 4, **extra})))
+
+
+def test_the_benchmark_interpolates_to_the_target_and_counts_flops_per_regime():
+    from scripts.bench_training_cost import at_target, chunk_flops
+
+    points = [{"step": 100, "images": 6400, "flops": 1e12, "seconds": 10.0, "score": 0.4},
+              {"step": 200, "images": 12800, "flops": 2e12, "seconds": 20.0, "score": 0.8},
+              {"step": 300, "images": 19200, "flops": 3e12, "seconds": 30.0, "score": 0.95}]
+    r = at_target(points, 0.9)  # two thirds of the way from step 200 to 300
+    assert r["step"] == pytest.approx(200 + 100 * 2 / 3) and r["flops"] == pytest.approx(2e12 + 1e12 * 2 / 3)
+    assert at_target(points, 0.2)["step"] == pytest.approx(50)  # from zero before the first evaluation
+    assert at_target(points, 0.99) is None
+    # the alignment term off at step 150: two rates; a turn resumed at step 130 from a pre-emption counts from 100
+    assert chunk_flops([[100, 5], [150, 2]], 100, 200) == 50 * 5 + 50 * 2
+    assert chunk_flops([[130, 5]], 100, 200) == 100 * 5
