@@ -273,3 +273,10 @@ def test_the_benchmark_interpolates_to_the_target_and_counts_flops_per_regime():
     # the alignment term off at step 150: two rates; a turn resumed at step 130 from a pre-emption counts from 100
     assert chunk_flops([[100, 5], [150, 2]], 100, 200) == 50 * 5 + 50 * 2
     assert chunk_flops([[130, 5]], 100, 200) == 100 * 5
+
+
+def test_the_default_span_fits_a_two_block_model(tmp_path, shapes_dir):
+    """end=null is depth - 1, except where that leaves no span: the tiny preset's 2 blocks route through block 1."""
+    summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.routing.ratio": 0.75, "train.count_flops": True})))
+    plain = train(compose(tiny_overrides(tmp_path / "plain", shapes_dir, **{"train.count_flops": True})))
+    assert summary["step"] == 6 and summary["flops_per_step"][0][1] < plain["flops_per_step"][0][1]

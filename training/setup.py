@@ -138,7 +138,8 @@ def routing_spec(cfg: DictConfig, model_config):
     if not r or not r.ratio:
         return None
     depth = model_config.depth
-    routing = Routing(float(r.ratio), int(r.start), depth - 1 if r.end is None else int(r.end))
+    end = max(int(r.start) + 1, depth - 1) if r.end is None else int(r.end)  # null: up to the last block (a 2-block model: through it)
+    routing = Routing(float(r.ratio), int(r.start), end)
     problems = []
     try:
         routing.check(depth)
