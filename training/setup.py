@@ -169,7 +169,9 @@ def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
         problems.append(str(e))
     if routing is not None and routing.start <= settings.student_block < routing.end:
         problems.append(f"student_block {settings.student_block} is inside the routed span (blocks {routing.start}-"
-                        f"{routing.end - 1}), where it sees only the kept tokens: choose a block outside it")
+                        f"{routing.end - 1}), where it sees only the kept tokens: choose a block outside it "
+                        f"(train.align.student_block={routing.start - 1 if routing.start else routing.end}) or start the span later "
+                        f"(train.routing.start={settings.student_block + 1})")
     if cfg.train.get("distill") and cfg.train.distill.enabled:
         problems.append("a distillation run has its own loss; distill without train.align")
     if getattr(model_config, "control_blocks", 0):
