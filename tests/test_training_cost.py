@@ -280,3 +280,16 @@ def test_the_default_span_fits_a_two_block_model(tmp_path, shapes_dir):
     summary = train(compose(tiny_overrides(tmp_path, shapes_dir, **{"train.routing.ratio": 0.75, "train.count_flops": True})))
     plain = train(compose(tiny_overrides(tmp_path / "plain", shapes_dir, **{"train.count_flops": True})))
     assert summary["step"] == 6 and summary["flops_per_step"][0][1] < plain["flops_per_step"][0][1]
+
+
+@pytest.mark.slow
+def test_a_compiled_routed_forward_equals_eager():
+    model = _models()["ccdit"].train()
+    model.routing = ROUTING
+    x, t, cond = _inputs("ccdit")
+    scores = torch.rand(3, 16, generator=torch.Generator().manual_seed(3))
+    eager = model(x, t, **cond, route_scores=scores)
+    compiled = torch.compile(model)(x, t, **cond, route_scores=scores)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    model.routing = None
