@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
         make_init(Path(args.init), args.stage1)
     records = {arm: json.loads(p.read_text()) if (p := ROOT / args.out / arm / "chunks.json").is_file() else []
                for arm in args.arms}
+
     def finished(arm: str) -> bool:
         points = records[arm]
         if points and (points[-1]["score"] >= args.target or points[-1]["final"]):
@@ -134,11 +135,12 @@ def main(argv=None) -> dict:
                 continue
             summary = train_chunk(arm, args, stage, turn * args.chunk)
             prev = points[-1] if points else {"step": 0, "images": 0, "flops": 0.0, "seconds": 0.0}
+            own = summary["steps_this_run"]  # 0: its steps were trained by a run whose record was lost (time unknown)
             point = {"step": summary["step"], "score": float(summary[f"eval_{stage['metric']}"]),
                      "images": prev["images"] + (summary["step"] - prev["step"]) * summary["images_per_step"],
                      "flops": prev["flops"] + chunk_flops(summary["flops_per_step"], prev["step"], summary["step"]),
                      # a turn that resumed past its start (the bench was stopped mid-turn) timed only its own steps
-                     "seconds": prev["seconds"] + summary["train_seconds"] * (summary["step"] - prev["step"]) / summary["steps_this_run"],
+                     "seconds": prev["seconds"] + (summary["train_seconds"] * (summary["step"] - prev["step"]) / own if own else float("nan")),
                      "final": summary["step"] >= summary["max_steps"]}
             points.append(point)
             (ROOT / args.out / arm / "chunks.json").write_text(json.dumps(points, indent=1))
