@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from flow.objectives import Objective
 from inference.pipeline import call_model
+from training.step import objective_loss
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class SelfAlignment:
         obj = self.objective
         self.student.armed = True
         try:
-            pred = call_model(module, obj.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.model_cond)
+            plain = objective_loss(module, mb, obj)  # (N,), the student block's output caught on the way
         finally:
             self.student.armed = False
         h_student, self.student.value = self.student.value, None
@@ -105,4 +106,4 @@ class SelfAlignment:
         finally:
             self.teacher.armed = False
         h_teacher, self.teacher.value = self.teacher.value, None
-        return obj.loss(pred, mb.x0, mb.noise) + self.settings.weight * alignment_loss(h_student, h_teacher)
+        return plain + self.settings.weight * alignment_loss(h_student, h_teacher)

@@ -93,6 +93,13 @@ class StepOutput:
     applied: bool
 
 
+def objective_loss(module: nn.Module, mb: MicroBatch, objective: Objective = FLOW) -> torch.Tensor:
+    """The objective's per-sample loss (N,) of ``module`` on one micro-batch: the plain step's, and
+    the part of a composite loss (training/alignment.py) that is the plain one."""
+    pred = call_model(module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.model_cond)  # (N, C or 2C, H, W)
+    return objective.loss(pred, mb.x0, mb.noise)
+
+
 def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches: Iterable[MicroBatch], accum: int, *,
                grad_clip: float, forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
                may_apply: Callable[[float], bool] | None = None, ema: nn.Module | None = None, ema_decay: float = 0.0,
@@ -108,8 +115,7 @@ def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches:
             if loss_fn is not None:
                 per_sample = loss_fn(parallel.module, ema, mb)  # (N,)
             else:
-                pred = call_model(parallel.module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.model_cond)  # (N, C or 2C, H, W)
-                per_sample = objective.loss(pred, mb.x0, mb.noise)  # (N,)
+                per_sample = objective_loss(parallel.module, mb, objective)  # (N,)
             loss = per_sample.mean() / accum
         loss.backward()
         losses.append((loss.detach() * accum, per_sample.detach(), mb.t))
