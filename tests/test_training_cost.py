@@ -213,6 +213,7 @@ def test_self_alignment_adds_its_term_and_the_teacher_stops_at_its_block():
 SWITCHES = {
     "routing": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3},
     "align": {"train.align.weight": 0.5, "train.align.student_block": 0, "train.align.teacher_block": 2, "train.align.until": 4},
+    "routing_until": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.routing.until": 4},
     "both": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 0.5,
              "train.align.student_block": 0, "train.align.teacher_block": 2},
 }
@@ -237,6 +238,9 @@ def test_resume_is_exact_with_each_switch_on(tmp_path, shapes_dir, switch):
     if switch == "align":  # the teacher's forward costs, until the term is switched off at step 4
         assert [s for s, _ in full["flops_per_step"]] == [0, 4]
         assert full["flops_per_step"][0][1] > plain_flops and full["flops_per_step"][1][1] == plain_flops
+    if switch == "routing_until":  # routed steps before step 4, plain ones (every token) from it on
+        assert [s for s, _ in full["flops_per_step"]] == [0, 4]
+        assert full["flops_per_step"][0][1] < 0.9 * plain_flops and full["flops_per_step"][1][1] == plain_flops
 
 
 def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
@@ -251,6 +255,7 @@ def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
 
 @pytest.mark.parametrize("extra,message", [
     ({"train.routing.ratio": 1.5}, "0 < ratio < 1"),
+    ({"train.routing.ratio": 0.5, "train.routing.until": 0}, "until 0: the first step trained on every token"),
     ({"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 1.0,
       "train.align.student_block": 1, "train.align.teacher_block": 3}, "inside the routed span"),
     ({"train.align.weight": 1.0, "train.align.student_block": 3, "train.align.teacher_block": 2}, "the teacher deeper"),

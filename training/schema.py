@@ -58,6 +58,7 @@ class RoutingSchema:
     ratio: float = 0.0  # TREAD token routing (models/routing.py): fraction of image tokens that skip the span; 0 = off
     start: int = 1  # first block of the span (sees only the kept tokens)
     end: Optional[int] = None  # first block after the span; null: depth - 1 (the last block sees every token; at depth 2: depth)
+    until: Optional[int] = None  # train on every token from this step on (a short dense finish); null = route to the end
 
 
 @dataclass

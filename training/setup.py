@@ -149,6 +149,9 @@ def routing_spec(cfg: DictConfig, model_config):
         problems.append("a ControlNet run: the control residuals cover every token; train it without routing")
     if cfg.train.get("distill") and cfg.train.distill.enabled:
         problems.append("a distillation run: its loss calls the student itself; distill without routing")
+    until = r.get("until")
+    if until is not None and int(until) < 1:
+        problems.append(f"until {until}: the first step trained on every token, at least 1 (to train without routing set ratio 0)")
     if problems:
         raise ConfigError(f"train.routing (ratio {r.ratio}, start {r.start}, end {r.end}): " + "; ".join(problems))
     return routing

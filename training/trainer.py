@@ -102,8 +102,9 @@ class Run:
         routing = setup.routing_spec(cfg, spec.model_config)
         if routing is not None:
             model.routing = routing
-            log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)",
-                     100 * routing.ratio, routing.start, routing.end - 1)
+            log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)%s",
+                     100 * routing.ratio, routing.start, routing.end - 1,
+                     f"; every token is trained from step {cfg.train.routing.until} on" if cfg.train.routing.get("until") else "")
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -122,8 +123,9 @@ class Run:
                      align.teacher_block, align.gap, align.weight, f", until step {align.until}" if align.until is not None else "")
         if self.distill is not None:
             self.feed.extra_draws = DRAWS
-        if routing is not None:
-            self.feed.route_patch = spec.model_config.patch_size
+        # routed steps: before train.routing.until (null: all); the feed draws route scores only for those
+        self.route_patch = spec.model_config.patch_size if routing is not None else 0
+        self.routing_until = cfg.train.routing.get("until") if routing is not None else None
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
         log.info(
             "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
@@ -148,7 +150,7 @@ class Run:
         self.evaluated: dict[int, dict] = {}  # the latest evaluation, by step
         self.eval_seconds = 0.0  # spent in evaluations
         self.flops: list[tuple[int, int]] = []  # train.count_flops: (first step, FLOPs of each step from it on)
-        self.flops_loss = None
+        self.flops_regime = None  # (loss, routed patch) the latest count was made with
         self.grad_norm = float("nan")
 
     def step(self, step: int) -> float:
@@ -158,7 +160,12 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_fn = self.loss_fn(step)
-        counting = t.get("count_flops") and (not self.flops or loss_fn != self.flops_loss)
+        routed = self.routing_until is None or step < self.routing_until
+        if self.route_patch and not routed and self.feed.route_patch:
+            log.info("step %d: token routing off (train.routing.until); every token is trained from here", step)
+        self.feed.route_patch = self.route_patch if routed else 0
+        regime = (loss_fn, self.feed.route_patch)
+        counting = t.get("count_flops") and (not self.flops or regime != self.flops_regime)
         with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
             out = train_step(self.parallel, self.optimizer,
                              self.feed.micro_batches(step_generator(self.cfg.seed, self.dist_info.rank, step, self.dist_info.device)),
@@ -166,9 +173,9 @@ class Run:
                              may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
                              ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
                              objective=self.spec.objective, loss_fn=loss_fn)
-        if counting:  # this rank's, from here until the step's loss changes
+        if counting:  # this rank's, from here until the step's loss or routing changes
             self.flops.append((step, counter.get_total_flops()))
-            self.flops_loss = loss_fn
+            self.flops_regime = regime
             log.info("step %d: %.3g FLOPs per training step on this rank (forward, backward, update)", step, self.flops[-1][1])
         if not out.applied:
             self.logger.write(f"step {step}: non-finite loss or gradient, update skipped ({self.guard.skipped_total} so far)")
