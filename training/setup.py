@@ -443,13 +443,17 @@ def eval_prompts(cfg: DictConfig, path: Path, manifest: dict) -> list[str]:
 EVAL_PROMPTS = 8  # drawn from the data's own captions when data.eval_prompts is null and nothing is held out
 
 
-def control_eval_values(cond: ControlConditioning, path: Path, manifest: dict, autoencoder: nn.Module) -> list:
+def control_eval_values(cond: ControlConditioning, path: Path, manifest: dict, autoencoder: nn.Module, size: int) -> list:
     """A ControlNet run evaluates on the data's own first captions with their stored control maps (a
-    prompt alone says nothing about the control), decoded to the control images a user would give."""
+    prompt alone says nothing about the control), decoded to the control images a user would give;
+    maps of the ``size`` x ``size`` pixel canvas the evaluation samples (bucketed data: the square bucket)."""
     from data.stage import own_controls
     from inference.conditioning import ControlPrompt
 
-    pairs = own_controls(path, manifest, cond.control_kind, EVAL_PROMPTS)
+    grid = size // autoencoder.downsample
+    pairs = own_controls(path, manifest, cond.control_kind, EVAL_PROMPTS, (grid, grid))
+    if not pairs:
+        raise ConfigError(f"{path} has no {cond.control_kind} control map of the {size}x{size} canvas (data.image_size) to evaluate on")
     device = next(autoencoder.parameters(), torch.empty(0)).device  # pixel space has no weights: the CPU
     values = []
     with torch.no_grad():
@@ -469,7 +473,7 @@ def make_conditioning(cfg: DictConfig, kind: type[Conditioning], path: Path, man
         text_args = (str(path), manifest, cfg.data.get("text_mode", "precomputed"), dict(mix) if mix else None)
         if kind is ControlConditioning:
             cond = ControlConditioning.for_training(*text_args, control_kind=cfg.data.get("control")).bind(autoencoder)
-            cond.eval_values = control_eval_values(cond, path, manifest, autoencoder)
+            cond.eval_values = control_eval_values(cond, path, manifest, autoencoder, int(cfg.data.image_size))
             cond.examples = [v.prompt for v in cond.eval_values]
         else:
             cond = TextConditioning.for_training(*text_args)
