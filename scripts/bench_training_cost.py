@@ -33,6 +33,7 @@ ARMS = {  # name -> Hydra overrides on top of the stage's demo run
     "baseline": [],
     "tread": ["train.routing.ratio=0.5"],
     "tread75": ["train.routing.ratio=0.75"],
+    "tread75+dense": ["train.routing.ratio=0.75", "train.routing.until=2250"],  # stage 1: every token from step 2250 on
     "sra": ["train.align.weight=0.5"],
     "tread+sra": ["train.routing.ratio=0.5", "train.align.weight=0.5", "train.align.student_block=0"],
 }
