@@ -30,7 +30,7 @@ def test_lr_schedule():
     assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
 
 
-def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir):
+def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir, capsys):
     from app.sample import main as sample_main
     from inference.images import to_uint8
 
@@ -55,3 +55,7 @@ def test_sample_cli_reproduces_the_training_preview(tmp_path, shapes_dir):
     assert np.array_equal(grid[2:98:6, 100:196:6], images[1])
     with pytest.raises(SystemExit, match="unknown class 'purple_blob'"):
         sample_main([ckpt, "--classes", "purple_blob", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):  # refused before sampling: the grid is a PNG
+        sample_main([ckpt, "--classes", "0", "--out", str(tmp_path / "grid")])
+    assert "give a path ending in .png" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists() and not (tmp_path / "grid.json").exists()
