@@ -53,6 +53,9 @@ def main(argv=None) -> dict:
     from inference.pipeline import Pipeline
     from models.checkpoint import resolve
 
+    if not Path(args.teacher).exists():
+        raise SystemExit(f"--teacher {args.teacher}: no such checkpoint. The default is the quality run's stage 2 (`make demo-quality`, "
+                         "or train_stage2.py experiment=demo_stage2); make demo's runs/demo/stage2/checkpoints/latest works too")
     teacher_path = str(resolve(args.teacher))
     args.student, seconds = trained("distill", [
         "experiment=demo_distill", f"stage.init_from={teacher_path}", f"run_dir={args.run_dir}",
