@@ -64,8 +64,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="samples.png", help="PNG path of the grid; the settings go to the same name with .json")
     ap.add_argument("--images", default=None, help="folder for the per-image PNGs (default: --out without .png; 'none': grid only)")
     args = ap.parse_args(argv)
-    if Path(args.out).suffix.lower() != ".png":  # before sampling, not after
-        ap.error(f"--out {args.out}: the grid is written as a PNG; give a path ending in .png (e.g. {Path(args.out).with_suffix('.png')})")
+    suffix = Path(args.out).suffix
+    if suffix.lower() != ".png":  # before sampling, not after
+        ap.error(f"--out {args.out!r}: the grid is written as a PNG; give a path ending in .png "
+                 f"(e.g. {(args.out[: -len(suffix)] if suffix else args.out.rstrip('/')) or 'samples'}.png)")
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise SystemExit(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.batch is not None and args.batch < 1:

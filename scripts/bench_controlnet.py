@@ -1,7 +1,7 @@
 """Train the demo's ControlNet on mask maps and measure whether samples follow their control: the ControlNet proof.
 
     python scripts/bench_controlnet.py                          # make demo's stage 4, at 1:2 and 2:1
-    python scripts/bench_controlnet.py --experiment demo_controlnet --base runs/demo/stage2/checkpoints/latest --canvases 16x16
+    python scripts/bench_controlnet.py --experiment demo_controlnet         # 16x16, beside make demo's stage 2
 
 Trains ``train_controlnet.py experiment=<--experiment>`` (mask maps, copies of the first 3 of the
 6 blocks, the base frozen; demo_controlnet_buckets: stage 4's aspect buckets) unless --checkpoint
@@ -29,12 +29,13 @@ from scripts.results import trained, write_json  # noqa: E402
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--base", default="runs/demo/stage4/checkpoints/latest", help="the frozen text checkpoint (make demo's stage 4)")
+    ap.add_argument("--base", default=None, help="the frozen text checkpoint (default: make demo's stage 4 for demo_controlnet_buckets, "
+                                                  "its stage 2 for demo_controlnet)")
     ap.add_argument("--experiment", default="demo_controlnet_buckets",
                     help="the ControlNet's training config: demo_controlnet_buckets (stage 4's canvases) or demo_controlnet (16x16)")
-    ap.add_argument("--canvases", nargs="+", default=["24x48", "48x24"],
-                    help="HxW pixel canvases sampled (on 16x16 and 32x32 a large object can hardly move: the base matches any "
-                         "control by chance)")
+    ap.add_argument("--canvases", nargs="+", default=None,
+                    help="HxW pixel canvases sampled (default: 24x48 48x24 for demo_controlnet_buckets, 16x16 for demo_controlnet; "
+                         "on 16x16 and 32x32 a large object can hardly move, so the base matches any control by chance)")
     ap.add_argument("--checkpoint", default=None, help="a trained ControlNet checkpoint: skip training (its time is read "
                                                          "from the run's summary.json beside it)")
     ap.add_argument("--run-dir", default=None, help="the ControlNet run, resumed if it is there (default: runs/bench_controlnet_buckets "
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     ap.add_argument("--json", default="docs/bench_controlnet.json")
     ap.add_argument("--grid", default="docs/bench_controlnet.png")
     args = ap.parse_args(argv)
+    square = args.experiment == "demo_controlnet"  # make demo's 16x16 stage 2; otherwise its stage 4 and the stretched canvases
+    args.base = args.base or f"runs/demo/stage{2 if square else 4}/checkpoints/latest"
+    args.canvases = args.canvases or (["16x16"] if square else ["24x48", "48x24"])
     args.run_dir = args.run_dir or f"runs/bench_{args.experiment.removeprefix('demo_')}"
     return args
 
@@ -102,6 +106,7 @@ def main(argv=None) -> dict:
 
     canvases = [canvas(c) for c in args.canvases]
     base_path = str(resolve(args.base))
+    experiment = None if args.checkpoint else args.experiment  # a given checkpoint was trained however it was
     args.checkpoint, seconds = trained("controlnet", [
         f"experiment={args.experiment}", f"stage.init_from={base_path}", f"run_dir={args.run_dir}", f"train.max_steps={args.steps}",
         f"model.control_blocks={args.control_blocks}", f"seed={args.seed}", "train.sample_every=0",
@@ -150,7 +155,7 @@ def main(argv=None) -> dict:
     copies = sum(p.numel() for n, p in net.model.named_parameters() if n.startswith("controlnet."))
     result = {
         "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
-        "base": base_path, "base_step": base.meta["step"], "checkpoint": str(args.checkpoint), "experiment": args.experiment,
+        "base": base_path, "base_step": base.meta["step"], "checkpoint": str(args.checkpoint), "experiment": experiment,
         "control": net.meta["conditioning"]["control"]["kind"],
         "control_blocks": net.meta["model_config"]["control_blocks"], "depth": net.meta["model_config"]["depth"],
         "controlnet_parameters": copies, "train_steps": net.meta["step"], "train_seconds": seconds,

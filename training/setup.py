@@ -152,6 +152,8 @@ def routing_spec(cfg: DictConfig, model_config):
     until = r.get("until")
     if until is not None and int(until) < 1:
         problems.append(f"until {until}: the first step trained on every token, at least 1 (to train without routing set ratio 0)")
+    elif until is not None and int(until) >= cfg.train.max_steps:
+        log.warning("train.routing.until=%s is not before train.max_steps=%s: every step of this run is routed", until, cfg.train.max_steps)
     if problems:
         raise ConfigError(f"train.routing (ratio {r.ratio}, start {r.start}, end {r.end}): " + "; ".join(problems))
     return routing
@@ -450,6 +452,11 @@ def control_eval_values(cond: ControlConditioning, path: Path, manifest: dict, a
     from data.stage import own_controls
     from inference.conditioning import ControlPrompt
 
+    buckets = manifest.get("buckets") or {}
+    if buckets and f"{size}x{size}" not in buckets:  # before reading every map of every shard for none
+        raise ConfigError(f"{path}: the ControlNet's evaluation samples the square {size}x{size} canvas (data.image_size), which "
+                          f"this bucketed data lacks (its buckets: {', '.join(sorted(buckets))}); set data.image_size to the side "
+                          "of a square bucket, or build the data with one")
     grid = size // autoencoder.downsample
     pairs = own_controls(path, manifest, cond.control_kind, EVAL_PROMPTS, (grid, grid))
     if not pairs:
