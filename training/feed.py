@@ -32,10 +32,11 @@ class Feed:
         self.timesteps = (t.logit_mean, t.logit_std, spec.shift)
         self.cond_dropout = cfg.train.cond_dropout
         self.extra_draws = 0  # uniform numbers per sample a distillation loss draws (training/distill.py)
-        self.route_patch = 0  # a routed model's patch size: one route score per image token (models/routing.py); 0 = no routing
 
-    def micro_batches(self, gen: torch.Generator) -> Iterator[MicroBatch]:
-        """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``."""
+    def micro_batches(self, gen: torch.Generator, route_patch: int = 0) -> Iterator[MicroBatch]:
+        """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``;
+        with ``route_patch`` (a routed step's patch size) also one route score per image token
+        (models/routing.py)."""
         while True:
             batch = next(self._batches)
             self.batches_done += 1
@@ -50,7 +51,7 @@ class Feed:
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
             yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws,
-                                  tokens(x0, self.route_patch) if self.route_patch else 0)
+                                  tokens(x0, route_patch) if route_patch else 0)
 
 
 def tokens(latents: torch.Tensor, patch_size: int) -> int:

@@ -100,11 +100,14 @@ class Run:
         if getattr(spec.model_config, "control_blocks", 0):
             freeze_base(model, cfg, lora.enabled, use_fsdp)
         routing = setup.routing_spec(cfg, spec.model_config)
+        # routed steps draw one route score per image token (patch size; 0 = none), before train.routing.until (None: all)
+        self.route_patch, self.routing_until = 0, None
         if routing is not None:
             model.routing = routing
+            until = cfg.train.routing.get("until")
+            self.route_patch, self.routing_until = spec.model_config.patch_size, until
             log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)%s",
-                     100 * routing.ratio, routing.start, routing.end - 1,
-                     f"; every token is trained from step {cfg.train.routing.until} on" if cfg.train.routing.get("until") else "")
+                     100 * routing.ratio, routing.start, routing.end - 1, f"; every token is trained from step {until} on" if until else "")
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -123,9 +126,6 @@ class Run:
                      align.teacher_block, align.gap, align.weight, f", until step {align.until}" if align.until is not None else "")
         if self.distill is not None:
             self.feed.extra_draws = DRAWS
-        # routed steps: before train.routing.until (null: all); the feed draws route scores only for those
-        self.route_patch = spec.model_config.patch_size if routing is not None else 0
-        self.routing_until = cfg.train.routing.get("until") if routing is not None else None
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
         log.info(
             "stage %s | %s %s, %.2fM params | data %s (%d samples) | global batch %d = %d ranks x %d x %d accum | device %s",
@@ -161,14 +161,15 @@ class Run:
             group["lr"] = lr
         loss_fn = self.loss_fn(step)
         routed = self.routing_until is None or step < self.routing_until
-        if self.route_patch and not routed and self.feed.route_patch:
+        if self.route_patch and step == self.routing_until:
             log.info("step %d: token routing off (train.routing.until); every token is trained from here", step)
-        self.feed.route_patch = self.route_patch if routed else 0
-        regime = (loss_fn, self.feed.route_patch)
+        route_patch = self.route_patch if routed else 0
+        regime = (loss_fn, route_patch)
         counting = t.get("count_flops") and (not self.flops or regime != self.flops_regime)
         with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
             out = train_step(self.parallel, self.optimizer,
-                             self.feed.micro_batches(step_generator(self.cfg.seed, self.dist_info.rank, step, self.dist_info.device)),
+                             self.feed.micro_batches(step_generator(self.cfg.seed, self.dist_info.rank, step, self.dist_info.device),
+                                                     route_patch),
                              t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
                              may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
                              ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
