@@ -107,17 +107,14 @@ class ShapeSpec:
 
 def random_spec(rng: np.random.Generator, width: int = 32, height: int = 32) -> ShapeSpec:
     size = str(rng.choice(list(SIZES)))
-    side = SIZES[size] * min(width, height)
-    # the shape stays fully inside the canvas with a one-pixel margin
-    mx, my = (side / 2 + 1) / width, (side / 2 + 1) / height
-    return ShapeSpec(
-        shape=str(rng.choice(SHAPES)),
-        colour=str(rng.choice(list(COLOURS))),
-        size=size,
-        background=str(rng.choice(list(BACKGROUNDS))),
-        cx=float(rng.uniform(mx, 1 - mx)),
-        cy=float(rng.uniform(my, 1 - my)),
-    )
+    shape, colour, background = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(list(BACKGROUNDS)))
+    return ShapeSpec(shape=shape, colour=colour, size=size, background=background, **random_centre(rng, size, width, height))
+
+
+def random_centre(rng: np.random.Generator, size: str, width: int, height: int) -> dict[str, float]:
+    """{cx, cy} drawn so that a shape of ``size`` stays fully inside the canvas with a one-pixel margin."""
+    half = SIZES[size] * min(width, height) / 2 + 1
+    return {"cx": float(rng.uniform(half / width, 1 - half / width)), "cy": float(rng.uniform(half / height, 1 - half / height))}
 
 
 def _shape_mask(spec: ShapeSpec, width: int, height: int, ss: int = 4) -> np.ndarray:

@@ -62,25 +62,17 @@ def held_out_controls(per_caption: int, seed: int, height: int = 16, width: int 
     import numpy as np
 
     from data.control import mask
-    from data.shapes import HELD_OUT_CAPTIONS, parse_caption, random_spec, render
+    from data.shapes import HELD_OUT_CAPTIONS, parse_caption, random_centre, random_spec, render
 
     rng = np.random.default_rng(seed)
     out = []
     for i in range(per_caption):
         for caption in HELD_OUT_CAPTIONS:
             spec = dataclasses.replace(random_spec(rng, width, height), **parse_caption(caption))
-            spec = dataclasses.replace(spec, **_inside(spec, rng, height, width))
+            spec = dataclasses.replace(spec, **random_centre(rng, spec.size, width, height))  # inside, for the caption's size
             image = render(spec, width, height, rng)
             out.append((caption, image, mask(image)))
     return out
-
-
-def _inside(spec, rng, height: int, width: int) -> dict:
-    """A centre that keeps the object (of the caption's size) inside the canvas, as the data generator does."""
-    from data.shapes import SIZES
-
-    half = SIZES[spec.size] * min(height, width) / 2 + 1
-    return {"cx": float(rng.uniform(half / width, 1 - half / width)), "cy": float(rng.uniform(half / height, 1 - half / height))}
 
 
 def canvas(text: str) -> tuple[int, int]:
@@ -100,7 +92,7 @@ def main(argv=None) -> dict:
     from data.evaluator import ShapesEvaluator
     from data.shapes import HELD_OUT_CAPTIONS, parse_caption
     from inference.conditioning import ControlPrompt
-    from inference.images import make_grid, save_png, to_uint8
+    from inference.images import save_png, to_uint8
     from inference.pipeline import Pipeline
     from models.checkpoint import resolve
 
@@ -151,7 +143,7 @@ def main(argv=None) -> dict:
         return {k: round(sum(c[arm][k] for c in per_canvas.values()) / len(per_canvas), 4) for k in keys}
 
     result_net, result_base = mean("controlnet"), mean("base_without_control")
-    save_png(_stack(grids, make_grid, n_cols), args.grid)
+    save_png(_stack(grids, n_cols), args.grid)
     copies = sum(p.numel() for n, p in net.model.named_parameters() if n.startswith("controlnet."))
     result = {
         "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
@@ -174,9 +166,11 @@ def main(argv=None) -> dict:
     return write_json(result, args.json)
 
 
-def _stack(grids: list, make_grid, n_cols: int):
+def _stack(grids: list, n_cols: int):
     """One picture of each canvas's three rows, the canvases one under another (widths padded white)."""
     import numpy as np
+
+    from inference.images import make_grid
 
     parts = [make_grid(g, ncols=n_cols, upscale=3) for g in grids]
     width = max(p.shape[1] for p in parts)
