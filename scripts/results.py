@@ -1,4 +1,5 @@
-"""What every benchmark does last: write its record as JSON and say where."""
+"""What the benchmarks share: their record as JSON, a trained or reused checkpoint, a reparameterized
+init made once, a line chart."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,17 @@ def trained_seconds(checkpoint: str | Path) -> float | None:
     that reuses a trained checkpoint instead of training it again; None when the run has no summary."""
     summary = Path(checkpoint).resolve().parents[1] / "summary.json"
     return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
+
+
+def reparameterized(source: str, init: str | Path, *options: str) -> None:
+    """``init`` made once from ``source`` by reparameterize.py with ``options`` (paths relative to the
+    checkout); a run that finds it there already uses it as it is."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / init / "meta.json").is_file():
+        subprocess.run([sys.executable, str(root / "reparameterize.py"), source, str(init), *options], cwd=root, check=True)
 
 
 def trained(config_name: str, overrides: list[str], checkpoint: str | Path | None) -> tuple[str, float | None]:
