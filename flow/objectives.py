@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from flow.rectified_flow import flow_loss, interpolate, sample_timesteps
+from flow.rectified_flow import flow_loss, interpolate, sample_timesteps, velocity_target
 
 KINDS = ("flow", "epsilon")
 SCHEDULER_SOLVERS = ("dpm++", "ddim")  # through diffusers' schedulers
@@ -79,9 +79,14 @@ class Objective:
         ab = self.alphas_cumprod(x0.device)[k].view(-1, *([1] * (x0.dim() - 1)))
         return (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).to(x0.dtype)
 
-    def loss(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample MSE, (N,). A prediction with 2C channels (learned variance) is scored on its first C."""
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample MSE, (N,). A prediction with 2C channels (learned variance) is scored on its first C.
+        ``weight`` (N, 1, H, W) of 0/1: the mean over the pixels where it is 1 (a masked step's kept tokens)."""
         pred = prediction(pred, x0.shape[1])
+        if weight is not None:
+            target = velocity_target(x0, noise) if self.kind == "flow" else noise
+            err = (pred.float() - target.float()).pow(2) * weight
+            return err.flatten(1).sum(1) / (weight.flatten(1).sum(1) * x0.shape[1])
         if self.kind == "flow":
             return flow_loss(pred, x0, noise)
         return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)

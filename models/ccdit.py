@@ -121,7 +121,8 @@ class CCDiT(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
                 route_scores: torch.Tensor | None = None) -> torch.Tensor:
         """``route_scores`` (N, T): in training with ``self.routing`` set, the tokens of the lowest
-        scores go through the routed span and the others skip it (models/routing.py)."""
+        scores go through the routed span and the others skip it (models/routing.py); with
+        ``routing.mask`` the others are dropped and the output is zero there."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h != self.config.input_size or w != self.config.input_size:
@@ -133,7 +134,7 @@ class CCDiT(nn.Module):
         span = RoutedSpan(self.routing, route_scores, x.shape[1], self.training)
         for i, block in enumerate(self.blocks):
             x = run_block(block, self.gradient_checkpointing, span.enter(i, x), c)  # (N, T, D); (N, K, D) in the span
-        x = self.final_layer(span.leave(x), c)  # (N, T, p * p * C)
+        x = span.output(self.final_layer(span.leave(x), c))  # (N, T, p * p * C); masked: zero at the dropped tokens
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 
     def export_config(self) -> dict:

@@ -400,7 +400,8 @@ class MMDiT(nn.Module):
         (``control_blocks``); its residuals are added times ``control_scale`` (0: the base alone).
         ``guidance`` (N,): the guidance scale of a distilled student (``guidance_embed``).
         ``route_scores`` (N, T): in training with ``self.routing`` set, the image tokens of the lowest
-        scores go through the routed span and the others skip it (models/routing.py)."""
+        scores go through the routed span and the others skip it (models/routing.py); with
+        ``routing.mask`` the others are dropped and the output is zero there."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
         if h % p or w % p:
@@ -445,7 +446,7 @@ class MMDiT(nn.Module):
                 x = run_block(block, self.gradient_checkpointing, span.enter(i, x), t_modulation, context, mask, block_kv)  # (N, T or K, D)
                 if i < len(residuals):
                     x = x + residuals[i]
-        x = self.final_layer(span.leave(x), t_emb)  # (N, T, p * p * C)
+        x = span.output(self.final_layer(span.leave(x), t_emb))  # (N, T, p * p * C); masked: zero at the dropped tokens
         return unpatchify(x, p, self.out_channels, h // p, w // p)  # (N, C, H, W)
 
     def _control_residuals(self, x: torch.Tensor, pos: torch.Tensor, control: torch.Tensor | None, scale: float,

@@ -7,6 +7,11 @@ model is called without route scores and sees all tokens in every block. Positio
 the first block, so a kept token carries its own position through the span; QK-norm acts per
 token, and the text (its mask, its stream in joint blocks) is untouched.
 
+Deferred masking (MicroDiT, Sehwag et al. 2024; ``mask=True``) is the same cut without the way
+back: the first ``start`` blocks mix all tokens (the patch mixer), then the dropped tokens leave for
+good; the blocks after and the final layer see only the kept ones, the output is zero at the dropped
+tokens, and the loss counts the kept tokens only (``kept_mask``; training/step.py).
+
 The randomness is the caller's: ``route_scores`` (N, T) uniform numbers drawn from the training
 step's seeded stream (training/step.py), so a resumed run routes exactly the tokens an
 uninterrupted one would. The tokens with the lowest scores are kept.
@@ -23,11 +28,13 @@ class Routing:
     """ratio (`float`): fraction of the image tokens that skip blocks ``start`` .. ``end - 1``
     (0 < ratio < 1); start (`int`): the first block that sees only the kept tokens; end (`int`): the
     first block after the span, which sees all tokens again (``end`` = depth: they are put back
-    before the final layer)."""
+    before the final layer); mask (`bool`): deferred masking, the skipped tokens never come back
+    (``end`` must be depth) and the loss counts only the kept ones."""
 
     ratio: float
     start: int
     end: int
+    mask: bool = False
 
     def check(self, depth: int) -> "Routing":
         if not 0.0 < self.ratio < 1.0:
@@ -35,6 +42,9 @@ class Routing:
         if not 0 <= self.start < self.end <= depth:
             raise ValueError(f"routing span blocks {self.start}..{self.end - 1} (start={self.start}, end={self.end}): "
                              f"need 0 <= start < end <= depth ({depth})")
+        if self.mask and self.end != depth:
+            raise ValueError(f"masking drops the skipped tokens for good, so it runs to the end: end={self.end} must be "
+                             f"the depth ({depth}) or unset")
         return self
 
     def kept_count(self, tokens: int) -> int:
@@ -45,6 +55,10 @@ class Routing:
         """(N, T) scores -> (N, K) indices of the kept tokens (the K lowest scores), in token order."""
         k = self.kept_count(scores.shape[1])
         return scores.argsort(dim=1)[:, :k].sort(dim=1).values
+
+    def kept_mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N, T) scores -> (N, T) bool, True at the kept tokens."""
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, self.kept(scores), True)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -59,14 +73,15 @@ def scatter_tokens(full: torch.Tensor, kept: torch.Tensor, index: torch.Tensor) 
 
 
 class RoutedSpan:
-    """One forward's routing: ``enter(i, x)`` before block i, ``leave(x)`` after the last block.
-    Without scores (sampling, or routing off) both return x untouched."""
+    """One forward's routing: ``enter(i, x)`` before block i, ``leave(x)`` after the last block,
+    ``output(y)`` on the final layer's output (masking: back to every token, zero where dropped).
+    Without scores (sampling, or routing off) all three return their input untouched."""
 
     def __init__(self, routing: Routing | None, scores: torch.Tensor | None, tokens: int, training: bool):
         self.active = routing is not None and scores is not None and training
         if scores is not None and scores.shape[1] != tokens:
             raise ValueError(f"route scores for {scores.shape[1]} tokens, but the image has {tokens}")
-        self.routing = routing
+        self.routing, self.tokens = routing, tokens
         self.index = routing.kept(scores) if self.active else None
         self.full: torch.Tensor | None = None
 
@@ -81,7 +96,14 @@ class RoutedSpan:
         return x
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:
-        if self.full is None:
+        if self.full is None or self.routing.mask:
             return x
         x, self.full = scatter_tokens(self.full, x, self.index), None
         return x
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """(N, K, E) final-layer output of a masked forward -> (N, T, E), zero at the dropped tokens."""
+        if self.full is None or not self.routing.mask:
+            return y
+        self.full = None
+        return scatter_tokens(y.new_zeros(y.shape[0], self.tokens, y.shape[2]), y, self.index)

@@ -13,7 +13,7 @@ from models.mmdit import MMDiT, MMDiTConfig
 from models.routing import RoutedSpan, Routing, gather_tokens, scatter_tokens
 from training.alignment import AlignSettings, SelfAlignment, alignment_loss
 from training.config import ConfigError
-from training.step import MicroBatch
+from training.step import MicroBatch, token_pixels
 from training.trainer import train
 
 ROUTING = Routing(0.5, 1, 3)
@@ -164,12 +164,54 @@ def test_routing_works_through_the_fp8_converter():
     assert torch.isfinite(out).all() and all(p.grad is not None for p in model.blocks[1].parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("name", ["ccdit", "pixart", "joint"])
+def test_masked_tokens_are_dropped_for_good(name):
+    """Deferred masking from block 0: a kept token's output does not depend on the dropped tokens'
+    pixels at all, the output is zero at the dropped tokens, and the dropped pixels get no gradient."""
+    model = _models()[name].train()
+    model.routing = Routing(0.75, 0, 4, mask=True)
+    x, t, cond = _inputs(name)
+    scores = torch.rand(3, 16, generator=torch.Generator().manual_seed(2))
+    keep = token_pixels(model.routing.kept_mask(scores), x.shape).bool().expand_as(x)  # (N, C, H, W)
+    assert int(model.routing.kept_mask(scores).sum()) == 3 * 4
+    x = x.clone().requires_grad_(True)
+    out = model(x, t, **cond, route_scores=scores)
+    out.square().sum().backward()
+    assert torch.equal(out[~keep], torch.zeros_like(out[~keep])) and out[keep].abs().min() > 0
+    assert torch.equal(x.grad[~keep], torch.zeros_like(x.grad[~keep])) and x.grad[keep].abs().sum() > 0
+    other = torch.where(keep, x.detach(), torch.randn_like(x))  # new pixels wherever a token is dropped
+    torch.testing.assert_close(model(other, t, **cond, route_scores=scores)[keep], out[keep].detach(), rtol=0, atol=1e-6)
+    # a patch mixer (block 0 sees every token): the dropped pixels reach the kept tokens through it
+    model.routing = Routing(0.75, 1, 4, mask=True)
+    assert not torch.allclose(model(other, t, **cond, route_scores=scores)[keep], model(x, t, **cond, route_scores=scores)[keep])
+    model.routing = None
+
+
+def test_a_masked_loss_counts_only_the_kept_tokens():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, pred = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))
+    tokens = torch.zeros(2, 16, dtype=torch.bool)
+    tokens[0, [0, 5]] = True  # sample 0: patches (0, 0) and (1, 1) of the 4x4 grid of 2x2 patches
+    tokens[1, 15] = True  # sample 1: the last patch
+    weight = token_pixels(tokens, x0.shape)
+    assert weight.shape == (2, 1, 8, 8) and weight[0].sum() == 8 and weight[1, 0, 6:, 6:].sum() == 4
+    err = (pred - (noise - x0)).square()
+    expected = torch.stack([torch.cat([err[0, :, 0:2, 0:2].flatten(), err[0, :, 2:4, 2:4].flatten()]).mean(),
+                            err[1, :, 6:, 6:].mean()])
+    torch.testing.assert_close(FLOW.loss(pred, x0, noise, weight), expected)
+    torch.testing.assert_close(FLOW.loss(pred, x0, noise, torch.ones(2, 1, 8, 8)), FLOW.loss(pred, x0, noise))
+    with pytest.raises(ValueError, match="do not tile"):
+        token_pixels(torch.ones(2, 15, dtype=torch.bool), x0.shape)
+
+
 def test_routing_settings_are_checked():
     with pytest.raises(ValueError, match="0 < ratio < 1"):
         Routing(1.0, 1, 3).check(4)
     with pytest.raises(ValueError, match="start < end <= depth"):
         Routing(0.5, 3, 3).check(4)
     assert Routing(0.5, 1, 3).kept_count(16) == 8 and Routing(0.99, 1, 3).kept_count(16) == 1
+    with pytest.raises(ValueError, match="end=3 must be the depth"):
+        Routing(0.5, 1, 3, mask=True).check(4)
 
 
 def test_a_draw_without_routing_takes_nothing_from_the_stream():
@@ -214,6 +256,7 @@ SWITCHES = {
     "routing": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3},
     "align": {"train.align.weight": 0.5, "train.align.student_block": 0, "train.align.teacher_block": 2, "train.align.until": 4},
     "routing_until": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.routing.until": 4},
+    "masking": {"train.routing.ratio": 0.75, "train.routing.start": 1, "train.routing.mode": "mask"},
     "both": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 0.5,
              "train.align.student_block": 0, "train.align.teacher_block": 2},
 }
@@ -235,6 +278,8 @@ def test_resume_is_exact_with_each_switch_on(tmp_path, shapes_dir, switch):
     (_, plain_flops), = plain["flops_per_step"]
     if switch == "routing":  # routed tokens do no work in the span: fewer FLOPs than the plain step
         assert full["flops_per_step"][0][1] < 0.9 * plain_flops
+    if switch == "masking":  # 3 of 4 blocks and the final layer on a quarter of the tokens
+        assert full["flops_per_step"][0][1] < 0.6 * plain_flops
     if switch == "align":  # the teacher's forward costs, until the term is switched off at step 4
         assert [s for s, _ in full["flops_per_step"]] == [0, 4]
         assert full["flops_per_step"][0][1] > plain_flops and full["flops_per_step"][1][1] == plain_flops
@@ -259,6 +304,8 @@ def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
     ({"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 1.0,
       "train.align.student_block": 1, "train.align.teacher_block": 3}, "inside the routed span"),
     ({"train.align.weight": 1.0, "train.align.student_block": 3, "train.align.teacher_block": 2}, "the teacher deeper"),
+    ({"train.routing.ratio": 0.5, "train.routing.mode": "drop"}, "expected route .* or mask"),
+    ({"train.routing.ratio": 0.5, "train.routing.mode": "mask", "train.routing.end": 3}, "end=3 must be the depth"),
 ])
 def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):
     with pytest.raises(ConfigError, match=message):

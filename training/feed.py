@@ -32,11 +32,12 @@ class Feed:
         self.timesteps = (t.logit_mean, t.logit_std, spec.shift)
         self.cond_dropout = cfg.train.cond_dropout
         self.extra_draws = 0  # uniform numbers per sample a distillation loss draws (training/distill.py)
+        self.masking = None  # a masked run's Routing (models/routing.py): a routed step's loss counts only its kept tokens
 
     def micro_batches(self, gen: torch.Generator, route_patch: int = 0) -> Iterator[MicroBatch]:
         """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``;
         with ``route_patch`` (a routed step's patch size) also one route score per image token
-        (models/routing.py)."""
+        (models/routing.py), and under ``masking`` the tokens its loss counts."""
         while True:
             batch = next(self._batches)
             self.batches_done += 1
@@ -50,8 +51,11 @@ class Feed:
                     raise RuntimeError(f"DDP ranks read {self.first_batch_overlap} identical samples in their first batch")
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
-            yield MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws,
-                                  tokens(x0, route_patch) if route_patch else 0)
+            mb = MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws,
+                                 tokens(x0, route_patch) if route_patch else 0)
+            if self.masking is not None and mb.route is not None:
+                mb.loss_tokens = self.masking.kept_mask(mb.route)
+            yield mb
 
 
 def tokens(latents: torch.Tensor, patch_size: int) -> int:

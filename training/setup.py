@@ -138,8 +138,13 @@ def routing_spec(cfg: DictConfig, model_config):
     if not r or not r.ratio:
         return None
     depth = model_config.depth
-    end = max(int(r.start) + 1, depth - 1) if r.end is None else int(r.end)  # null: up to the last block (a 2-block model: through it)
-    routing = Routing(float(r.ratio), int(r.start), end)
+    mask = r.get("mode", "route") == "mask"
+    if r.get("mode", "route") not in ("route", "mask"):
+        raise ConfigError(f"train.routing.mode={r.mode!r}: expected route (TREAD: the skipped tokens come back) or mask "
+                          "(deferred masking: they are dropped and the loss counts the kept ones)")
+    # null: up to the last block (a 2-block model: through it); masking: to the end
+    end = (depth if mask else max(int(r.start) + 1, depth - 1)) if r.end is None else int(r.end)
+    routing = Routing(float(r.ratio), int(r.start), end, mask)
     problems = []
     try:
         routing.check(depth)

@@ -106,8 +106,13 @@ class Run:
             model.routing = routing
             until = cfg.train.routing.get("until")
             self.route_patch, self.routing_until = spec.model_config.patch_size, until
-            log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)%s",
-                     100 * routing.ratio, routing.start, routing.end - 1, f"; every token is trained from step {until} on" if until else "")
+            dense = f"; every token is trained from step {until} on" if until else ""
+            if routing.mask:
+                log.info("deferred masking: %.0f%% of the image tokens are dropped after block %d in training, the loss counts the "
+                         "rest (sampling sees every token)%s", 100 * routing.ratio, routing.start - 1, dense)
+            else:
+                log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)%s",
+                         100 * routing.ratio, routing.start, routing.end - 1, dense)
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -117,6 +122,7 @@ class Run:
         self.parallel, self.optimizer = wrap(cfg, model, self.ema, optimizer, self.start.optimizer_state, dist_info, use_fsdp,
                                              len(spec.manifest.get("buckets") or {}))
         self.feed = Feed(cfg, spec, dist_info, self.start.batches_done, self.start.positions)
+        self.feed.masking = routing if routing is not None and routing.mask else None
         self.distill = make_distillation(cfg, spec, dist_info.device)
         self.align = None
         align = setup.align_spec(cfg, spec.model_config, routing, use_fsdp)
