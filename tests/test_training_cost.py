@@ -288,6 +288,24 @@ def test_resume_is_exact_with_each_switch_on(tmp_path, shapes_dir, switch):
         assert full["flops_per_step"][0][1] < 0.9 * plain_flops and full["flops_per_step"][1][1] == plain_flops
 
 
+def test_a_restarted_ema_follows_the_dense_finish(tmp_path, shapes_dir):
+    """restart_ema: the same training (raw weights equal), but from `until` on the EMA warms up again,
+    so after the finish it is nearer the finish's weights than an EMA that still holds the routed ones."""
+    from training.ema import ema_decay_at
+
+    assert ema_decay_at(3, 0.999, restart=4) == ema_decay_at(3, 0.999) and ema_decay_at(4, 0.999, restart=4) == 0.1
+    assert ema_decay_at(14, 0.999, restart=4) == ema_decay_at(10, 0.999) and ema_decay_at(14, 0.999, False, restart=4) == 0.999
+    extra = {"model.depth": 4, **SWITCHES["routing_until"], "train.ema_decay": 0.99}
+    train(compose(tiny_overrides(tmp_path / "keep", shapes_dir, **extra)))
+    train(compose(tiny_overrides(tmp_path / "restart", shapes_dir, **extra, **{"train.routing.restart_ema": True})))
+    keep, restart = (latest_checkpoint(tmp_path / r / "run" / "checkpoints") for r in ("keep", "restart"))
+    raw, raw_r = load_file(keep / "model.safetensors"), load_file(restart / "model.safetensors")
+    assert all(torch.equal(raw[k], raw_r[k]) for k in raw)
+    ema, ema_r = load_file(keep / "ema.safetensors"), load_file(restart / "ema.safetensors")
+    gap, gap_r = (sum(float((e[k] - raw[k]).square().sum()) for k in raw) for e in (ema, ema_r))
+    assert gap_r < 0.5 * gap
+
+
 def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
     extra = {"model.depth": 4, "train.checkpoint_every": 100, **SWITCHES["routing"]}
     train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **extra), "stage2"))
@@ -305,6 +323,9 @@ def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
       "train.align.student_block": 1, "train.align.teacher_block": 3}, "inside the routed span"),
     ({"train.align.weight": 1.0, "train.align.student_block": 3, "train.align.teacher_block": 2}, "the teacher deeper"),
     ({"train.routing.ratio": 0.5, "train.routing.mode": "drop"}, "expected route .* or mask"),
+    ({"train.routing.ratio": 0.5, "train.routing.restart_ema": True}, "set train.routing.until too"),
+    ({"train.routing.ratio": 0.5, "train.routing.restart_ema": True, "train.routing.until": 3, "train.ema_warmup": False},
+     "train.ema_warmup=false switches off"),
     ({"train.routing.ratio": 0.5, "train.routing.mode": "mask", "train.routing.end": 3}, "end=3 must be the depth"),
 ])
 def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):

@@ -22,7 +22,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.lerp_(m.detach(), 1.0 - decay)
 
 
-def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+def ema_decay_at(step: int, decay: float, warmup: bool = True, restart: int | None = None) -> float:
     """The EMA decay at ``step``: with ``warmup`` min(decay, (1 + s) / (10 + s)), so early weights fade
-    fast; without (a fine-tune from trained weights, train.ema_warmup=false) ``decay`` throughout."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+    fast; without (a fine-tune from trained weights, train.ema_warmup=false) ``decay`` throughout.
+    ``restart``: from this step on, s counts from it (the warm-up again: a new regime's average
+    forgets the weights of the one before)."""
+    s = step - restart if restart is not None and step >= restart else step
+    return min(decay, (1 + s) / (10 + s)) if warmup else decay

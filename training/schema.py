@@ -59,6 +59,7 @@ class RoutingSchema:
     start: int = 1  # first block of the span (sees only the kept tokens)
     end: Optional[int] = None  # first block after the span; null: depth - 1 (the last block sees every token; at depth 2: depth)
     until: Optional[int] = None  # train on every token from this step on (a short dense finish); null = route to the end
+    restart_ema: bool = False  # at `until`, start the EMA's warm-up again: the finish's average forgets the routed weights
     mode: str = "route"  # route: the skipped tokens come back at `end`; mask: deferred masking, dropped for good, loss on the kept
 
 

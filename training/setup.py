@@ -159,6 +159,10 @@ def routing_spec(cfg: DictConfig, model_config):
         problems.append(f"until {until}: the first step trained on every token, at least 1 (to train without routing set ratio 0)")
     elif until is not None and int(until) >= cfg.train.max_steps:
         log.warning("train.routing.until=%s is not before train.max_steps=%s: every step of this run is routed", until, cfg.train.max_steps)
+    if r.get("restart_ema") and until is None:
+        problems.append("restart_ema restarts the EMA's warm-up at the dense finish: set train.routing.until too")
+    elif r.get("restart_ema") and not cfg.train.get("ema_warmup", True):
+        problems.append("restart_ema restarts the EMA's warm-up, which train.ema_warmup=false switches off")
     if problems:
         raise ConfigError(f"train.routing (ratio {r.ratio}, start {r.start}, end {r.end}): " + "; ".join(problems))
     return routing

@@ -101,12 +101,15 @@ class Run:
             freeze_base(model, cfg, lora.enabled, use_fsdp)
         routing = setup.routing_spec(cfg, spec.model_config)
         # routed steps draw one route score per image token (patch size; 0 = none), before train.routing.until (None: all)
-        self.route_patch, self.routing_until = 0, None
+        self.route_patch, self.routing_until, self.ema_from = 0, None, None  # ema_from: where the EMA's warm-up starts again
         if routing is not None:
             model.routing = routing
             until = cfg.train.routing.get("until")
             self.route_patch, self.routing_until = spec.model_config.patch_size, until
             dense = f"; every token is trained from step {until} on" if until else ""
+            if until and cfg.train.routing.get("restart_ema"):  # the finish's EMA averages the finish's weights only
+                self.ema_from = int(until)
+                dense += ", where the EMA's warm-up starts again"
             if routing.mask:
                 log.info("deferred masking: %.0f%% of the image tokens are dropped after block %d in training, the loss counts the "
                          "rest (sampling sees every token)%s", 100 * routing.ratio, routing.start - 1, dense)
@@ -178,7 +181,7 @@ class Run:
                                                      route_patch),
                              t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
                              may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
-                             ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True)),
+                             ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True), self.ema_from),
                              objective=self.spec.objective, loss_fn=loss_fn)
         if counting:  # this rank's, from here until the step's loss or routing changes
             self.flops.append((step, counter.get_total_flops()))
