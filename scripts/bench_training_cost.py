@@ -33,11 +33,10 @@ ARMS = {  # name -> Hydra overrides on top of the stage's demo run
     "tread": ["train.routing.ratio=0.5"],
     "tread75": ["train.routing.ratio=0.75"],
     "tread75+dense": ["train.routing.ratio=0.75", "train.routing.until=2250"],  # stage 1: every token from step 2250 on
-    "tread75-wide": ["train.routing.ratio=0.75", "train.routing.end=6"],  # the demo's 6 blocks: span 1..5, back before the final layer
     "mask75": ["train.routing.ratio=0.75", "train.routing.mode=mask"],  # deferred masking after block 0, no way back
-    "mask75+dense": ["train.routing.ratio=0.75", "train.routing.mode=mask", "train.routing.until=2500"],
+    "mask75+dense": ["train.routing.ratio=0.75", "train.routing.mode=mask", "train.routing.until=2500"],  # stage 1: dense from 2500
     "mask75+dense+ema": ["train.routing.ratio=0.75", "train.routing.mode=mask", "train.routing.until=2500",
-                         "train.routing.restart_ema=true"],
+                         "train.routing.restart_ema=true"],  # ... with the EMA warming up again there
     "sra": ["train.align.weight=0.5"],
     "tread+sra": ["train.routing.ratio=0.5", "train.align.weight=0.5", "train.align.student_block=0"],
 }

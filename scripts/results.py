@@ -66,7 +66,8 @@ def line_chart(curves: dict[str, list[tuple[float, float]]], target: float, out:
         d.text((xy(x, 0)[0] - 10, h - m + 6), f"{x:.3g}", fill="black")
     d.text((w // 2 - 20, h - 18), xlabel, fill="black")
     d.text((m, 12), title, fill="black")
-    colours = [(30, 90, 220), (220, 60, 30), (40, 160, 60), (150, 60, 180), (200, 140, 0)]
+    colours = [(30, 90, 220), (220, 60, 30), (40, 160, 60), (150, 60, 180), (200, 140, 0), (0, 150, 160), (120, 120, 120),
+               (230, 0, 130)]
     for i, (name, pts) in enumerate(curves.items()):
         c = colours[i % len(colours)]
         if len(pts) > 1:
