@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from flow.rectified_flow import flow_loss, interpolate, sample_timesteps, velocity_target
+from flow.rectified_flow import flow_loss, interpolate, per_sample_mse, sample_timesteps
 
 KINDS = ("flow", "epsilon")
 SCHEDULER_SOLVERS = ("dpm++", "ddim")  # through diffusers' schedulers
@@ -83,13 +83,9 @@ class Objective:
         """Per-sample MSE, (N,). A prediction with 2C channels (learned variance) is scored on its first C.
         ``weight`` (N, 1, H, W) of 0/1: the mean over the pixels where it is 1 (a masked step's kept tokens)."""
         pred = prediction(pred, x0.shape[1])
-        if weight is not None:
-            target = velocity_target(x0, noise) if self.kind == "flow" else noise
-            err = (pred.float() - target.float()).pow(2) * weight
-            return err.flatten(1).sum(1) / (weight.flatten(1).sum(1) * x0.shape[1])
         if self.kind == "flow":
-            return flow_loss(pred, x0, noise)
-        return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+            return flow_loss(pred, x0, noise, weight)
+        return per_sample_mse(pred, noise, weight)
 
     # ------------------------------------------------------------ sampling
     def scheduler(self, solver: str, shift: float = 1.0):

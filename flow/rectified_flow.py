@@ -41,9 +41,18 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE between predicted and true velocity, (N,)."""
-    return (pred.float() - velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE between predicted and true velocity, (N,); ``weight`` as in :func:`per_sample_mse`."""
+    return per_sample_mse(pred, velocity_target(x0, noise), weight)
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) mean squared error of each sample; ``weight`` (N, 1, H, W) of 0/1: the mean over the pixels
+    where it is 1 (a masked step's kept tokens)."""
+    err = (pred.float() - target.float()).pow(2)
+    if weight is None:
+        return err.flatten(1).mean(1)
+    return (err * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * err.shape[1])
 
 
 def loss_by_bin(per_sample: torch.Tensor, t: torch.Tensor, num_bins: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,7 +172,7 @@ def test_masked_tokens_are_dropped_for_good(name):
     model.routing = Routing(0.75, 0, 4, mask=True)
     x, t, cond = _inputs(name)
     scores = torch.rand(3, 16, generator=torch.Generator().manual_seed(2))
-    keep = token_pixels(model.routing.kept_mask(scores), x.shape).bool().expand_as(x)  # (N, C, H, W)
+    keep = token_pixels(model.routing.kept_mask(scores), 2, x.shape).bool().expand_as(x)  # (N, C, H, W)
     assert int(model.routing.kept_mask(scores).sum()) == 3 * 4
     x = x.clone().requires_grad_(True)
     out = model(x, t, **cond, route_scores=scores)
@@ -193,15 +193,45 @@ def test_a_masked_loss_counts_only_the_kept_tokens():
     tokens = torch.zeros(2, 16, dtype=torch.bool)
     tokens[0, [0, 5]] = True  # sample 0: patches (0, 0) and (1, 1) of the 4x4 grid of 2x2 patches
     tokens[1, 15] = True  # sample 1: the last patch
-    weight = token_pixels(tokens, x0.shape)
+    weight = token_pixels(tokens, 2, x0.shape)
     assert weight.shape == (2, 1, 8, 8) and weight[0].sum() == 8 and weight[1, 0, 6:, 6:].sum() == 4
     err = (pred - (noise - x0)).square()
     expected = torch.stack([torch.cat([err[0, :, 0:2, 0:2].flatten(), err[0, :, 2:4, 2:4].flatten()]).mean(),
                             err[1, :, 6:, 6:].mean()])
     torch.testing.assert_close(FLOW.loss(pred, x0, noise, weight), expected)
     torch.testing.assert_close(FLOW.loss(pred, x0, noise, torch.ones(2, 1, 8, 8)), FLOW.loss(pred, x0, noise))
-    with pytest.raises(ValueError, match="do not tile"):
-        token_pixels(torch.ones(2, 15, dtype=torch.bool), x0.shape)
+    with pytest.raises(ValueError, match="15 tokens for a 8x8 latent in 2x2 patches"):
+        token_pixels(torch.ones(2, 15, dtype=torch.bool), 2, x0.shape)
+    # a 2:1 bucket: the token grid is 2 high and 4 wide, row by row, as the models lay it out
+    wide = token_pixels(torch.tensor([[True] + [False] * 7]), 2, torch.Size((1, 3, 4, 8)))
+    assert wide[0, 0, :2, :2].sum() == 4 and wide.sum() == 4
+
+
+def test_a_masked_run_feeds_the_loss_the_tokens_its_model_keeps(tmp_path, shapes_dir):
+    """Through the trainer's own parts: the feed's loss weight is the model's kept tokens, so the
+    loss does not change when the dropped pixels of the image or the noise do."""
+    from training import setup
+    from training.distributed import setup as setup_processes
+    from training.step import objective_loss, step_generator
+    from training.trainer import Run
+
+    cfg = compose(tiny_overrides(tmp_path, shapes_dir, **{"model.depth": 4, **SWITCHES["masking"]}))
+    run_dir = setup.run_directory(cfg)
+    run_dir.mkdir(parents=True)
+    r = Run(cfg, setup_processes(), run_dir)
+    model = r.parallel.model
+    mb = next(r.feed.micro_batches(step_generator(0, 0, 0, torch.device("cpu")), r.route_patch))
+    n, _, h, w = mb.x0.shape
+    kept = model.routing.kept_mask(mb.route)  # (N, T): a quarter of the tokens
+    assert mb.loss_weight.shape == (n, 1, h, w) and int(kept.sum()) == n * kept.shape[1] // 4
+    torch.testing.assert_close(mb.loss_weight, token_pixels(kept, model.config.patch_size, mb.x0.shape))
+    loss = objective_loss(model, mb)
+    dropped = mb.loss_weight == 0
+    other = MicroBatch(torch.where(dropped, torch.randn_like(mb.x0), mb.x0), mb.cond, mb.t,
+                       torch.where(dropped, torch.randn_like(mb.noise), mb.noise), route=mb.route, loss_weight=mb.loss_weight)
+    torch.testing.assert_close(objective_loss(model, other), loss, rtol=0, atol=1e-6)
+    plain = MicroBatch(other.x0, mb.cond, mb.t, other.noise, route=mb.route)  # the same step counting every pixel
+    assert not torch.allclose(objective_loss(model, plain), objective_loss(model, MicroBatch(mb.x0, mb.cond, mb.t, mb.noise, route=mb.route)))
 
 
 def test_routing_settings_are_checked():
@@ -257,6 +287,8 @@ SWITCHES = {
     "align": {"train.align.weight": 0.5, "train.align.student_block": 0, "train.align.teacher_block": 2, "train.align.until": 4},
     "routing_until": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.routing.until": 4},
     "masking": {"train.routing.ratio": 0.75, "train.routing.start": 1, "train.routing.mode": "mask"},
+    "masking_until": {"train.routing.ratio": 0.75, "train.routing.start": 1, "train.routing.mode": "mask", "train.routing.until": 4,
+                      "train.routing.restart_ema": True},
     "both": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 0.5,
              "train.align.student_block": 0, "train.align.teacher_block": 2},
 }
@@ -283,7 +315,7 @@ def test_resume_is_exact_with_each_switch_on(tmp_path, shapes_dir, switch):
     if switch == "align":  # the teacher's forward costs, until the term is switched off at step 4
         assert [s for s, _ in full["flops_per_step"]] == [0, 4]
         assert full["flops_per_step"][0][1] > plain_flops and full["flops_per_step"][1][1] == plain_flops
-    if switch == "routing_until":  # routed steps before step 4, plain ones (every token) from it on
+    if switch in ("routing_until", "masking_until"):  # routed steps before step 4, plain ones (every token) from it on
         assert [s for s, _ in full["flops_per_step"]] == [0, 4]
         assert full["flops_per_step"][0][1] < 0.9 * plain_flops and full["flops_per_step"][1][1] == plain_flops
 
@@ -326,6 +358,10 @@ def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
     ({"train.routing.ratio": 0.5, "train.routing.restart_ema": True}, "set train.routing.until too"),
     ({"train.routing.ratio": 0.5, "train.routing.restart_ema": True, "train.routing.until": 3, "train.ema_warmup": False},
      "train.ema_warmup=false switches off"),
+    ({"train.routing.ratio": 0.5, "train.routing.restart_ema": True, "train.routing.until": 3, "train.align.weight": 0.5,
+      "train.align.student_block": 0, "train.align.teacher_block": 2}, "set train.align.until=3 or lower"),
+    ({"train.routing.ratio": 0.5, "train.routing.start": 0, "train.routing.mode": "mask", "train.align.weight": 0.5,
+      "train.align.student_block": 1, "train.align.teacher_block": 2}, r"sees only the kept tokens: start the span later"),
     ({"train.routing.ratio": 0.5, "train.routing.mode": "mask", "train.routing.end": 3}, "end=3 must be the depth"),
 ])
 def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):

@@ -11,7 +11,7 @@ from data.shards import SampleCheck, ShardStream, is_bucketed
 from inference.conditioning import ClassConditioning
 from training.distributed import DistInfo, shared_items
 from training.setup import RunSpec
-from training.step import MicroBatch
+from training.step import MicroBatch, token_pixels
 
 
 class Feed:
@@ -53,8 +53,8 @@ class Feed:
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
             mb = MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws,
                                  tokens(x0, route_patch) if route_patch else 0)
-            if self.masking is not None and mb.route is not None:
-                mb.loss_tokens = self.masking.kept_mask(mb.route)
+            if self.masking is not None and mb.route is not None:  # the tokens the model keeps: the same scores, the same rule
+                mb.loss_weight = token_pixels(self.masking.kept_mask(mb.route), route_patch, x0.shape)
             yield mb
 
 

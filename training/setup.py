@@ -136,12 +136,15 @@ def routing_spec(cfg: DictConfig, model_config):
 
     r = cfg.train.get("routing")
     if not r or not r.ratio:
+        if r and (r.get("mode", "route") != "route" or r.get("restart_ema") or r.get("until") is not None):
+            log.warning("train.routing.ratio is 0: routing is off, so train.routing.mode/until/restart_ema do nothing")
         return None
     depth = model_config.depth
-    mask = r.get("mode", "route") == "mask"
-    if r.get("mode", "route") not in ("route", "mask"):
-        raise ConfigError(f"train.routing.mode={r.mode!r}: expected route (TREAD: the skipped tokens come back) or mask "
+    mode = r.get("mode", "route")
+    if mode not in ("route", "mask"):
+        raise ConfigError(f"train.routing.mode={mode!r}: expected route (TREAD: the skipped tokens come back) or mask "
                           "(deferred masking: they are dropped and the loss counts the kept ones)")
+    mask = mode == "mask"
     # null: up to the last block (a 2-block model: through it); masking: to the end
     end = (depth if mask else max(int(r.start) + 1, depth - 1)) if r.end is None else int(r.end)
     routing = Routing(float(r.ratio), int(r.start), end, mask)
@@ -163,9 +166,18 @@ def routing_spec(cfg: DictConfig, model_config):
         problems.append("restart_ema restarts the EMA's warm-up at the dense finish: set train.routing.until too")
     elif r.get("restart_ema") and not cfg.train.get("ema_warmup", True):
         problems.append("restart_ema restarts the EMA's warm-up, which train.ema_warmup=false switches off")
+    elif r.get("restart_ema") and align_after(cfg, int(until)):
+        problems.append(f"restart_ema with train.align on past step {until}: the alignment's teacher is the EMA, which the "
+                        f"restart would make the student itself; set train.align.until={until} or lower")
     if problems:
         raise ConfigError(f"train.routing (ratio {r.ratio}, start {r.start}, end {r.end}): " + "; ".join(problems))
     return routing
+
+
+def align_after(cfg: DictConfig, step: int) -> bool:
+    """Whether self-alignment is on at ``step``."""
+    a = cfg.train.get("align")
+    return bool(a and a.weight) and (a.get("until") is None or int(a.until) > step)
 
 
 def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
@@ -182,10 +194,11 @@ def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
     except ValueError as e:
         problems.append(str(e))
     if routing is not None and routing.start <= settings.student_block < routing.end:
+        outside = routing.start - 1 if routing.start else routing.end if routing.end < model_config.depth else None
         problems.append(f"student_block {settings.student_block} is inside the routed span (blocks {routing.start}-"
-                        f"{routing.end - 1}), where it sees only the kept tokens: choose a block outside it "
-                        f"(train.align.student_block={routing.start - 1 if routing.start else routing.end}) or start the span later "
-                        f"(train.routing.start={settings.student_block + 1})")
+                        f"{routing.end - 1}), where it sees only the kept tokens: "
+                        + (f"choose a block outside it (train.align.student_block={outside}) or " if outside is not None else "")
+                        + f"start the span later (train.routing.start={settings.student_block + 1})")
     if cfg.train.get("distill") and cfg.train.distill.enabled:
         problems.append("a distillation run has its own loss; distill without train.align")
     if getattr(model_config, "control_blocks", 0):

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from flow.objectives import FLOW, Objective
 from inference.pipeline import call_model
+from models.layers import unpatchify
 from training.ema import update_ema
 
 
@@ -35,7 +36,7 @@ class MicroBatch:
     arguments), t (N,) model times in [0, 1], noise (N, C, H, W); extra (N, K) uniform numbers for a
     loss that draws more (distillation: training/distill.py), None otherwise; route (N, T) uniform
     scores that pick the tokens a routed model keeps (models/routing.py), None without routing;
-    loss_tokens (N, T) bool: the only tokens the loss counts (a masked model's kept ones), None: all."""
+    loss_weight (N, 1, H, W) of 0/1: the only pixels the loss counts (a masked model's kept tokens), None: all."""
 
     x0: torch.Tensor
     cond: dict[str, Any]
@@ -43,7 +44,7 @@ class MicroBatch:
     noise: torch.Tensor
     extra: torch.Tensor | None = None
     route: torch.Tensor | None = None
-    loss_tokens: torch.Tensor | None = None
+    loss_weight: torch.Tensor | None = None
 
     @classmethod
     def draw(cls, x0: torch.Tensor, cond: dict[str, Any], logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
@@ -99,19 +100,17 @@ def objective_loss(module: nn.Module, mb: MicroBatch, objective: Objective = FLO
     """The objective's per-sample loss (N,) of ``module`` on one micro-batch: the plain step's, and
     the part of a composite loss (training/alignment.py) that is the plain one."""
     pred = call_model(module, objective.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.model_cond)  # (N, C or 2C, H, W)
-    weight = None if mb.loss_tokens is None else token_pixels(mb.loss_tokens, mb.x0.shape)
-    return objective.loss(pred, mb.x0, mb.noise, weight)
+    return objective.loss(pred, mb.x0, mb.noise, mb.loss_weight)
 
 
-def token_pixels(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """(N, T) per-token values of a (N, C, H, W) batch's patches -> (N, 1, H, W) float, each patch's
-    pixels holding its token's value (the patch size from T = (H / p) (W / p))."""
+def token_pixels(tokens: torch.Tensor, patch_size: int, shape: torch.Size) -> torch.Tensor:
+    """(N, T) per-token values of a (N, C, H, W) batch -> (N, 1, H, W) float, each patch's pixels
+    holding its token's value: the models' own token layout (models/layers.py unpatchify)."""
     n, _, h, w = shape
-    p = round((h * w / tokens.shape[1]) ** 0.5)
+    p = patch_size
     if (h // p) * (w // p) != tokens.shape[1]:
-        raise ValueError(f"{tokens.shape[1]} tokens do not tile a {h}x{w} latent in square patches")
-    grid = tokens.reshape(n, 1, h // p, w // p).float()
-    return grid.repeat_interleave(p, 2).repeat_interleave(p, 3)
+        raise ValueError(f"{tokens.shape[1]} tokens for a {h}x{w} latent in {p}x{p} patches ({(h // p) * (w // p)} tokens)")
+    return unpatchify(tokens[..., None].float().expand(-1, -1, p * p), p, 1, h // p, w // p)
 
 
 def train_step(parallel: Local, optimizer: torch.optim.Optimizer, micro_batches: Iterable[MicroBatch], accum: int, *,

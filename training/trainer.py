@@ -111,8 +111,9 @@ class Run:
                 self.ema_from = int(until)
                 dense += ", where the EMA's warm-up starts again"
             if routing.mask:
-                log.info("deferred masking: %.0f%% of the image tokens are dropped after block %d in training, the loss counts the "
-                         "rest (sampling sees every token)%s", 100 * routing.ratio, routing.start - 1, dense)
+                where = f"after block {routing.start - 1}" if routing.start else "before block 0 (no patch mixer)"
+                log.info("deferred masking: %.0f%% of the image tokens are dropped %s in training, the loss counts the "
+                         "rest (sampling sees every token)%s", 100 * routing.ratio, where, dense)
             else:
                 log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)%s",
                          100 * routing.ratio, routing.start, routing.end - 1, dense)

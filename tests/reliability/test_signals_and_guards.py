@@ -71,8 +71,8 @@ def _nan_loss_at(monkeypatch, calls_to_poison):
     real = objectives_mod.flow_loss
     count = {"n": 0}
 
-    def poisoned(pred, x0, noise):
-        out = real(pred, x0, noise)
+    def poisoned(*args):
+        out = real(*args)
         count["n"] += 1
         return out * float("nan") if calls_to_poison(count["n"]) else out
 
