@@ -50,8 +50,8 @@ STAGES = {
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--stage", type=int, choices=sorted(STAGES), default=1)
-    ap.add_argument("--arms", nargs="+", default=["baseline", "tread", "tread75", "sra"], choices=sorted(ARMS),
-                    help="the arms, the first the reference of the ratios")
+    ap.add_argument("--arms", nargs="+", default=["baseline", "tread", "tread75", "sra"], choices=sorted(ARMS), metavar="ARM",
+                    help=f"the arms, the first the reference of the ratios; one of: {', '.join(ARMS)}")
     ap.add_argument("--chunk", type=int, default=None, help="steps per turn, an evaluation after each (default: 250 stage 1, 100 stage 2)")
     ap.add_argument("--target", type=float, default=None, help="the score to reach (default: 0.9 stage 1, 0.7 stage 2)")
     ap.add_argument("--give-up", type=float, default=None,
