@@ -89,21 +89,21 @@ class RoutedSpan:
         if not self.active:
             return x
         if i == self.routing.start:
-            self.full = x
+            if not self.routing.mask:  # masking never puts the tokens back
+                self.full = x
             return gather_tokens(x, self.index)
         if i == self.routing.end:
             return self.leave(x)
         return x
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:
-        if self.full is None or self.routing.mask:
+        if self.full is None:
             return x
         x, self.full = scatter_tokens(self.full, x, self.index), None
         return x
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """(N, K, E) final-layer output of a masked forward -> (N, T, E), zero at the dropped tokens."""
-        if self.full is None or not self.routing.mask:
+        if not (self.active and self.routing.mask):
             return y
-        self.full = None
         return scatter_tokens(y.new_zeros(y.shape[0], self.tokens, y.shape[2]), y, self.index)

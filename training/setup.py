@@ -162,11 +162,12 @@ def routing_spec(cfg: DictConfig, model_config):
         problems.append(f"until {until}: the first step trained on every token, at least 1 (to train without routing set ratio 0)")
     elif until is not None and int(until) >= cfg.train.max_steps:
         log.warning("train.routing.until=%s is not before train.max_steps=%s: every step of this run is routed", until, cfg.train.max_steps)
-    if r.get("restart_ema") and until is None:
+    restart = bool(r.get("restart_ema"))
+    if restart and until is None:
         problems.append("restart_ema restarts the EMA's warm-up at the dense finish: set train.routing.until too")
-    elif r.get("restart_ema") and not cfg.train.get("ema_warmup", True):
+    elif restart and not cfg.train.get("ema_warmup", True):
         problems.append("restart_ema restarts the EMA's warm-up, which train.ema_warmup=false switches off")
-    elif r.get("restart_ema") and align_after(cfg, int(until)):
+    elif restart and align_after(cfg, int(until)):
         problems.append(f"restart_ema with train.align on past step {until}: the alignment's teacher is the EMA, which the "
                         f"restart would make the student itself; set train.align.until={until} or lower")
     if problems:
