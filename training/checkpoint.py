@@ -12,7 +12,7 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,10 +92,12 @@ def load_train_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 class Checkpointer:
     """The run's saves: weights and EMA (gathered first under FSDP), the optimizer and data position,
     the recorded config and meta; then pruning. Every rank calls ``save`` (FSDP gathers are collective);
-    rank 0 writes, and nobody goes on before the save is complete."""
+    rank 0 writes, and nobody goes on before the save is complete. ``extra_state()``: more of the training state
+    (tensors and plain containers: a training-only module's weights and optimizer)."""
 
-    def __init__(self, ckpt_root: Path, meta: dict, config_yaml: str, keep_last: int, keep_every: int, parallel, ema, logger):
-        self.root, self.meta, self.config_yaml = ckpt_root, meta, config_yaml
+    def __init__(self, ckpt_root: Path, meta: dict, config_yaml: str, keep_last: int, keep_every: int, parallel, ema, logger,
+                 extra_state: Callable[[], dict] | None = None):
+        self.root, self.meta, self.config_yaml, self.extra_state = ckpt_root, meta, config_yaml, extra_state
         self.keep_last, self.keep_every = keep_last, keep_every
         self.parallel, self.ema, self.logger = parallel, ema, logger
         self.last: Path | None = None  # on rank 0
@@ -111,7 +113,7 @@ class Checkpointer:
         path = None
         if p.dist_info.is_main:
             state = {"optimizer": optimizer_state, "optimizer_format": p.optimizer_format, "step": step, "batches_done": batches_done,
-                     "positions": positions or {}}
+                     "positions": positions or {}, **(self.extra_state() if self.extra_state else {})}
             path = save_checkpoint(self.root, step, weights, ema_weights, state, self.config_yaml, self.meta)
             prune_checkpoints(self.root, self.keep_last, self.keep_every)
             self.logger.write(f"saved checkpoint {path}")

@@ -28,6 +28,7 @@ class ResumePoint:
     step: int = 0
     batches_done: int = 0
     positions: dict | None = None
+    repa: dict | None = None  # REPA's projector and its optimizer (training/repa.py), if the checkpoint's run had them
 
 
 def model_config_changes(meta: dict, model_config: dict) -> dict:
@@ -197,4 +198,5 @@ def resume_or_init(cfg: DictConfig, model: nn.Module, ema: nn.Module, optimizer,
     if not use_fsdp:
         optimizer.load_state_dict(state["optimizer"])
     log.info("resumed from %s at step %d", resume_from, int(state["step"]))
-    return ResumePoint(resume_from, state["optimizer"], int(state["step"]), int(state["batches_done"]), state.get("positions"))
+    return ResumePoint(resume_from, state["optimizer"], int(state["step"]), int(state["batches_done"]), state.get("positions"),
+                       state.get("repa"))

@@ -73,6 +73,16 @@ class AlignSchema:
 
 
 @dataclass
+class RepaSchema:
+    encoder: Optional[str] = None  # REPA (training/repa.py): a vision encoder by hub id or local folder; null = off
+    subfolder: Optional[str] = None
+    weight: float = 0.5  # the term's weight (REPA's lambda)
+    block: int = 1  # this block's image tokens, through the projector, pulled toward the encoder's patch features
+    projector_dim: int = 2048  # the projector MLP's width
+    until: Optional[int] = None  # switch the term off at this step; null = never
+
+
+@dataclass
 class TrainSchema:
     global_batch_size: int = 256
     grad_accum: int = 1
@@ -92,6 +102,7 @@ class TrainSchema:
     distill: DistillSchema = field(default_factory=DistillSchema)
     routing: RoutingSchema = field(default_factory=RoutingSchema)
     align: AlignSchema = field(default_factory=AlignSchema)
+    repa: RepaSchema = field(default_factory=RepaSchema)
     log_every: int = 50
     sample_every: int = 5000
     checkpoint_every: int = 5000

@@ -194,22 +194,53 @@ def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
         settings.check(model_config.depth)
     except ValueError as e:
         problems.append(str(e))
-    if routing is not None and routing.start <= settings.student_block < routing.end:
-        outside = routing.start - 1 if routing.start else routing.end if routing.end < model_config.depth else None
-        problems.append(f"student_block {settings.student_block} is inside the routed span (blocks {routing.start}-"
-                        f"{routing.end - 1}), where it sees only the kept tokens: "
-                        + (f"choose a block outside it (train.align.student_block={outside}) or " if outside is not None else "")
-                        + f"start the span later (train.routing.start={settings.student_block + 1})")
-    if cfg.train.get("distill") and cfg.train.distill.enabled:
-        problems.append("a distillation run has its own loss; distill without train.align")
-    if getattr(model_config, "control_blocks", 0):
-        problems.append("a ControlNet run trains the copies only; train it without train.align")
+    problems += aligned_block_problems(cfg, model_config, routing, settings.student_block, "train.align.student_block", "train.align")
     if use_fsdp:
         problems.append("train.parallel=fsdp: the EMA teacher is not gathered for its forward here; use train.parallel=ddp")
-    if cfg.train.compile:
-        problems.append("train.compile: the features are caught by hooks that a compiled graph does not run; set train.compile=false")
     if problems:
         raise ConfigError(f"train.align (weight {a.weight}): " + "; ".join(problems))
+    return settings
+
+
+def aligned_block_problems(cfg: DictConfig, model_config, routing, block: int, key: str, switch: str) -> list[str]:
+    """What keeps an alignment term (self-alignment, REPA) from reading ``block``'s output in this run."""
+    problems = []
+    if routing is not None and routing.start <= block < routing.end:
+        outside = routing.start - 1 if routing.start else routing.end if routing.end < model_config.depth else None
+        problems.append(f"{key.rsplit('.', 1)[-1]} {block} is inside the routed span (blocks {routing.start}-"
+                        f"{routing.end - 1}), where it sees only the kept tokens: "
+                        + (f"choose a block outside it ({key}={outside}) or " if outside is not None else "")
+                        + f"start the span later (train.routing.start={block + 1})")
+    if cfg.train.get("distill") and cfg.train.distill.enabled:
+        problems.append(f"a distillation run has its own loss; distill without {switch}")
+    if getattr(model_config, "control_blocks", 0):
+        problems.append(f"a ControlNet run trains the copies only; train it without {switch}")
+    if cfg.train.compile:
+        problems.append("train.compile: the features are caught by hooks that a compiled graph does not run; set train.compile=false")
+    return problems
+
+
+def repa_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
+    """``train.repa`` as checked :class:`training.repa.RepaSettings`, or None when off (no encoder)."""
+    from training.repa import RepaSettings
+
+    r = cfg.train.get("repa")
+    if not r or not r.get("encoder"):
+        return None
+    settings = RepaSettings.from_config(r)
+    problems = []
+    try:
+        settings.check(model_config.depth)
+    except ValueError as e:
+        problems.append(str(e))
+    problems += aligned_block_problems(cfg, model_config, routing, settings.block, "train.repa.block", "train.repa")
+    if align_after(cfg, 0):
+        problems.append("train.align is on too: use one alignment term at a time (train.align.weight=0)")
+    if use_fsdp:
+        problems.append("train.parallel=fsdp: the projector is kept beside the sharded model only under DDP here; use "
+                        "train.parallel=ddp")
+    if problems:
+        raise ConfigError(f"train.repa (encoder {r.encoder}): " + "; ".join(problems))
     return settings
 
 

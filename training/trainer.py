@@ -134,6 +134,7 @@ class Run:
             self.align = SelfAlignment(model, self.ema, align, spec.objective)
             log.info("self-alignment: block %d pulled toward the EMA's block %d at t - %g, weight %g%s", align.student_block,
                      align.teacher_block, align.gap, align.weight, f", until step {align.until}" if align.until is not None else "")
+        self.repa = make_repa(cfg, spec, model, routing, use_fsdp, dist_info, self.start.repa)
         if self.distill is not None:
             self.feed.extra_draws = DRAWS
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
@@ -151,7 +152,8 @@ class Run:
                                 cfg.train.get("report_to", "none"), cfg.train.wandb, OmegaConf.to_container(cfg, resolve=True))
         meta = run_meta(cfg, spec) | ({"adapter": self.adapter} if self.adapter else {})
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", meta, config_yaml, cfg.train.keep_last,
-                                        cfg.train.keep_every, self.parallel, self.ema, self.logger)
+                                        cfg.train.keep_every, self.parallel, self.ema, self.logger,
+                                        extra_state=(lambda: {"repa": self.repa.state_dict()}) if self.repa is not None else None)
         self.checkpoints.last = self.start.checkpoint
         self.checkpoints.last_step = self.start.step if self.start.checkpoint else None
         self.evaluation = TrainingEvaluation(cfg, spec, self.parallel, self.ema, self.logger, self.run_dir)
@@ -184,6 +186,8 @@ class Run:
                              may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
                              ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True), self.ema_from),
                              objective=self.spec.objective, loss_fn=loss_fn)
+            if self.repa is not None:
+                self.repa.update(step, lr, t.grad_clip, out.applied)
         if counting:  # this rank's, from here until the step's loss or routing changes
             self.flops.append((step, counter.get_total_flops()))
             self.flops_regime = regime
@@ -195,9 +199,11 @@ class Run:
         return lr
 
     def loss_fn(self, step: int):
-        """The step's loss in place of the objective's plain one: distillation's, or with the alignment term; None: plain."""
+        """The step's loss in place of the objective's plain one: distillation's, or with an alignment term; None: plain."""
         if self.distill is not None:
             return self.distill.loss
+        if self.repa is not None:
+            return self.repa.loss_at(step)
         return self.align.loss_at(step) if self.align is not None else None
 
     def report(self, step: int, lr: float) -> None:
@@ -295,6 +301,30 @@ def make_distillation(cfg: DictConfig, spec: setup.RunSpec, device):
     log.info("distillation: teacher %s (frozen), %d-step grid, guidance w ~ U[%g, %g]", cfg.stage.init_from,
              settings.teacher_steps, settings.w_min, settings.w_max)
     return ConsistencyDistillation(teacher, spec.conditioning.null, settings, spec.shift, spec.model_config.guidance_embed)
+
+
+def make_repa(cfg: DictConfig, spec: setup.RunSpec, model, routing, use_fsdp: bool, dist_info: DistInfo, saved: dict | None):
+    """REPA's loss and projector (training/repa.py) for a run with ``train.repa.encoder``, the projector as ``saved``
+    (a resumed run's training state) left it; None otherwise."""
+    settings = setup.repa_spec(cfg, spec.model_config, routing, use_fsdp)
+    if settings is None:
+        return None
+    from models.vision_encoder import VisionEncoder, VisionEncoderError
+    from training.repa import RepresentationAlignment
+
+    try:
+        encoder = VisionEncoder(settings.encoder, settings.subfolder).to(dist_info.device)
+    except VisionEncoderError as e:
+        raise ConfigError(f"train.repa.encoder: {e}") from None
+    repa = RepresentationAlignment(model, encoder, settings, spec.objective, spec.autoencoder.decode, spec.model_config.patch_size,
+                                   spec.model_config.hidden_size, cfg.train.betas, cfg.seed, dist_info)
+    if saved is not None:
+        repa.load_state_dict(saved)
+    log.info("REPA: block %d's tokens through a %d-wide projector pulled toward %s's patch features (width %d, %dx%d patches), "
+             "weight %g%s%s", settings.block, settings.projector_dim, settings.encoder, encoder.width, encoder.patch_size,
+             encoder.patch_size, settings.weight, f", until step {settings.until}" if settings.until is not None else "",
+             "; projector resumed" if saved is not None else "")
+    return repa
 
 
 def freeze_base(model, cfg: DictConfig, lora: bool, use_fsdp: bool) -> None:
