@@ -39,6 +39,8 @@ ARMS = {  # name -> Hydra overrides on top of the stage's demo run
                          "train.routing.restart_ema=true"],  # ... with the EMA warming up again there
     "sra": ["train.align.weight=0.5"],
     "tread+sra": ["train.routing.ratio=0.5", "train.align.weight=0.5", "train.align.student_block=0"],
+    # REPA toward the demo's own encoder (make it first: python scripts/train_demo_encoder.py --out runs/encoders/shapes-mim)
+    "repa": ["train.repa.encoder=runs/encoders/shapes-mim", "train.repa.projector_dim=256"],
 }
 LOWER_SCORES = (0.5, 0.75)  # also reported: where each arm passed these scores on its way
 STAGES = {
