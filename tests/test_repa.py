@@ -214,6 +214,13 @@ def test_the_target_of_latents_is_the_encoder_on_the_decoded_images(tiny_vae_dir
     assert repa.target(z).shape == (2, 4, 32)
 
 
+def test_a_changed_projector_is_refused_on_resume(tmp_path, shapes_dir, dino_dir):
+    extra = {**REPA, "train.repa.encoder": str(dino_dir), "train.max_steps": 2}
+    train(compose(tiny_overrides(tmp_path, shapes_dir, **extra)))
+    with pytest.raises(ConfigError, match="cannot resume REPA's projector .*projector_dim changed"):
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{**extra, "train.max_steps": 4, "train.repa.projector_dim": 16})))
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"train.repa.block": 4}, r"block=4: expected 0 <= block < depth \(4\)"),
     ({"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3},

@@ -319,7 +319,12 @@ def make_repa(cfg: DictConfig, spec: setup.RunSpec, model, routing, use_fsdp: bo
     repa = RepresentationAlignment(model, encoder, settings, spec.objective, spec.autoencoder.decode, spec.model_config.patch_size,
                                    spec.model_config.hidden_size, cfg.train.betas, cfg.seed, dist_info)
     if saved is not None:
-        repa.load_state_dict(saved)
+        try:
+            repa.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"cannot resume REPA's projector from the checkpoint ({str(e).splitlines()[0]}): train.repa.encoder or "
+                              "projector_dim changed since it was saved. Resume with the same train.repa, or start a new run_dir "
+                              "from its weights with stage.init_from") from None
     log.info("REPA: block %d's tokens through a %d-wide projector pulled toward %s's patch features (width %d, %dx%d patches), "
              "weight %g%s%s", settings.block, settings.projector_dim, settings.encoder, encoder.width, encoder.patch_size,
              encoder.patch_size, settings.weight, f", until step {settings.until}" if settings.until is not None else "",
