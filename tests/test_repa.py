@@ -232,3 +232,14 @@ def test_a_changed_projector_is_refused_on_resume(tmp_path, shapes_dir, dino_dir
 def test_bad_repa_settings_are_refused_with_the_reason(tmp_path, shapes_dir, dino_dir, extra, message):
     with pytest.raises(ConfigError, match=message):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{"model.depth": 4, "train.repa.encoder": str(dino_dir), **extra})))
+
+
+def test_the_demo_encoder_learns_and_loads_as_a_repa_encoder(tmp_path):
+    """scripts/train_demo_encoder.py: the masked patches' error falls, and REPA loads the saved folder."""
+    from scripts.train_demo_encoder import main
+
+    out = main(["--out", str(tmp_path / "enc"), "--steps", "60", "--images", "256", "--batch", "32", "--width", "32",
+                "--depth", "1", "--heads", "2", "--lr", "3e-3"])
+    assert out["loss"] < 0.8 * out["first_loss"], out
+    encoder = VisionEncoder(str(tmp_path / "enc"))
+    assert encoder(torch.zeros(2, 3, 16, 16), (8, 8)).shape == (2, 64, 32)
