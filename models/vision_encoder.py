@@ -24,7 +24,8 @@ class VisionEncoderError(ValueError):
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+    """A folder rather than a hub id (``org/name``: one slash)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") >= 2 or Path(name).expanduser().exists()
 
 
 class VisionEncoder(nn.Module):
@@ -33,12 +34,14 @@ class VisionEncoder(nn.Module):
         from transformers import AutoModel
 
         where = Path(name_or_path).expanduser()
-        if _looks_local(name_or_path) and not (where / (subfolder or "") / "config.json").is_file():
-            raise VisionEncoderError(f"vision encoder {name_or_path!r}: no config.json in {where / (subfolder or '')}; give a local "
-                                     "folder saved by save_pretrained, or a hub id such as facebook/dinov2-base")
+        local = _looks_local(name_or_path)
+        if local and not (where / (subfolder or "") / "config.json").is_file():
+            raise VisionEncoderError(f"vision encoder {name_or_path!r}: no config.json in {(where / (subfolder or '')).absolute()}; "
+                                     "give a local folder saved by save_pretrained (for the demo: python "
+                                     "scripts/train_demo_encoder.py --out FOLDER), or a hub id such as facebook/dinov2-base")
+        source = str(where) if local else name_or_path
         try:
-            model = AutoModel.from_pretrained(str(where) if _looks_local(name_or_path) else name_or_path,
-                                              subfolder=subfolder or "", dtype=dtype)
+            model = AutoModel.from_pretrained(source, subfolder=subfolder or "", dtype=dtype)
         except (OSError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise VisionEncoderError(f"vision encoder {name_or_path!r} cannot be loaded ({first}); give a hub id such as "
@@ -51,30 +54,48 @@ class VisionEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.name, self.patch_size, self.width = name_or_path, int(config.patch_size), int(config.hidden_size)
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-        mean, std = _normalization(name_or_path, subfolder)
+        mean, std, self.normalization = _normalization(source, subfolder)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        """One patch token per grid cell, after at most the CLS and register tokens: what REPA pairs with the model's
+        tokens. A masking (ViTMAE) or merging (Swin) encoder gives something else."""
+        grid = (2, 3)
+        try:
+            out = self(torch.zeros(1, 3, 8, 8, device=self.mean.device), grid, check=False)
+        except Exception as e:  # noqa: BLE001 - any failure here means: not a plain ViT
+            raise VisionEncoderError(f"vision encoder {self.name!r} ({type(self.model).__name__}) fails on a 2x3 patch image "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): expected a plain ViT "
+                                     "(DINOv2, CLIP, SigLIP)") from e
+        extra = out.shape[1] - grid[0] * grid[1]
+        allowed = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+        if not 0 <= extra <= allowed or out.shape[2] != self.width:
+            raise VisionEncoderError(f"vision encoder {self.name!r} ({type(self.model).__name__}) gives {out.shape[1]} tokens of "
+                                     f"width {out.shape[2]} for a 2x3 patch image; expected 6 patch tokens (plus at most CLS and "
+                                     f"registers) of width {self.width}: a plain ViT (DINOv2, CLIP, SigLIP)")
 
     def train(self, mode: bool = True) -> "VisionEncoder":
         return super().train(False)  # frozen: dropout and the like stay off
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, grid: tuple[int, int], check: bool = True) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1] -> (N, gh * gw, D) patch features, row by row like the diffusion model's tokens."""
         gh, gw = grid
         x = F.interpolate((images.float() + 1) / 2, size=(gh * self.patch_size, gw * self.patch_size), mode="bicubic",
                           align_corners=False).clamp(0, 1)
         x = ((x - self.mean) / self.std).to(next(self.model.parameters()).dtype)
-        out = self.model(pixel_values=x, **({"interpolate_pos_encoding": True} if self._interpolate else {}))
-        return out.last_hidden_state[:, -gh * gw:].float()  # the patch tokens, after any CLS and register tokens
+        hidden = self.model(pixel_values=x, **({"interpolate_pos_encoding": True} if self._interpolate else {})).last_hidden_state
+        return hidden[:, -gh * gw:].float() if check else hidden  # the patch tokens, after any CLS and register tokens
 
 
-def _normalization(name_or_path: str, subfolder: str | None) -> tuple[tuple, tuple]:
-    """The encoder's own image mean and std (its preprocessor config), else ImageNet's."""
+def _normalization(source: str, subfolder: str | None) -> tuple[tuple, tuple, str]:
+    """The encoder's own image mean and std (its preprocessor config), else ImageNet's; and which it was."""
     from transformers import AutoImageProcessor
 
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, subfolder=subfolder or "")
-        return tuple(processor.image_mean), tuple(processor.image_std)
+        processor = AutoImageProcessor.from_pretrained(source, subfolder=subfolder or "")
+        return tuple(processor.image_mean), tuple(processor.image_std), "its preprocessor config's mean and std"
     except (OSError, ValueError, AttributeError, TypeError):
-        return IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_MEAN, IMAGENET_STD, "ImageNet's mean and std (no preprocessor config)"

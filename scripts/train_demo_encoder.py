@@ -64,6 +64,16 @@ def main(argv=None) -> dict:
     params = [*encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     tokens = args.grid * args.grid
+    yardstick = x[:256], torch.rand(min(256, len(x)), tokens, generator=torch.Generator().manual_seed(0)).argsort(dim=1) < int(
+        args.mask * tokens)  # images the steps draw from too, but one fixed mask: a steady yardstick
+
+    def masked_l1(batch, masked):
+        hidden = encoder(pixel_values=batch, bool_masked_pos=masked).last_hidden_state[:, 1:]
+        target = batch.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(len(batch), tokens, -1)
+        return (head(hidden) - target).abs().mean(dim=-1)[masked].mean()  # L1 on the masked patches (SimMIM)
+
+    with torch.no_grad():
+        before = masked_l1(*yardstick).item()
     start, log_every = time.time(), max(1, args.steps // 20)
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
@@ -71,20 +81,20 @@ def main(argv=None) -> dict:
             g["lr"] = lr
         batch = x[torch.randint(0, len(x), (args.batch,))]
         masked = torch.rand(args.batch, tokens).argsort(dim=1) < int(args.mask * tokens)  # exactly that many per image
-        hidden = encoder(pixel_values=batch, bool_masked_pos=masked).last_hidden_state[:, 1:]
-        target = batch.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(args.batch, tokens, -1)
-        loss = (head(hidden) - target).abs().mean(dim=-1)[masked].mean()  # L1 on the masked patches (SimMIM)
-        first = loss.item() if step == 0 else first
+        loss = masked_l1(batch, masked)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % log_every == 0 or step == 0:
             print(f"step {step + 1}/{args.steps}  masked-patch L1 {loss.item():.4f}  lr {lr:.2e}  {time.time() - start:.0f} s", flush=True)
+    with torch.no_grad():
+        after = masked_l1(*yardstick).item()
+    print(f"masked-patch L1 on one fixed batch and mask: {before:.4f} before training, {after:.4f} after")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     encoder.save_pretrained(args.out)
     print(f"saved the encoder in {args.out}: use it with train.repa.encoder={args.out}")
-    return {"first_loss": first, "loss": loss.item(), "out": args.out}
+    return {"fixed_before": before, "fixed_after": after, "loss": loss.item(), "out": args.out}
 
 
 if __name__ == "__main__":

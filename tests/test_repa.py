@@ -217,8 +217,42 @@ def test_the_target_of_latents_is_the_encoder_on_the_decoded_images(tiny_vae_dir
 def test_a_changed_projector_is_refused_on_resume(tmp_path, shapes_dir, dino_dir):
     extra = {**REPA, "train.repa.encoder": str(dino_dir), "train.max_steps": 2}
     train(compose(tiny_overrides(tmp_path, shapes_dir, **extra)))
-    with pytest.raises(ConfigError, match="cannot resume REPA's projector .*projector_dim changed"):
+    with pytest.raises(ConfigError, match="cannot resume REPA's projector .*projector_dim: 32 in the checkpoint, 16 now"):
         train(compose(tiny_overrides(tmp_path, shapes_dir, **{**extra, "train.max_steps": 4, "train.repa.projector_dim": 16})))
+    with pytest.raises(ConfigError, match="block: 1 in the checkpoint, 0 now"):  # the same shapes, another target
+        train(compose(tiny_overrides(tmp_path, shapes_dir, **{**extra, "train.max_steps": 4, "train.repa.block": 0})))
+
+
+def test_a_run_resumed_past_until_does_not_load_the_encoder(tmp_path, shapes_dir):
+    _save_dinov2(tmp_path / "enc")
+    extra = {**REPA, "train.repa.encoder": str(tmp_path / "enc"), "train.repa.until": 2, "train.max_steps": 3}
+    train(compose(tiny_overrides(tmp_path, shapes_dir, **extra)))
+    (tmp_path / "enc").rename(tmp_path / "moved")  # the encoder is gone: a resume past `until` must not need it
+    resumed = train(compose(tiny_overrides(tmp_path, shapes_dir, **{**extra, "train.max_steps": 5})))
+    assert resumed["steps_this_run"] == 2
+
+
+def test_an_encoder_without_one_token_per_patch_is_refused(tmp_path):
+    """ViTMAE drops patches at random: its tokens do not pair with the model's."""
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    ViTMAEModel(ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4,
+                             image_size=32)).save_pretrained(tmp_path / "mae")
+    with pytest.raises(VisionEncoderError, match=r"gives \d+ tokens of width 32 for a 2x3 patch image; expected 6 patch tokens"):
+        VisionEncoder(str(tmp_path / "mae"))
+    with pytest.raises(VisionEncoderError, match=r"no config.json in .*runs/encoders/none-here.*train_demo_encoder.py"):
+        VisionEncoder("runs/encoders/none-here")  # a relative folder that is not there: not taken for a hub id
+
+
+def test_the_term_reaches_the_blocks_up_to_the_aligned_one_only(dino_dir):
+    model = _model()
+    repa = _repa(model, dino_dir)
+    mb = _batch()
+    plain = FLOW.loss(call_model(model, FLOW.noisy(mb.x0, mb.noise, mb.t), mb.t, mb.cond), mb.x0, mb.noise)
+    (repa.loss(model, None, mb) - plain).mean().backward()  # the term alone
+    grad = [sum(float(p.grad.abs().sum()) for p in b.parameters() if p.grad is not None) for b in model.blocks]
+    assert grad[0] > 0 and grad[1] > 0 and grad[2] == 0, grad  # block 1 is aligned: blocks 0-1 learn from it, block 2 not
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in repa.projector.parameters())
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -227,7 +261,8 @@ def test_a_changed_projector_is_refused_on_resume(tmp_path, shapes_dir, dino_dir
      r"block 1 is inside the routed span .*train.repa.block=0"),
     ({"train.align.weight": 0.5, "train.align.student_block": 0, "train.align.teacher_block": 2}, "one alignment term at a time"),
     ({"train.compile": True}, "set train.compile=false"),
-    ({"train.repa.weight": 0.0}, "expected weight > 0"),
+    ({"train.repa.weight": 0.0}, r"expected > 0 \(to switch REPA off, set train.repa.encoder=null\)"),
+    ({"train.repa.until": 0}, "the term would never be on"),
 ])
 def test_bad_repa_settings_are_refused_with_the_reason(tmp_path, shapes_dir, dino_dir, extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -240,6 +275,6 @@ def test_the_demo_encoder_learns_and_loads_as_a_repa_encoder(tmp_path):
 
     out = main(["--out", str(tmp_path / "enc"), "--steps", "60", "--images", "256", "--batch", "32", "--width", "32",
                 "--depth", "1", "--heads", "2", "--lr", "3e-3"])
-    assert out["loss"] < 0.8 * out["first_loss"], out
+    assert out["fixed_after"] < 0.8 * out["fixed_before"], out  # one fixed batch and mask, before and after
     encoder = VisionEncoder(str(tmp_path / "enc"))
     assert encoder(torch.zeros(2, 3, 16, 16), (8, 8)).shape == (2, 64, 32)

@@ -96,10 +96,13 @@ def test_the_training_step_is_written_once():
     assert "train_step(" in (ROOT / "training" / "trainer.py").read_text()
     calls = {c for p in [*ROOT.glob("scripts/*.py"), *ROOT.glob("training/*.py")] for c in _step_calls(p)}
     # besides the step: the kernel floor records one forward + backward and replays AdamW's step alone;
-    # bench_attention times attention kernels (forward + backward), no model
+    # bench_attention times attention kernels (forward + backward), no model; REPA's projector, a training-only
+    # MLP outside the model, takes its own AdamW step after the model's (its gradient came from the step's backward);
+    # train_demo_encoder trains a vision encoder, not a diffusion model
     assert calls == {"training/step.py:train_step", "scripts/bench_vs_diffusers.py:backward_once",
                      "scripts/bench_vs_diffusers.py:kernel_floor.floor", "scripts/bench_vs_diffusers.py:kernel_floor",
-                     "scripts/bench_attention.py:main.time_kernel"}, calls
+                     "scripts/bench_attention.py:main.time_kernel", "training/repa.py:update",
+                     "scripts/train_demo_encoder.py:main"}, calls
 
 
 @pytest.mark.parametrize("family, extra", [("ccdit", dict(num_classes=4)), ("mmdit", dict(caption_channels=32)),

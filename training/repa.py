@@ -42,8 +42,12 @@ class RepaSettings:
     def check(self, depth: int) -> "RepaSettings":
         if not 0 <= self.block < depth:
             raise ValueError(f"block={self.block}: expected 0 <= block < depth ({depth})")
-        if self.weight <= 0 or self.projector_dim < 1:
-            raise ValueError(f"weight {self.weight} / projector_dim {self.projector_dim}: expected weight > 0 and projector_dim >= 1")
+        if self.weight <= 0:
+            raise ValueError(f"weight {self.weight}: expected > 0 (to switch REPA off, set train.repa.encoder=null)")
+        if self.projector_dim < 1:
+            raise ValueError(f"projector_dim {self.projector_dim}: expected >= 1")
+        if self.until is not None and self.until < 1:
+            raise ValueError(f"until {self.until}: the term would never be on; expected a step >= 1, or null (never off)")
         return self
 
 
@@ -103,9 +107,20 @@ class RepresentationAlignment:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def identity(self) -> dict:
+        """What the projector was trained for: a resumed run must match it."""
+        s = self.settings
+        return {"encoder": s.encoder, "subfolder": s.subfolder, "block": s.block, "projector_dim": s.projector_dim,
+                "encoder_width": self.encoder.width}
+
     def state_dict(self) -> dict:
-        return {"projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict(), "identity": self.identity()}
 
     def load_state_dict(self, state: dict) -> None:
+        """A saved projector and its optimizer; ValueError naming what differs if it was trained for another setting."""
+        saved, now = state.get("identity", {}), self.identity()
+        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+        if changed:
+            raise ValueError(", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()))
         self.projector.load_state_dict(state["projector"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -134,7 +134,7 @@ class Run:
             self.align = SelfAlignment(model, self.ema, align, spec.objective)
             log.info("self-alignment: block %d pulled toward the EMA's block %d at t - %g, weight %g%s", align.student_block,
                      align.teacher_block, align.gap, align.weight, f", until step {align.until}" if align.until is not None else "")
-        self.repa = make_repa(cfg, spec, model, routing, use_fsdp, dist_info, self.start.repa)
+        self.repa = make_repa(cfg, spec, model, routing, use_fsdp, dist_info, self.start)
         if self.distill is not None:
             self.feed.extra_draws = DRAWS
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
@@ -303,12 +303,16 @@ def make_distillation(cfg: DictConfig, spec: setup.RunSpec, device):
     return ConsistencyDistillation(teacher, spec.conditioning.null, settings, spec.shift, spec.model_config.guidance_embed)
 
 
-def make_repa(cfg: DictConfig, spec: setup.RunSpec, model, routing, use_fsdp: bool, dist_info: DistInfo, saved: dict | None):
-    """REPA's loss and projector (training/repa.py) for a run with ``train.repa.encoder``, the projector as ``saved``
-    (a resumed run's training state) left it; None otherwise."""
+def make_repa(cfg: DictConfig, spec: setup.RunSpec, model, routing, use_fsdp: bool, dist_info: DistInfo, start):
+    """REPA's loss and projector (training/repa.py) for a run with ``train.repa.encoder``, the projector as a resumed
+    run's training state (``start``) left it; None otherwise, or once the run is past ``until`` (no encoder is loaded)."""
     settings = setup.repa_spec(cfg, spec.model_config, routing, use_fsdp)
     if settings is None:
         return None
+    if settings.until is not None and start.step >= settings.until:
+        log.info("REPA: off since step %d (train.repa.until); the encoder is not loaded", settings.until)
+        return None
+    saved = start.repa
     from models.vision_encoder import VisionEncoder, VisionEncoderError
     from training.repa import RepresentationAlignment
 
@@ -322,13 +326,13 @@ def make_repa(cfg: DictConfig, spec: setup.RunSpec, model, routing, use_fsdp: bo
         try:
             repa.load_state_dict(saved)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"cannot resume REPA's projector from the checkpoint ({str(e).splitlines()[0]}): train.repa.encoder or "
-                              "projector_dim changed since it was saved. Resume with the same train.repa, or start a new run_dir "
-                              "from its weights with stage.init_from") from None
-    log.info("REPA: block %d's tokens through a %d-wide projector pulled toward %s's patch features (width %d, %dx%d patches), "
-             "weight %g%s%s", settings.block, settings.projector_dim, settings.encoder, encoder.width, encoder.patch_size,
-             encoder.patch_size, settings.weight, f", until step {settings.until}" if settings.until is not None else "",
-             "; projector resumed" if saved is not None else "")
+            raise ConfigError(f"cannot resume REPA's projector from the checkpoint: train.repa changed since it was saved "
+                              f"({str(e).splitlines()[0]}). Resume with the same train.repa, or start a new run_dir from its "
+                              "weights with stage.init_from") from None
+    log.info("REPA: block %d's tokens through a %d-wide projector pulled toward %s's patch features (width %d, %dx%d patches, "
+             "%s), weight %g%s%s", settings.block, settings.projector_dim, settings.encoder, encoder.width, encoder.patch_size,
+             encoder.patch_size, encoder.normalization, settings.weight,
+             f", until step {settings.until}" if settings.until is not None else "", "; projector resumed" if saved is not None else "")
     return repa
 
 
