@@ -44,8 +44,10 @@ class VisionEncoder(nn.Module):
             model = AutoModel.from_pretrained(source, subfolder=subfolder or "", dtype=dtype)
         except (OSError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise VisionEncoderError(f"vision encoder {name_or_path!r} cannot be loaded ({first}); give a hub id such as "
-                                     "facebook/dinov2-base (downloaded once into the hub cache) or a local folder") from e
+            hint = ("is the folder one that save_pretrained wrote?" if local else
+                    "a hub id is downloaded once into the hub cache; on a machine without the hub, save the model with "
+                    "save_pretrained where it can be downloaded and give that folder")
+            raise VisionEncoderError(f"vision encoder {name_or_path!r} cannot be loaded ({first}): {hint}") from e
         model = getattr(model, "vision_model", model)  # CLIP / SigLIP: the image tower
         config = model.config
         if getattr(config, "patch_size", None) is None or getattr(config, "hidden_size", None) is None:
