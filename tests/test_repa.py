@@ -278,3 +278,23 @@ def test_the_demo_encoder_learns_and_loads_as_a_repa_encoder(tmp_path):
     assert out["fixed_after"] < 0.8 * out["fixed_before"], out  # one fixed batch and mask, before and after
     encoder = VisionEncoder(str(tmp_path / "enc"))
     assert encoder(torch.zeros(2, 3, 16, 16), (8, 8)).shape == (2, 64, 32)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_and_siglip_image_towers_give_one_feature_per_patch(tmp_path, kind):
+    """CLIP (a CLS token first) and SigLIP (none): the image tower's patch tokens, on a non-square grid."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=16)
+    model = CLIPVisionModel(CLIPVisionConfig(**shape)) if kind == "clip" else SiglipVisionModel(SiglipVisionConfig(**shape))
+    model.save_pretrained(tmp_path / kind)
+    encoder = VisionEncoder(str(tmp_path / kind))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    features = encoder(images, (4, 2))
+    x = torch.nn.functional.interpolate((images + 1) / 2, size=(16, 8), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = model.eval()(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+    assert hidden.shape[1] == (9 if kind == "clip" else 8)
+    torch.testing.assert_close(features, hidden[:, -8:])
