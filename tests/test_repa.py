@@ -298,3 +298,29 @@ def test_clip_and_siglip_image_towers_give_one_feature_per_patch(tmp_path, kind)
         hidden = model.eval()(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
     assert hidden.shape[1] == (9 if kind == "clip" else 8)
     torch.testing.assert_close(features, hidden[:, -8:])
+
+
+def test_two_process_ddp_trains_with_repa_and_accumulation(tmp_path, shapes_dir, dino_dir):
+    """torchrun, as users launch it: two ranks, two micro-batches each, the term on. The model replicas stay
+    bit-identical (DDP), and so must the projectors (their gradient averaged by hand)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    overrides = tiny_overrides(tmp_path, shapes_dir, **{**REPA, "train.repa.encoder": str(dino_dir), "train.global_batch_size": 16,
+                                                       "train.grad_accum": 2, "train.max_steps": 3})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_stage1.py"),
+           *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    summary_path = tmp_path / "run" / "summary.json"
+    assert summary_path.exists(), f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    summary = json.loads(summary_path.read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3 and summary["replica_divergence"] == 0.0
+    assert summary["repa_projector_divergence"] == 0.0
+    assert "global batch 16 = 2 ranks x 4 x 2 accum" in proc.stdout + proc.stderr
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003" / "train_state.pt", weights_only=True)["repa"]
+    assert saved["identity"]["block"] == 1 and any(v.abs().sum() > 0 for v in saved["optimizer"]["state"][0].values()
+                                                   if torch.is_tensor(v))

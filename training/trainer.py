@@ -30,7 +30,7 @@ from training.checkpoint import Checkpointer
 from training.config import ConfigError
 from training.alignment import SelfAlignment
 from training.distill import DRAWS
-from training.distributed import DistInfo, cleanup
+from training.distributed import DistInfo, cleanup, replica_divergence
 from training.distributed import setup as setup_processes
 from training.ema import ema_decay_at, make_ema
 from training.evaluation import TrainingEvaluation
@@ -262,6 +262,7 @@ class Run:
             "skipped_steps": self.guard.skipped_total,
             "world_size": self.dist_info.world_size,
             "replica_divergence": self.parallel.check_replicas(step),
+            **({"repa_projector_divergence": replica_divergence(self.repa.projector, self.dist_info)} if self.repa else {}),
             "first_batch_overlap": self.feed.first_batch_overlap,
             "checkpoint": str(self.checkpoints.last) if self.checkpoints.last else None,
             **{f"eval_{k}": v for k, v in result.items()},
