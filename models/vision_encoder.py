@@ -45,8 +45,9 @@ class VisionEncoder(nn.Module):
         except (OSError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             hint = ("is the folder one that save_pretrained wrote?" if local else
-                    "a hub id is downloaded once into the hub cache; on a machine without the hub, save the model with "
-                    "save_pretrained where it can be downloaded and give that folder")
+                    f"there is no local folder {str(where.absolute())!r}, so it was taken for a hub id, which is downloaded "
+                    "once into the hub cache; on a machine without the hub, save the model and its image processor with "
+                    "save_pretrained where they can be downloaded, and give that folder")
             raise VisionEncoderError(f"vision encoder {name_or_path!r} cannot be loaded ({first}): {hint}") from e
         model = getattr(model, "vision_model", model)  # CLIP / SigLIP: the image tower
         config = model.config

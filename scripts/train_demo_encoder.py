@@ -5,7 +5,8 @@ seed, without labels. It is saved like any transformers encoder (save_pretrained
 folder:
 
     python scripts/train_demo_encoder.py --out runs/encoders/shapes-mim
-    python train_stage1.py experiment=demo train.repa.encoder=runs/encoders/shapes-mim train.repa.projector_dim=256
+    python train_stage1.py experiment=demo train.repa.encoder=runs/encoders/shapes-mim train.repa.projector_dim=256 \
+        run_dir=runs/quality/stage1_repa
 
 Its inputs are what REPA gives it on the demo: 16-pixel images resized to the model's 8x8 token grid
 times --patch pixels, normalized with ImageNet's mean and std (models/vision_encoder.py).

@@ -185,6 +185,11 @@ def test_a_repa_run_resumes_exactly_and_its_checkpoints_hold_only_the_model(tmp_
     mc = load_file(latest_checkpoint(tmp_path / "c" / "run" / "checkpoints") / "model.safetensors")
     assert sorted(ma) == sorted(mc)  # no projector in the model's checkpoint
     assert any(not torch.equal(ma[k], mc[k]) for k in ma)  # the term changed the training
+    import json
+
+    logged = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    terms = {r["step"]: r.get("repa_term") for r in logged if "loss" in r}
+    assert terms[2] is not None and 0 < terms[2] < 2 and terms[4] is not None and terms[6] is None  # logged while on
     (_, plain_flops), = plain["flops_per_step"]
     assert [s for s, _ in full["flops_per_step"]] == [0, 4]  # the encoder and projector cost until step 4, then nothing
     assert full["flops_per_step"][0][1] > plain_flops and full["flops_per_step"][1][1] == plain_flops

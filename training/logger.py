@@ -179,14 +179,16 @@ class Meter:
             self.stats.add(loss, per_sample, t)
         self.steps += 1
 
-    def report(self, step: int, **extra) -> float:
-        """Log the interval's metrics (with ``extra``: lr, grad_norm, ...); returns its mean loss."""
+    def report(self, step: int, show: tuple[str, ...] = (), **extra) -> float:
+        """Log the interval's metrics (with ``extra``: lr, grad_norm, ...; those named in ``show`` on the console
+        line too); returns its mean loss."""
         mean_loss, bins = self.stats.reduce(self.dist_info)
         it_s = self.steps / max(time.time() - self.since, 1e-9)
         metrics = {"loss": mean_loss, **extra, "it_s": it_s, "img_s": it_s * self.global_batch,
                    **{f"loss_bin/{i}": b for i, b in enumerate(bins)}}
         self.logger.log(step, metrics)
-        self.logger.step(step, self.steps, loss=f"{mean_loss:.4f}", img_s=f"{metrics['img_s']:.0f}")
+        self.logger.step(step, self.steps, loss=f"{mean_loss:.4f}", **{k: f"{extra[k]:.4f}" for k in show},
+                         img_s=f"{metrics['img_s']:.0f}")
         if self.spikes.update(mean_loss):
             self.logger.write(f"step {step}: loss spike {mean_loss:.4f} (running average {self.spikes.avg:.4f})")
         self.steps, self.since, self.last_loss = 0, time.time(), mean_loss

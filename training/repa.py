@@ -69,6 +69,7 @@ class RepresentationAlignment:
             torch.manual_seed(seed)
             self.projector = projector(width, settings.projector_dim, encoder.width).to(dist_info.device)
         self.optimizer = torch.optim.AdamW(self.projector.parameters(), lr=0.0, betas=tuple(betas), weight_decay=0.0)
+        self.term_sum, self.term_n = torch.zeros((), device=dist_info.device), 0  # the term's mean since the last log line
 
     def on_at(self, step: int) -> bool:
         return self.settings.until is None or step < self.settings.until
@@ -89,7 +90,19 @@ class RepresentationAlignment:
         finally:
             self.student.armed = False
         h, self.student.value = self.student.value, None
-        return plain + self.settings.weight * alignment_loss(self.projector(h.float()), self.target(mb.x0))
+        term = alignment_loss(self.projector(h.float()), self.target(mb.x0))  # (N,)
+        self.term_sum += term.detach().mean()
+        self.term_n += 1
+        return plain + self.settings.weight * term
+
+    def logged_term(self) -> float | None:
+        """The mean of 1 - cos (before the weight) over the micro-batches since the last call and over ranks, for the
+        log; None when the term was off. Every rank calls it (a collective)."""
+        if self.term_n == 0:
+            return None
+        mean = all_reduce_mean(self.term_sum / self.term_n, self.dist_info).item()
+        self.term_sum, self.term_n = torch.zeros_like(self.term_sum), 0
+        return mean
 
     def update(self, step: int, lr: float, grad_clip: float, applied: bool) -> None:
         """After the model's step: the projector's gradient averaged over ranks, clipped, applied (unless the

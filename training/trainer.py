@@ -207,8 +207,10 @@ class Run:
         return self.align.loss_at(step) if self.align is not None else None
 
     def report(self, step: int, lr: float) -> None:
+        term = self.repa.logged_term() if self.repa is not None else None  # REPA's 1 - cos, apart from the loss it is in
         self.meter.report(step, lr=lr, grad_norm=self.grad_norm, skipped_steps=self.guard.skipped_total,
-                          bad_samples=self.feed.bad_samples)
+                          bad_samples=self.feed.bad_samples, **({"repa_term": term} if term is not None else {}),
+                          show=("repa_term",) if term is not None else ())
 
     def save(self, step: int) -> None:
         self.checkpoints.save_once(step, self.optimizer, self.feed.batches_done, self.feed.positions)
