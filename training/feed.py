@@ -33,6 +33,7 @@ class Feed:
         self.cond_dropout = cfg.train.cond_dropout
         self.extra_draws = 0  # uniform numbers per sample a distillation loss draws (training/distill.py)
         self.masking = None  # a masked run's Routing (models/routing.py): a routed step's loss counts only its kept tokens
+        self.images = False  # hand the shards' stored pixels to the step (REPA's encoder input), when they have them
 
     def micro_batches(self, gen: torch.Generator, route_patch: int = 0) -> Iterator[MicroBatch]:
         """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``;
@@ -55,6 +56,8 @@ class Feed:
                                  tokens(x0, route_patch) if route_patch else 0)
             if self.masking is not None and mb.route is not None:  # the tokens the model keeps: the same scores, the same rule
                 mb.loss_weight = token_pixels(self.masking.kept_mask(mb.route), route_patch, x0.shape)
+            if self.images and "image" in batch:
+                mb.images = batch["image"].to(self.device, non_blocking=True).float() / 127.5 - 1.0
             yield mb
 
 

@@ -36,7 +36,8 @@ class MicroBatch:
     arguments), t (N,) model times in [0, 1], noise (N, C, H, W); extra (N, K) uniform numbers for a
     loss that draws more (distillation: training/distill.py), None otherwise; route (N, T) uniform
     scores that pick the tokens a routed model keeps (models/routing.py), None without routing;
-    loss_weight (N, 1, H, W) of 0/1: the only pixels the loss counts (a masked model's kept tokens), None: all."""
+    loss_weight (N, 1, H, W) of 0/1: the only pixels the loss counts (a masked model's kept tokens), None: all;
+    images (N, 3, H', W') in [-1, 1]: the pixels x0 encodes, where the shards store them (REPA), else None."""
 
     x0: torch.Tensor
     cond: dict[str, Any]
@@ -45,6 +46,7 @@ class MicroBatch:
     extra: torch.Tensor | None = None
     route: torch.Tensor | None = None
     loss_weight: torch.Tensor | None = None
+    images: torch.Tensor | None = None
 
     @classmethod
     def draw(cls, x0: torch.Tensor, cond: dict[str, Any], logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,

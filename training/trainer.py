@@ -135,6 +135,7 @@ class Run:
             log.info("self-alignment: block %d pulled toward the EMA's block %d at t - %g, weight %g%s", align.student_block,
                      align.teacher_block, align.gap, align.weight, f", until step {align.until}" if align.until is not None else "")
         self.repa = make_repa(cfg, spec, model, routing, use_fsdp, dist_info, self.start)
+        self.feed.images = self.repa is not None and bool(spec.manifest.get("images"))
         if self.distill is not None:
             self.feed.extra_draws = DRAWS
         self.forward_context = precision.forward_context(cfg.precision, dist_info.device)  # an FP8 recipe this GPU can't run stops here
@@ -332,9 +333,16 @@ def make_repa(cfg: DictConfig, spec: setup.RunSpec, model, routing, use_fsdp: bo
             raise ConfigError(f"cannot resume REPA's projector from the checkpoint: train.repa changed since it was saved "
                               f"({str(e).splitlines()[0]}). Resume with the same train.repa, or start a new run_dir from its "
                               "weights with stage.init_from") from None
+    if spec.manifest.get("images"):
+        source = "the shards' stored pixels"
+    elif spec.manifest.get("autoencoder") in (None, "none"):
+        source = "the pixel shards' images"
+    else:
+        source = (f"the latents decoded by {spec.manifest['autoencoder']} at every step (costly: data.prepare --keep-images "
+                  "stores the pixels instead)")
     log.info("REPA: block %d's tokens through a %d-wide projector pulled toward %s's patch features (width %d, %dx%d patches, "
-             "%s), weight %g%s%s", settings.block, settings.projector_dim, settings.encoder, encoder.width, encoder.patch_size,
-             encoder.patch_size, encoder.normalization, settings.weight,
+             "%s) of %s, weight %g%s%s", settings.block, settings.projector_dim, settings.encoder, encoder.width, encoder.patch_size,
+             encoder.patch_size, encoder.normalization, source, settings.weight,
              f", until step {settings.until}" if settings.until is not None else "", "; projector resumed" if saved is not None else "")
     return repa
 
