@@ -373,3 +373,16 @@ def test_stored_pixels_spare_repa_the_decode(tmp_path, tiny_vae_dir, dino_dir, m
     assert "of the shards' stored pixels" in "".join(capfd.readouterr())
     with pytest.raises(AssertionError, match="REPA decoded a latent"):  # without stored pixels it must decode
         train(compose(stage2_overrides(tmp_path / "b", tmp_path / "latents", **extra), "stage2"))
+
+
+@pytest.mark.slow  # builds PixArt-XL/2 (610M parameters) for one step
+def test_the_repa_cost_script_counts_each_part(tmp_path, monkeypatch):
+    """scripts/bench_repa_sources.py at a tiny size: every count positive, the step the largest (it has a backward)."""
+    import json
+
+    from scripts.bench_repa_sources import main
+
+    out = main(["--size", "64", "--json", str(tmp_path / "r.json")])
+    flops = out["gflops_per_image"]
+    assert all(v > 0 for v in flops.values()) and flops["pixart_xl2_train_step"] > flops["dinov2_base_forward"]
+    assert json.loads((tmp_path / "r.json").read_text())["gflops_per_image"] == flops
