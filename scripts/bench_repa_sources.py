@@ -39,6 +39,7 @@ def main(argv=None) -> dict:
 
     from models.presets import build_model, model_config
     from scripts.results import write_json
+    from training.step import Local, MicroBatch, train_step
 
     latent = args.size // 8
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -52,12 +53,11 @@ def main(argv=None) -> dict:
         encoder = count(lambda: dino(pixel_values=torch.randn(1, 3, grid * 14, grid * 14)))
     model = build_model("mmdit", model_config("mmdit", "PixArt-alpha-XL/2", input_size=latent, in_channels=4, caption_channels=4096))
 
-    def step():
-        out = model(torch.randn(1, 4, latent, latent), torch.rand(1), encoder_hidden_states=torch.randn(1, 120, 4096),
-                    encoder_attention_mask=torch.ones(1, 120, dtype=torch.bool))
-        out.float().pow(2).mean().backward()
-
-    train = count(step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0 = torch.randn(1, 4, latent, latent)
+    batch = MicroBatch(x0, {"encoder_hidden_states": torch.randn(1, 120, 4096),
+                            "encoder_attention_mask": torch.ones(1, 120, dtype=torch.bool)}, torch.rand(1), torch.randn_like(x0))
+    train = count(lambda: train_step(Local(model), optimizer, [batch], 1, grad_clip=1.0))  # the trainer's own step
     rows = {"sd3_vae_decode": decode, "dinov2_base_forward": encoder, "pixart_xl2_train_step": train}
     print(f"\n{args.size} px, GFLOPs per image (FlopCounterMode):\n\n| what | GFLOPs | x the PixArt-XL/2 step |\n|---|---|---|")
     for k, v in rows.items():
