@@ -189,12 +189,8 @@ def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
     if not a or not a.weight:
         return None
     settings = AlignSettings.from_config(a)
-    problems = []
-    try:
-        settings.check(model_config.depth)
-    except ValueError as e:
-        problems.append(str(e))
-    problems += aligned_block_problems(cfg, model_config, routing, settings.student_block, "train.align.student_block", "train.align")
+    problems = alignment_problems(cfg, model_config, routing, settings, settings.student_block, "train.align.student_block",
+                                  "train.align")
     if use_fsdp:
         problems.append("train.parallel=fsdp: the EMA teacher is not gathered for its forward here; use train.parallel=ddp")
     if problems:
@@ -202,9 +198,14 @@ def align_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
     return settings
 
 
-def aligned_block_problems(cfg: DictConfig, model_config, routing, block: int, key: str, switch: str) -> list[str]:
-    """What keeps an alignment term (self-alignment, REPA) from reading ``block``'s output in this run."""
+def alignment_problems(cfg: DictConfig, model_config, routing, settings, block: int, key: str, switch: str) -> list[str]:
+    """What is wrong with an alignment term's ``settings`` (self-alignment, REPA: their own ``check``) and what keeps it
+    from reading ``block``'s output in this run."""
     problems = []
+    try:
+        settings.check(model_config.depth)
+    except ValueError as e:
+        problems.append(str(e))
     if routing is not None and routing.start <= block < routing.end:
         outside = routing.start - 1 if routing.start else routing.end if routing.end < model_config.depth else None
         problems.append(f"{key.rsplit('.', 1)[-1]} {block} is inside the routed span (blocks {routing.start}-"
@@ -228,12 +229,7 @@ def repa_spec(cfg: DictConfig, model_config, routing, use_fsdp: bool):
     if not r or not r.get("encoder"):
         return None
     settings = RepaSettings.from_config(r)
-    problems = []
-    try:
-        settings.check(model_config.depth)
-    except ValueError as e:
-        problems.append(str(e))
-    problems += aligned_block_problems(cfg, model_config, routing, settings.block, "train.repa.block", "train.repa")
+    problems = alignment_problems(cfg, model_config, routing, settings, settings.block, "train.repa.block", "train.repa")
     if align_after(cfg, 0):
         problems.append("train.align is on too: use one alignment term at a time (train.align.weight=0)")
     if use_fsdp:
