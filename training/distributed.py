@@ -60,6 +60,19 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 @torch.no_grad()
+def average_in_place(tensors: list[torch.Tensor], world_size: int) -> None:
+    """Each tensor replaced by its mean over the ranks, in one all-reduce of them all (a no-op on one rank)."""
+    if world_size <= 1 or not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def replica_divergence(model: torch.nn.Module, info: DistInfo) -> float:
     """Largest difference of any parameter across ranks (0.0 when replicas are identical)."""
     if not info.enabled:

@@ -11,8 +11,9 @@ optimizer as ``.grad``. Works for ``te`` (``te.Linear``) and ``mxfp8_emulated`` 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+
+from training.distributed import average_in_place
 
 
 def _fusable(module: nn.Module) -> bool:
@@ -43,15 +44,7 @@ def exclude_from_ddp(model: nn.Module, fused: list[tuple[str, nn.Parameter]]) ->
 
 def reduce_and_publish(fused: list[tuple[str, nn.Parameter]], world_size: int) -> None:
     """After the last micro-batch's backward: average main_grad over ranks, expose it as .grad."""
-    bufs = [p.main_grad for _, p in fused]
-    if world_size > 1:
-        flat = torch.cat([b.flatten() for b in bufs])
-        dist.all_reduce(flat)
-        flat /= world_size
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+    average_in_place([p.main_grad for _, p in fused], world_size)
     for _, p in fused:
         p.grad = p.main_grad.to(p.dtype).clone()
 

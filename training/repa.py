@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from flow.objectives import Objective
 from training.alignment import BlockOutput, alignment_loss
-from training.distributed import DistInfo, all_reduce_mean
+from training.distributed import DistInfo, all_reduce_mean, average_in_place
 from training.step import objective_loss
 
 
@@ -110,11 +110,7 @@ class RepresentationAlignment:
         model's update was refused: a non-finite gradient), then cleared."""
         params = [p for p in self.projector.parameters() if p.grad is not None]
         if params and applied and self.on_at(step):
-            flat = all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]), self.dist_info)
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            average_in_place([p.grad for p in params], self.dist_info.world_size)
             nn.utils.clip_grad_norm_(params, grad_clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
