@@ -23,6 +23,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(ui) -> int:
+    """Serve ``ui`` on a free port; returns it. A port found free can be taken before the server binds it (another
+    process on a shared machine), so a few fresh ones are tried."""
+    for attempt in range(5):
+        port = _free_port()
+        try:
+            ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+            return port
+        except OSError:
+            if attempt == 4:
+                raise
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, shapes_dir, text_shapes_dir):
     """Stage-1 and stage-2 tiny checkpoints in one folder, the app serving them (folder mode)."""
@@ -54,12 +67,10 @@ def served(tmp_path_factory, shapes_dir, text_shapes_dir):
     found = find_checkpoints(root)
     assert set(found) == {s1, s2, str(bad), str(init), ctl, fast}
     ui = build_ui([s1, s2, str(bad), str(init), ctl, fast])  # the first one is what the page opens with
-    port = _free_port()
-    ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    port = _launch(ui)
     # pages that open on the ControlNet (the browser test uploads a control image) and on the student (solver lcm)
-    ctl_ui, fast_ui, ctl_port, fast_port = build_ui([ctl]), build_ui([fast]), _free_port(), _free_port()
-    ctl_ui.launch(server_name="127.0.0.1", server_port=ctl_port, prevent_thread_lock=True)
-    fast_ui.launch(server_name="127.0.0.1", server_port=fast_port, prevent_thread_lock=True)
+    ctl_ui, fast_ui = build_ui([ctl]), build_ui([fast])
+    ctl_port, fast_port = _launch(ctl_ui), _launch(fast_ui)
     try:
         yield {"url": f"http://127.0.0.1:{port}/", "s1": s1, "s2": s2, "bad": str(bad), "init": str(init), "root": root,
                "ctl": ctl, "ctl_url": f"http://127.0.0.1:{ctl_port}/", "fast": fast, "fast_url": f"http://127.0.0.1:{fast_port}/"}
