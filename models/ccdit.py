@@ -125,11 +125,17 @@ class CCDiT(nn.Module):
         ``routing.mask`` the others are dropped and the output is zero there."""
         n, _, h, w = hidden_states.shape
         p = self.config.patch_size
+        pos = self.pos_embed
         if h != self.config.input_size or w != self.config.input_size:
-            raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w}")
+            # training may see a smaller grid (train.lowres's warm-up); samples are always at the built size
+            if not self.training or h % p or w % p:
+                raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w}")
+            cfg = self.config
+            pos = sincos_2d(cfg.hidden_size, h // p, w // p, cfg.base_size if cfg.base_size is not None else cfg.grid_size,
+                            cfg.interpolation_scale)[None].to(self.pos_embed)
         # position first: the sum takes its contiguous (N, T, D) layout, not the patch embedding's transposed one,
         # so no norm or linear downstream copies the residual stream
-        x = self.pos_embed + self.x_embedder(hidden_states)  # (N, T, D), T = H * W / p**2
+        x = pos + self.x_embedder(hidden_states)  # (N, T, D), T = H * W / p**2
         c = self.condition(timestep, class_labels)  # (N, D)
         span = RoutedSpan(self.routing, route_scores, x.shape[1], self.training)
         for i, block in enumerate(self.blocks):

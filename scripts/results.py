@@ -51,8 +51,8 @@ def line_chart(curves: dict[str, list[tuple[float, float]]], target: float, out:
     the ``target`` score as a red line."""
     from PIL import Image, ImageDraw
 
-    w, h, m = 640, 400, 50
-    img = Image.new("RGB", (w, h), "white")
+    w, h, m, legend = 640, 400, 50, 170  # the legend in its own column right of the plot, off the curves
+    img = Image.new("RGB", (w + legend, h), "white")
     d = ImageDraw.Draw(img)
     max_x = max((x for pts in curves.values() for x, _ in pts), default=1) or 1
     xy = lambda x, a: (m + (w - 2 * m) * x / max_x, h - m - (h - 2 * m) * a)  # noqa: E731
@@ -67,7 +67,7 @@ def line_chart(curves: dict[str, list[tuple[float, float]]], target: float, out:
     d.text((w // 2 - 20, h - 18), xlabel, fill="black")
     d.text((m, 12), title, fill="black")
     colours = [(30, 90, 220), (220, 60, 30), (40, 160, 60), (150, 60, 180), (200, 140, 0), (0, 150, 160), (120, 120, 120),
-               (230, 0, 130)]
+               (230, 0, 130), (0, 0, 0), (140, 90, 30), (110, 190, 255), (160, 200, 40)]
     for i, (name, pts) in enumerate(curves.items()):
         c = colours[i % len(colours)]
         if len(pts) > 1:
@@ -75,7 +75,8 @@ def line_chart(curves: dict[str, list[tuple[float, float]]], target: float, out:
         for x, a in pts:
             px, py = xy(x, a)
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-        d.text((w - m - 150, m + 10 + 16 * i), name, fill=c)
+        d.line([w - m + 12, m + 16 * i + 6, w - m + 30, m + 16 * i + 6], fill=c, width=3)
+        d.text((w - m + 36, m + 16 * i), name, fill=c)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)

@@ -1,4 +1,5 @@
-"""Cheaper training: token routing (models/routing.py) and self-alignment (training/alignment.py)."""
+"""Cheaper training: token routing (models/routing.py), the low-resolution warm-up (train.lowres) and
+self-alignment (training/alignment.py)."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -289,6 +290,7 @@ SWITCHES = {
     "masking": {"train.routing.ratio": 0.75, "train.routing.start": 1, "train.routing.mode": "mask"},
     "masking_until": {"train.routing.ratio": 0.75, "train.routing.start": 1, "train.routing.mode": "mask", "train.routing.until": 4,
                       "train.routing.restart_ema": True},
+    "lowres": {"train.lowres.factor": 2, "train.lowres.until": 4},
     "both": {"train.routing.ratio": 0.5, "train.routing.start": 1, "train.routing.end": 3, "train.align.weight": 0.5,
              "train.align.student_block": 0, "train.align.teacher_block": 2},
 }
@@ -315,21 +317,25 @@ def test_resume_is_exact_with_each_switch_on(tmp_path, shapes_dir, switch):
     if switch == "align":  # the teacher's forward costs, until the term is switched off at step 4
         assert [s for s, _ in full["flops_per_step"]] == [0, 4]
         assert full["flops_per_step"][0][1] > plain_flops and full["flops_per_step"][1][1] == plain_flops
+    if switch == "lowres":  # a quarter of the tokens before step 4, the full grid from it on
+        assert [s for s, _ in full["flops_per_step"]] == [0, 4]
+        assert full["flops_per_step"][0][1] < 0.35 * plain_flops and full["flops_per_step"][1][1] == plain_flops
     if switch in ("routing_until", "masking_until"):  # routed steps before step 4, plain ones (every token) from it on
         assert [s for s, _ in full["flops_per_step"]] == [0, 4]
         assert full["flops_per_step"][0][1] < 0.9 * plain_flops and full["flops_per_step"][1][1] == plain_flops
 
 
-def test_a_restarted_ema_follows_the_dense_finish(tmp_path, shapes_dir):
+@pytest.mark.parametrize("switch,restart", [("routing_until", "train.routing.restart_ema"), ("lowres", "train.lowres.restart_ema")])
+def test_a_restarted_ema_follows_the_new_regime(tmp_path, shapes_dir, switch, restart):
     """restart_ema: the same training (raw weights equal), but from `until` on the EMA warms up again,
-    so after the finish it is nearer the finish's weights than an EMA that still holds the routed ones."""
+    so after it the EMA is nearer the last weights than an EMA that still holds the earlier regime's."""
     from training.ema import ema_decay_at
 
     assert ema_decay_at(3, 0.999, restart=4) == ema_decay_at(3, 0.999) and ema_decay_at(4, 0.999, restart=4) == 0.1
     assert ema_decay_at(14, 0.999, restart=4) == ema_decay_at(10, 0.999) and ema_decay_at(14, 0.999, False, restart=4) == 0.999
-    extra = {"model.depth": 4, **SWITCHES["routing_until"], "train.ema_decay": 0.99}
-    train(compose(tiny_overrides(tmp_path / "keep", shapes_dir, **extra)))
-    train(compose(tiny_overrides(tmp_path / "restart", shapes_dir, **extra, **{"train.routing.restart_ema": True})))
+    extra = {"model.depth": 4, **SWITCHES[switch], "train.ema_decay": 0.99}
+    train(compose(tiny_overrides(tmp_path / "keep", shapes_dir, **extra, **{restart: False})))
+    train(compose(tiny_overrides(tmp_path / "restart", shapes_dir, **extra, **{restart: True})))
     keep, restart = (latest_checkpoint(tmp_path / r / "run" / "checkpoints") for r in ("keep", "restart"))
     raw, raw_r = load_file(keep / "model.safetensors"), load_file(restart / "model.safetensors")
     assert all(torch.equal(raw[k], raw_r[k]) for k in raw)
@@ -338,14 +344,60 @@ def test_a_restarted_ema_follows_the_dense_finish(tmp_path, shapes_dir):
     assert gap_r < 0.5 * gap
 
 
-def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
-    extra = {"model.depth": 4, "train.checkpoint_every": 100, **SWITCHES["routing"]}
-    train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **extra), "stage2"))
+@pytest.mark.parametrize("switch", ["routing", "lowres"])
+def test_switches_resume_exactly_on_mmdit(tmp_path, text_shapes_dir, switch):
+    extra = {"model.depth": 4, "train.checkpoint_every": 100, **SWITCHES[switch]}
+    full = train(compose(stage2_overrides(tmp_path / "a", text_shapes_dir, **extra, **{"train.count_flops": True}), "stage2"))
     train(compose(stage2_overrides(tmp_path / "b", text_shapes_dir, **{**extra, "train.max_steps": 3}), "stage2"))
     train(compose(stage2_overrides(tmp_path / "b", text_shapes_dir, **extra), "stage2"))
     a, b = (load_file(latest_checkpoint(tmp_path / r / "run" / "checkpoints") / "model.safetensors") for r in "ab")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    if switch == "lowres":  # the text tokens cost alike at both sizes, the image tokens a quarter before step 4
+        (first, coarse), (switched, fine) = full["flops_per_step"]
+        assert (first, switched) == (0, 4) and coarse < 0.6 * fine
+
+
+def test_a_lowres_step_trains_on_pooled_latents_and_samples_stay_full_size(tmp_path, shapes_dir, monkeypatch):
+    """Before `until` every batch is the full-size one average-pooled by the factor (same data, same seed);
+    from `until` on, the model trains on the full size; the evaluation always samples at full size."""
+    import training.step as step_mod
+
+    seen = []
+    draw = step_mod.MicroBatch.draw.__func__
+
+    def recording(cls, x0, *args, **kwargs):
+        seen.append(x0.clone())
+        return draw(cls, x0, *args, **kwargs)
+
+    monkeypatch.setattr(step_mod.MicroBatch, "draw", classmethod(recording))
+    extra = {"train.max_steps": 4, "train.sample_every": 4}
+    train(compose(tiny_overrides(tmp_path / "plain", shapes_dir, **extra)))
+    plain, seen[:] = list(seen), []
+    summary = train(compose(tiny_overrides(tmp_path / "low", shapes_dir, **extra,
+                                           **{"train.lowres.factor": 2, "train.lowres.until": 2})))
+    assert [tuple(x.shape[-2:]) for x in seen] == [(8, 8), (8, 8), (16, 16), (16, 16)]
+    torch.testing.assert_close(seen[0], torch.nn.functional.avg_pool2d(plain[0], 2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen[2], plain[2], rtol=0, atol=0)
+    assert "eval_class_accuracy" in summary  # evaluated: sampling at 16x16 (ccDiT refuses another size outside training)
+
+
+def test_ccdit_trains_on_a_smaller_grid_as_a_model_built_for_it():
+    """In training ccDiT takes a smaller latent: its positions are those of a model built for that grid
+    whose coordinates span the same base range (PixArt's interpolation), the weights shared; sampling refuses it."""
+    big = CCDiT(CCDiTConfig(input_size=16, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=5))
+    small = CCDiT(CCDiTConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=5,
+                              base_size=8))
+    for p in big.parameters():
+        torch.nn.init.normal_(p, std=0.05)  # adaLN-Zero starts every branch closed: open them
+    small.load_state_dict(big.state_dict())
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([1, 4])
+    big.train(), small.train()
+    torch.testing.assert_close(big(x, t, y), small(x, t, y), rtol=0, atol=1e-6)
+    assert not torch.allclose(big.pos_embed[0, :16], small.pos_embed[0])  # the 4x4 grid's own positions, not the 8x8's first
+    big.eval()
+    with pytest.raises(ValueError, match="built for 16x16 latents, got 8x8"):
+        big(x, t, y)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -363,6 +415,12 @@ def test_routing_resumes_exactly_on_mmdit(tmp_path, text_shapes_dir):
     ({"train.routing.ratio": 0.5, "train.routing.start": 0, "train.routing.mode": "mask", "train.align.weight": 0.5,
       "train.align.student_block": 1, "train.align.teacher_block": 2}, r"sees only the kept tokens: start the span later"),
     ({"train.routing.ratio": 0.5, "train.routing.mode": "mask", "train.routing.end": 3}, "end=3 must be the depth"),
+    ({"train.lowres.factor": 2}, "set train.lowres.until"),
+    ({"train.lowres.factor": 2, "train.lowres.until": 0}, "until 0: the first full-resolution step"),
+    ({"train.lowres.factor": 3, "train.lowres.until": 2}, "latents of 16x16 do not pool by 3 into whole 2x2 patches"),
+    ({"train.lowres.factor": 2, "train.lowres.until": 2, "train.align.weight": 0.5, "train.align.student_block": 0,
+      "train.align.teacher_block": 2}, "teacher is the EMA, which runs at full resolution only"),
+    ({"train.lowres.factor": 2, "train.lowres.until": 2, "train.repa.encoder": "runs/none"}, "use one of the two"),
 ])
 def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):
     with pytest.raises(ConfigError, match=message):

@@ -64,6 +64,13 @@ class RoutingSchema:
 
 
 @dataclass
+class LowResSchema:
+    factor: int = 1  # train on the latents average-pooled by this factor (a coarse warm-up); 1 = off
+    until: Optional[int] = None  # full resolution from this step on (required with factor > 1)
+    restart_ema: bool = True  # at `until`, start the EMA's warm-up again: the average forgets the coarse weights
+
+
+@dataclass
 class AlignSchema:
     weight: float = 0.0  # self-representation alignment (training/alignment.py); 0 = off
     student_block: int = 1  # this block's output, of the model being trained ...
@@ -101,6 +108,7 @@ class TrainSchema:
     lora: LoraSchema = field(default_factory=LoraSchema)
     distill: DistillSchema = field(default_factory=DistillSchema)
     routing: RoutingSchema = field(default_factory=RoutingSchema)
+    lowres: LowResSchema = field(default_factory=LowResSchema)
     align: AlignSchema = field(default_factory=AlignSchema)
     repa: RepaSchema = field(default_factory=RepaSchema)
     log_every: int = 50

@@ -175,6 +175,61 @@ def routing_spec(cfg: DictConfig, model_config):
     return routing
 
 
+@dataclass(frozen=True)
+class LowRes:
+    """``train.lowres`` checked: steps before ``until`` train on the latents average-pooled by ``factor``."""
+
+    factor: int
+    until: int
+    restart_ema: bool
+
+    def factor_at(self, step: int) -> int:
+        return self.factor if step < self.until else 1
+
+
+def lowres_spec(cfg: DictConfig, spec: RunSpec) -> LowRes | None:
+    """``train.lowres`` as a checked :class:`LowRes`, or None when off (factor 1)."""
+    r = cfg.train.get("lowres")
+    if not r or int(r.factor) == 1:
+        if r and r.get("until") is not None:
+            log.warning("train.lowres.factor is 1: the low-resolution warm-up is off, so train.lowres.until does nothing")
+        return None
+    factor, until, restart = int(r.factor), r.get("until"), bool(r.get("restart_ema", True))
+    problems = []
+    if factor < 2:
+        problems.append(f"factor {factor}: the latents are pooled by a whole number from 2 (1 = off)")
+    if until is None:
+        problems.append("set train.lowres.until, the step the model starts training at its own resolution: a run that never "
+                        "does would not learn the size it samples at")
+    elif int(until) < 1:
+        problems.append(f"until {until}: the first full-resolution step, at least 1 (to train without the warm-up set factor 1)")
+    elif int(until) >= cfg.train.max_steps:
+        log.warning("train.lowres.until=%s is not before train.max_steps=%s: this run trains at low resolution throughout",
+                    until, cfg.train.max_steps)
+    p, down = spec.model_config.patch_size, spec.autoencoder.downsample
+    buckets = spec.manifest.get("buckets") if is_bucketed(spec.manifest) else None
+    sizes = ([tuple(int(v) // down for v in b.split("x")) for b in buckets] if buckets else [spec.latent_shape[1:]])
+    bad = sorted({f"{h}x{w}" for h, w in sizes if h % (factor * p) or w % (factor * p)}) if factor >= 2 else []
+    if bad:
+        problems.append(f"latents of {', '.join(bad)} do not pool by {factor} into whole {p}x{p} patches: each side must be a "
+                        f"multiple of {factor * p}")
+    if restart and not cfg.train.get("ema_warmup", True):  # on by default: no reason to refuse a fine-tune's config
+        log.warning("train.lowres.restart_ema restarts the EMA's warm-up, which train.ema_warmup=false switches off: "
+                    "the EMA keeps its decay through the switch")
+        restart = False
+    if align_after(cfg, 0):
+        problems.append("train.align's teacher is the EMA, which runs at full resolution only (as sampling does); use one of the two")
+    if cfg.train.get("repa") and cfg.train.repa.get("encoder"):
+        problems.append("train.repa's targets are the encoder's features on the full-resolution token grid; use one of the two")
+    if getattr(spec.model_config, "control_blocks", 0):
+        problems.append("a ControlNet run: its control images are at full resolution; train it without the warm-up")
+    if cfg.train.get("distill") and cfg.train.distill.enabled:
+        problems.append("a distillation run starts from a trained teacher at full resolution; distill without the warm-up")
+    if problems:
+        raise ConfigError(f"train.lowres (factor {r.factor}, until {until}): " + "; ".join(problems))
+    return LowRes(factor, int(until), restart)
+
+
 def align_after(cfg: DictConfig, step: int) -> bool:
     """Whether self-alignment is on at ``step``."""
     a = cfg.train.get("align")

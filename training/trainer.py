@@ -101,14 +101,15 @@ class Run:
             freeze_base(model, cfg, lora.enabled, use_fsdp)
         routing = setup.routing_spec(cfg, spec.model_config)
         # routed steps draw one route score per image token (patch size; 0 = none), before train.routing.until (None: all)
-        self.route_patch, self.routing_until, self.ema_from = 0, None, None  # ema_from: where the EMA's warm-up starts again
+        self.route_patch, self.routing_until = 0, None
+        self.ema_restarts: list[int] = []  # steps where the EMA's warm-up starts again (a new regime's average)
         if routing is not None:
             model.routing = routing
             until = cfg.train.routing.get("until")
             self.route_patch, self.routing_until = spec.model_config.patch_size, until
             dense = f"; every token is trained from step {until} on" if until else ""
             if until and cfg.train.routing.get("restart_ema"):  # the finish's EMA averages the finish's weights only
-                self.ema_from = int(until)
+                self.ema_restarts.append(int(until))
                 dense += ", where the EMA's warm-up starts again"
             if routing.mask:
                 where = f"after block {routing.start - 1}" if routing.start else "before block 0 (no patch mixer)"
@@ -117,6 +118,15 @@ class Run:
             else:
                 log.info("token routing: %.0f%% of the image tokens skip blocks %d-%d in training (sampling sees every token)%s",
                          100 * routing.ratio, routing.start, routing.end - 1, dense)
+        self.lowres = setup.lowres_spec(cfg, spec)
+        if self.lowres is not None:
+            lo = self.lowres
+            if lo.restart_ema:
+                self.ema_restarts.append(lo.until)
+            h, w = spec.latent_shape[1:]
+            log.info("low-resolution warm-up: steps before %d train on the latents average-pooled by %d (%dx%d for %dx%d), "
+                     "then at full resolution%s; evaluations and sampling are at full resolution", lo.until, lo.factor,
+                     h // lo.factor, w // lo.factor, h, w, ", where the EMA's warm-up starts again" if lo.restart_ema else "")
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
@@ -163,7 +173,7 @@ class Run:
         self.evaluated: dict[int, dict] = {}  # the latest evaluation, by step
         self.eval_seconds = 0.0  # spent in evaluations
         self.flops: list[tuple[int, int]] = []  # train.count_flops: (first step, FLOPs of each step from it on)
-        self.flops_regime = None  # (loss, routed patch) the latest count was made with
+        self.flops_regime = None  # (loss, routed patch, pooling factor) the latest count was made with
         self.grad_norm = float("nan")
 
     def step(self, step: int) -> float:
@@ -177,7 +187,11 @@ class Run:
         if self.route_patch and step == self.routing_until:
             log.info("step %d: token routing off (train.routing.until); every token is trained from here", step)
         route_patch = self.route_patch if routed else 0
-        regime = (loss_fn, route_patch)
+        self.feed.downscale = self.lowres.factor_at(step) if self.lowres is not None else 1
+        if self.lowres is not None and step == self.lowres.until:
+            log.info("step %d: full resolution from here (train.lowres.until)", step)
+        regime = (loss_fn, route_patch, self.feed.downscale)
+        restart = max((r for r in self.ema_restarts if r <= step), default=None)
         counting = t.get("count_flops") and (not self.flops or regime != self.flops_regime)
         with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
             out = train_step(self.parallel, self.optimizer,
@@ -185,11 +199,11 @@ class Run:
                                                      route_patch),
                              t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
                              may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
-                             ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True), self.ema_from),
+                             ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True), restart),
                              objective=self.spec.objective, loss_fn=loss_fn)
             if self.repa is not None:
                 self.repa.update(step, lr, t.grad_clip, out.applied)
-        if counting:  # this rank's, from here until the step's loss or routing changes
+        if counting:  # this rank's, from here until the step's loss, routing or resolution changes
             self.flops.append((step, counter.get_total_flops()))
             self.flops_regime = regime
             log.info("step %d: %.3g FLOPs per training step on this rank (forward, backward, update)", step, self.flops[-1][1])
