@@ -43,6 +43,7 @@ ARMS = {  # name -> Hydra overrides on top of the stage's demo run
     # a coarse warm-up: 2x average-pooled latents (a quarter of the tokens) before step N; the EMA restarts at N
     "lowres1000": ["train.lowres.factor=2", "train.lowres.until=1000"],
     "lowres1500+keep-ema": ["train.lowres.factor=2", "train.lowres.until=1500", "train.lowres.restart_ema=false"],
+    "lowres300": ["train.lowres.factor=2", "train.lowres.until=300"],  # stage 2
     "lowres1000+tread75": ["train.lowres.factor=2", "train.lowres.until=1000", "train.routing.ratio=0.75", "train.routing.until=2250"],
     "repa": ["train.repa.encoder=runs/encoders/shapes-mim", "train.repa.projector_dim=256"],
 }
