@@ -128,8 +128,9 @@ class CCDiT(nn.Module):
         pos = self.pos_embed
         if h != self.config.input_size or w != self.config.input_size:
             # training may see a smaller grid (train.lowres's warm-up); samples are always at the built size
-            if not self.training or h % p or w % p:
-                raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w}")
+            if not self.training or h > self.config.input_size or w > self.config.input_size or h % p or w % p:
+                raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w} "
+                                 "(a smaller grid of whole patches only in training, train.lowres's warm-up)")
             cfg = self.config
             pos = sincos_2d(cfg.hidden_size, h // p, w // p, cfg.base_size if cfg.base_size is not None else cfg.grid_size,
                             cfg.interpolation_scale)[None].to(self.pos_embed)
