@@ -1,4 +1,4 @@
-# make demo   - set up .venv, build the demo data, train all five stages small on CPU (25-55 min on 2 cores), write grids + the table
+# make demo   - set up .venv, build the demo data, train all five stages small on CPU (about 20 min on 2 cores), write grids + the table
 # make demo-quality - the per-stage quality runs (stages 1-5, up to ~30 min each, runs/quality)
 # make test   - set up .venv and run the test suite (under ~15 min on 2 cores)
 # make test-slow - the slow tests (long training runs)
