@@ -93,6 +93,7 @@ class CCDiT(nn.Module):
             CCDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm) for _ in range(c.depth)
         )
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels)
+        self._grid_pos: dict[tuple[int, int], torch.Tensor] = {}  # the positions of smaller training grids (train.lowres)
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.routing: Routing | None = None  # set by the trainer (train.routing); used only with route_scores, in training
         self.initialize_weights()
@@ -131,9 +132,12 @@ class CCDiT(nn.Module):
             if not self.training or h > self.config.input_size or w > self.config.input_size or h % p or w % p:
                 raise ValueError(f"ccDiT was built for {self.config.input_size}x{self.config.input_size} latents, got {h}x{w} "
                                  "(a smaller grid of whole patches only in training, train.lowres's warm-up)")
-            cfg = self.config
-            pos = sincos_2d(cfg.hidden_size, h // p, w // p, cfg.base_size if cfg.base_size is not None else cfg.grid_size,
-                            cfg.interpolation_scale)[None].to(self.pos_embed)
+            pos = self._grid_pos.get((h // p, w // p))
+            if pos is None or pos.device != self.pos_embed.device or pos.dtype != self.pos_embed.dtype:
+                cfg = self.config  # built once per grid (on the host), kept beside the built size's buffer
+                pos = sincos_2d(cfg.hidden_size, h // p, w // p, cfg.base_size if cfg.base_size is not None else cfg.grid_size,
+                                cfg.interpolation_scale)[None].to(self.pos_embed)
+                self._grid_pos[(h // p, w // p)] = pos
         # position first: the sum takes its contiguous (N, T, D) layout, not the patch embedding's transposed one,
         # so no norm or linear downstream copies the residual stream
         x = pos + self.x_embedder(hidden_states)  # (N, T, D), T = H * W / p**2

@@ -421,6 +421,7 @@ def test_ccdit_trains_on_a_smaller_grid_as_a_model_built_for_it():
     ({"train.lowres.factor": 2, "train.lowres.until": 2, "train.align.weight": 0.5, "train.align.student_block": 0,
       "train.align.teacher_block": 2}, "teacher is the EMA, which runs at full resolution only"),
     ({"train.lowres.factor": 2, "train.lowres.until": 2, "train.repa.encoder": "runs/none"}, "use one of the two"),
+    ({"train.lowres.factor": 2, "train.lowres.until": 2, "train.compile": True}, "train.compile: the graph would be built again"),
 ])
 def test_bad_switches_are_refused_with_the_reason(tmp_path, shapes_dir, extra, message):
     with pytest.raises(ConfigError, match=message):

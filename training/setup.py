@@ -221,6 +221,9 @@ def lowres_spec(cfg: DictConfig, spec: RunSpec) -> LowRes | None:
         problems.append("train.align's teacher is the EMA, which runs at full resolution only (as sampling does); use one of the two")
     if cfg.train.get("repa") and cfg.train.repa.get("encoder"):
         problems.append("train.repa's targets are the encoder's features on the full-resolution token grid; use one of the two")
+    if cfg.train.compile:
+        problems.append("train.compile: the graph would be built again, with dynamic shapes, at the switch of sizes; set "
+                        "train.compile=false")
     if getattr(spec.model_config, "control_blocks", 0):
         problems.append("a ControlNet run: its control images are at full resolution; train it without the warm-up")
     if cfg.train.get("distill") and cfg.train.distill.enabled:

@@ -124,9 +124,11 @@ class Run:
             if lo.restart_ema:
                 self.ema_restarts.append(lo.until)
             h, w = spec.latent_shape[1:]
-            log.info("low-resolution warm-up: steps before %d train on the latents average-pooled by %d (%dx%d for %dx%d), "
+            sizes = ("each bucket's sides divided" if spec.manifest.get("buckets")
+                     else f"{h // lo.factor}x{w // lo.factor} for {h}x{w}")
+            log.info("low-resolution warm-up: steps before %d train on the latents average-pooled by %d (%s), "
                      "then at full resolution%s; evaluations and sampling are at full resolution", lo.until, lo.factor,
-                     h // lo.factor, w // lo.factor, h, w, ", where the EMA's warm-up starts again" if lo.restart_ema else "")
+                     sizes, ", where the EMA's warm-up starts again" if lo.restart_ema else "")
         self.ema = make_ema(model)
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         self.start = resume_or_init(cfg, model, self.ema, optimizer, self.run_dir / "checkpoints", asdict(spec.model_config),
