@@ -39,12 +39,12 @@ ARMS = {  # name -> Hydra overrides on top of the stage's demo run
                          "train.routing.restart_ema=true"],  # ... with the EMA warming up again there
     "sra": ["train.align.weight=0.5"],
     "tread+sra": ["train.routing.ratio=0.5", "train.align.weight=0.5", "train.align.student_block=0"],
-    # REPA toward the demo's own encoder (make it first: python scripts/train_demo_encoder.py --out runs/encoders/shapes-mim)
     # a coarse warm-up: 2x average-pooled latents (a quarter of the tokens) before step N; the EMA restarts at N
     "lowres1000": ["train.lowres.factor=2", "train.lowres.until=1000"],
     "lowres1500+keep-ema": ["train.lowres.factor=2", "train.lowres.until=1500", "train.lowres.restart_ema=false"],
     "lowres300": ["train.lowres.factor=2", "train.lowres.until=300"],  # stage 2
     "lowres1000+tread75": ["train.lowres.factor=2", "train.lowres.until=1000", "train.routing.ratio=0.75", "train.routing.until=2250"],
+    # REPA toward the demo's own encoder (make it first: python scripts/train_demo_encoder.py --out runs/encoders/shapes-mim)
     "repa": ["train.repa.encoder=runs/encoders/shapes-mim", "train.repa.projector_dim=256"],
 }
 LOWER_SCORES = (0.5, 0.75)  # also reported: where each arm passed these scores on its way

@@ -33,13 +33,13 @@ class Feed:
         self.cond_dropout = cfg.train.cond_dropout
         self.extra_draws = 0  # uniform numbers per sample a distillation loss draws (training/distill.py)
         self.masking = None  # a masked run's Routing (models/routing.py): a routed step's loss counts only its kept tokens
-        self.downscale = 1  # pool each batch's latents by this factor (train.lowres, set per step by the trainer)
         self.images = False  # hand the shards' stored pixels to the step (REPA's encoder input), when they have them
 
-    def micro_batches(self, gen: torch.Generator, route_patch: int = 0) -> Iterator[MicroBatch]:
+    def micro_batches(self, gen: torch.Generator, route_patch: int = 0, downscale: int = 1) -> Iterator[MicroBatch]:
         """The next batches as flow inputs, their random draws (condition dropout, t, noise) from ``gen``;
         with ``route_patch`` (a routed step's patch size) also one route score per image token
-        (models/routing.py), and under ``masking`` the tokens its loss counts."""
+        (models/routing.py), and under ``masking`` the tokens its loss counts; with ``downscale`` > 1
+        (train.lowres's warm-up) the latents average-pooled by it first."""
         while True:
             batch = next(self._batches)
             self.batches_done += 1
@@ -52,8 +52,8 @@ class Feed:
                 if self.first_batch_overlap:
                     raise RuntimeError(f"DDP ranks read {self.first_batch_overlap} identical samples in their first batch")
             x0 = (batch["latent"].to(self.device, non_blocking=True) - self.shift) * self.scale  # (N, C, H, W) normalized latents
-            if self.downscale > 1:  # the low-resolution warm-up (train.lowres): the pixels or latents of a smaller image
-                x0 = torch.nn.functional.avg_pool2d(x0, self.downscale)
+            if downscale > 1:  # the pixels, or about the latents, of a smaller image
+                x0 = torch.nn.functional.avg_pool2d(x0, downscale)
             cond = self.spec.conditioning.from_batch(batch, gen, self.cond_dropout, self.device)  # with CFG dropout to null
             mb = MicroBatch.draw(x0, cond, *self.timesteps, gen, self.spec.objective, self.extra_draws,
                                  tokens(x0, route_patch) if route_patch else 0)

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from data.shards import ShardError
+from data.shards import ShardError, is_bucketed
 from inference.conditioning import ConditioningError
 from models.adapters import AdapterError, adapter_fraction, add_lora
 from models.checkpoint import CheckpointError, base_record, checkpoint_meta, latest_checkpoint
@@ -124,7 +124,7 @@ class Run:
             if lo.restart_ema:
                 self.ema_restarts.append(lo.until)
             h, w = spec.latent_shape[1:]
-            sizes = ("each bucket's sides divided" if spec.manifest.get("buckets")
+            sizes = ("each bucket's sides divided" if is_bucketed(spec.manifest)
                      else f"{h // lo.factor}x{w // lo.factor} for {h}x{w}")
             log.info("low-resolution warm-up: steps before %d train on the latents average-pooled by %d (%s), "
                      "then at full resolution%s; evaluations and sampling are at full resolution", lo.until, lo.factor,
@@ -189,16 +189,16 @@ class Run:
         if self.route_patch and step == self.routing_until:
             log.info("step %d: token routing off (train.routing.until); every token is trained from here", step)
         route_patch = self.route_patch if routed else 0
-        self.feed.downscale = self.lowres.factor_at(step) if self.lowres is not None else 1
+        downscale = self.lowres.factor_at(step) if self.lowres is not None else 1
         if self.lowres is not None and step == self.lowres.until:
             log.info("step %d: full resolution from here (train.lowres.until)", step)
-        regime = (loss_fn, route_patch, self.feed.downscale)
+        regime = (loss_fn, route_patch, downscale)
         restart = max((r for r in self.ema_restarts if r <= step), default=None)
         counting = t.get("count_flops") and (not self.flops or regime != self.flops_regime)
         with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
             out = train_step(self.parallel, self.optimizer,
                              self.feed.micro_batches(step_generator(self.cfg.seed, self.dist_info.rank, step, self.dist_info.device),
-                                                     route_patch),
+                                                     route_patch, downscale),
                              t.grad_accum, grad_clip=t.grad_clip, forward_context=self.forward_context,
                              may_apply=lambda norm: self.guard.check(norm, step, self.checkpoints.last),
                              ema=self.ema, ema_decay=ema_decay_at(step, t.ema_decay, t.get("ema_warmup", True), restart),
